@@ -1,0 +1,24 @@
+# The dense checkpoint: the tiny default is trained by the pipeline itself.
+
+
+rule train_tiny:
+    output:
+        model=directory(f"{R}/models/dense"),
+        summary=f"{R}/train/summary.json",
+    params:
+        model=spec(config["model"]),
+        train=spec(config["train"]),
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpus=res("train", "gpus"),
+    log:
+        f"{LOGS}/train_tiny.log",
+    benchmark:
+        f"{LOGS}/benchmarks/train_tiny.tsv"
+    conda:
+        "../environment.yml"
+    shell:
+        "{UNISPARSE} train-tiny --model {params.model} --train {params.train}"
+        " --out {output.model} --summary {output.summary} 2> {log}"

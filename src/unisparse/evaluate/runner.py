@@ -1,0 +1,77 @@
+"""Evaluate a model on both tasks; record scores, parameter counts, FLOPs and measured latency."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..accounting import flops_per_token, parameter_counts
+from ..io import load_model
+from ..worlds import shapes
+from .generation import evaluate_generation, generate_for
+from .understanding import answer_questions, evaluate_understanding
+
+log = logging.getLogger(__name__)
+
+EVAL_DEFAULTS = dict(
+    qa_items=1000,
+    qa_seed=1,
+    samples_per_prompt=4,
+    max_prompts_per_tag=None,
+    gen_seed=0,
+    num_steps=20,
+    cfg_scale=3.0,
+    batch_size=128,
+    threads=2,
+    latency_repeats=3,
+)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def evaluate_model(model, spec: dict | None = None, progress: bool = False) -> dict:
+    """Scores on ShapesQA and ShapesGenEval (evaluation split) plus cost figures."""
+    spec = {**EVAL_DEFAULTS, **(spec or {})}
+    unknown = set(spec) - set(EVAL_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown evaluation keys: {sorted(unknown)}")
+    torch.set_num_threads(int(spec["threads"]))
+    model.eval()
+    items = shapes.qa_set("eval", spec["qa_items"], spec["qa_seed"])
+    pairs = shapes.geneval_set("eval", spec["samples_per_prompt"], spec["max_prompts_per_tag"], spec["gen_seed"])
+    t0 = time.perf_counter()
+    qa = evaluate_understanding(model, items, spec["batch_size"])
+    t1 = time.perf_counter()
+    gen = evaluate_generation(model, pairs, spec["num_steps"], spec["cfg_scale"], spec["batch_size"], progress)
+    t2 = time.perf_counter()
+    probe = pairs[: min(32, len(pairs))]
+    lat_gen = _median_seconds(lambda: generate_for(model, probe, spec["num_steps"], spec["cfg_scale"], len(probe)), spec["latency_repeats"])
+    lat_und = _median_seconds(lambda: answer_questions(model, items[:256], 256), spec["latency_repeats"])
+    log.info("ShapesQA overall %.4f; ShapesGenEval overall %.4f", qa["overall"], gen["overall"])
+    return {
+        "understanding": qa,
+        "generation": gen,
+        "parameters": parameter_counts(model),
+        "flops_per_token": flops_per_token(model),
+        "latency": {
+            "gen_seconds_per_image": lat_gen / len(probe),
+            "und_seconds_per_item": lat_und / min(256, len(items)),
+            "eval_seconds_und": t1 - t0,
+            "eval_seconds_gen": t2 - t1,
+        },
+        "eval": spec,
+    }
+
+
+def evaluate_model_dir(model_dir, spec: dict | None = None, progress: bool = False) -> dict:
+    metrics = evaluate_model(load_model(model_dir), spec, progress)
+    metrics["model_dir"] = str(model_dir)
+    return metrics

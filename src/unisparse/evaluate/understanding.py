@@ -1,0 +1,22 @@
+"""ShapesQA: one-token answers scored by exact match, per question type and overall."""
+from __future__ import annotations
+
+import torch
+
+from .. import tasks
+from ..worlds import shapes
+
+
+@torch.no_grad()
+def answer_questions(model, items, batch_size: int = 256) -> list[str]:
+    answers = []
+    for i in range(0, len(items), batch_size):
+        images, questions, _ = tasks.qa_batch(items[i : i + batch_size])
+        logits = model.understanding_logits(images, questions)
+        answers += [shapes.VOCAB[j] for j in logits.argmax(-1).tolist()]
+    return answers
+
+
+def evaluate_understanding(model, items, batch_size: int = 256) -> dict:
+    predicted = answer_questions(model, items, batch_size)
+    return shapes.qa_scores([(it, p == it.answer) for it, p in zip(items, predicted)])

@@ -1,0 +1,168 @@
+"""Configuration of the BAGEL-architecture Mixture-of-Transformers (MoT).
+
+Every structural change the pipeline makes (dropped sublayers, per-layer MLP widths, MoE layers) is
+recorded here, so that any artifact reloads with ``from_pretrained`` and nothing else.
+"""
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+COMPONENTS = ("und", "gen")
+SUBLAYERS = ("attn", "mlp")
+#: weight-name suffix of each component's tower, as in BAGEL (``q_proj`` / ``q_proj_moe_gen``)
+SUFFIX = {"und": "", "gen": "_moe_gen"}
+#: what a dropped understanding attention sublayer still provides to generation tokens
+SKIPPED_ATTENTION_KV = ("keep", "none")
+
+
+def check_component(name: str) -> str:
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; this model has {list(COMPONENTS)}")
+    return name
+
+
+class MoTConfig(PretrainedConfig):
+    """Sizes of the MoT plus its pruning / MoE state.
+
+    Pruning state:
+      * ``skip``: ``{component: {"attn": [layer, ...], "mlp": [layer, ...]}}`` sublayers not computed
+        for that component's tokens (and whose weights are not stored).
+      * ``skipped_attention_kv``: ``"keep"`` (default) — a dropped understanding attention sublayer
+        still projects the prompt's keys/values so generation tokens keep seeing the text;
+        ``"none"`` — as published for BAGEL: at that layer the prompt provides no keys/values.
+      * ``mlp_widths``: ``{component: [width per layer]}`` after width reduction (None = uniform).
+      * ``moe``: ``{component: {"layers": [...], "num_experts": E, "top_k": k, "expert_size": I_e,
+        "shared_size": S, "router": "paper"|"softmax"}}`` for MLPs split into experts.
+    """
+
+    model_type = "unisparse_mot"
+
+    def __init__(
+        self,
+        vocab_size: int = 64,
+        hidden_size: int = 64,
+        intermediate_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        head_dim: int | None = None,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        image_size: int = 16,
+        num_channels: int = 3,
+        vit_patch_size: int = 4,
+        vit_hidden_size: int = 64,
+        codec: str = "identity",
+        latent_patch_size: int = 4,
+        latent_channels: int = 3,
+        latent_downsample: int = 1,
+        time_embed_dim: int = 64,
+        pad_token_id: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        image_start_token_id: int = 3,
+        image_end_token_id: int = 4,
+        timestep_shift: float = 3.0,
+        skip: dict | None = None,
+        skipped_attention_kv: str = "keep",
+        mlp_widths: dict | None = None,
+        moe: dict | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // max(num_attention_heads, 1)
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.image_size = image_size
+        self.num_channels = num_channels
+        self.vit_patch_size = vit_patch_size
+        self.vit_hidden_size = vit_hidden_size
+        self.codec = codec
+        self.latent_patch_size = latent_patch_size
+        self.latent_channels = latent_channels
+        self.latent_downsample = latent_downsample
+        self.time_embed_dim = time_embed_dim
+        self.image_start_token_id = image_start_token_id
+        self.image_end_token_id = image_end_token_id
+        self.timestep_shift = timestep_shift
+        self.skip = _normalise_skip(skip)
+        self.skipped_attention_kv = skipped_attention_kv
+        self.mlp_widths = mlp_widths or {}
+        self.moe = moe or {}
+        super().__init__(
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs
+        )
+        self.validate_structure()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def latent_grid(self) -> int:
+        return self.image_size // (self.latent_downsample * self.latent_patch_size)
+
+    @property
+    def num_latent_tokens(self) -> int:
+        return self.latent_grid**2
+
+    @property
+    def latent_dim(self) -> int:
+        return self.latent_channels * self.latent_patch_size**2
+
+    @property
+    def vit_grid(self) -> int:
+        return self.image_size // self.vit_patch_size
+
+    @property
+    def num_vit_tokens(self) -> int:
+        return self.vit_grid**2
+
+    # ------------------------------------------------------------------ structure queries
+    def is_skipped(self, component: str, sublayer: str, layer: int) -> bool:
+        return layer in self.skip.get(component, {}).get(sublayer, [])
+
+    def mlp_width(self, component: str, layer: int) -> int:
+        widths = self.mlp_widths.get(component)
+        return int(widths[layer]) if widths else self.intermediate_size
+
+    def moe_spec(self, component: str, layer: int) -> dict | None:
+        spec = self.moe.get(component)
+        if spec and layer in spec["layers"]:
+            return spec
+        return None
+
+    def validate_structure(self) -> None:
+        """Fail early on inconsistent sizes instead of at the first matmul."""
+        if self.num_hidden_layers < 1:
+            raise ValueError(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.image_size % self.vit_patch_size or self.image_size % (
+            self.latent_downsample * self.latent_patch_size
+        ):
+            raise ValueError("image_size must be divisible by the patch sizes")
+        if self.skipped_attention_kv not in SKIPPED_ATTENTION_KV:
+            raise ValueError(f"skipped_attention_kv must be one of {SKIPPED_ATTENTION_KV}")
+        for comp, widths in self.mlp_widths.items():
+            check_component(comp)
+            if len(widths) != self.num_hidden_layers or min(widths) < 1:
+                raise ValueError(f"mlp_widths[{comp!r}] needs {self.num_hidden_layers} positive widths")
+        for comp, spec in self.moe.items():
+            check_component(comp)
+            if spec["top_k"] > spec["num_experts"] or spec["top_k"] < 1:
+                raise ValueError(f"moe[{comp!r}]: top_k must be in [1, num_experts]")
+
+
+def _normalise_skip(skip: dict | None) -> dict:
+    out: dict = {}
+    for comp, subs in (skip or {}).items():
+        check_component(comp)
+        out[comp] = {}
+        for sub, layers in subs.items():
+            if sub not in SUBLAYERS:
+                raise ValueError(f"unknown sublayer {sub!r}; expected one of {SUBLAYERS}")
+            out[comp][sub] = sorted(int(i) for i in layers)
+    return out

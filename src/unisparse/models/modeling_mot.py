@@ -1,0 +1,482 @@
+"""A BAGEL-architecture Mixture-of-Transformers as a transformers ``PreTrainedModel``.
+
+One Qwen2-style decoder whose layers hold two towers of identical shape: the understanding tower
+(``q_proj``, ``mlp``, ...) for text and ViT tokens and the generation tower (``q_proj_moe_gen``,
+``mlp_moe_gen``, ...) for noised latent tokens. Routing is hard, by token type; attention is one
+joint softmax over all tokens. Module names follow BAGEL so real weights map 1:1.
+
+Token types: ``UND`` (0), ``GEN`` (1) and ``PAD`` (-1, computed by no tower).
+Sublayers listed in ``config.skip`` are not built and not computed for that tower's tokens.
+An optional ``observer`` receives each layer's per-tower tensors (calibration statistics, router
+logits) without any state being stored on modules.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_mot import COMPONENTS, SUFFIX, MoTConfig
+
+UND, GEN, PAD = 0, 1, -1
+TOKEN_TYPE = {"und": UND, "gen": GEN}
+
+
+class LayerObserver(Protocol):
+    """Receives, per layer and component, the tower's rows of the residual stream.
+
+    ``attn_update`` / ``mlp_update`` are None when the sublayer is skipped; ``mlp_aux`` holds the
+    SwiGLU activations (dense MLP) or router outputs (MoE).
+    """
+
+    def on_layer(self, layer: int, component: str, h_in, attn_update, mlp_update, mlp_aux) -> None: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    """Qwen2 MLP: ``down(silu(gate x) * up x)``; its width may differ per layer after pruning."""
+
+    def __init__(self, hidden_size: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden_size, bias=False)
+
+    def forward(self, x, return_aux: bool = False):
+        act = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        out = self.down_proj(act)
+        return (out, {"act": act}) if return_aux else out
+
+
+def build_mlp(config: MoTConfig, layer: int, component: str) -> nn.Module:
+    spec = config.moe_spec(component, layer)
+    if spec is not None:
+        from ..moe.block import MoEMLP  # local import: the MoE block is an optional extension
+
+        return MoEMLP(config.hidden_size, spec)
+    return SwiGLUMLP(config.hidden_size, config.mlp_width(component, layer))
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, T, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, d]
+
+
+class MoTAttention(nn.Module):
+    """Per-tower q/k/v/o projections and q/k RMSNorm; one joint attention over all tokens."""
+
+    def __init__(self, config: MoTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h, d = config.hidden_size, config.head_dim
+        for comp in COMPONENTS:
+            sfx = SUFFIX[comp]
+            skipped = config.is_skipped(comp, "attn", layer)
+            needs_kv = not skipped or (comp == "und" and config.skipped_attention_kv == "keep")
+            if not skipped:
+                setattr(self, "q_proj" + sfx, nn.Linear(h, self.num_heads * d, bias=True))
+                setattr(self, "o_proj" + sfx, nn.Linear(self.num_heads * d, h, bias=False))
+                setattr(self, "q_norm" + sfx, RMSNorm(d, config.rms_norm_eps))
+            if needs_kv:
+                setattr(self, "k_proj" + sfx, nn.Linear(h, self.num_kv_heads * d, bias=True))
+                setattr(self, "v_proj" + sfx, nn.Linear(h, self.num_kv_heads * d, bias=True))
+                setattr(self, "k_norm" + sfx, RMSNorm(d, config.rms_norm_eps))
+
+    def has(self, name: str, comp: str) -> bool:
+        return hasattr(self, name + SUFFIX[comp])
+
+    def proj(self, name: str, comp: str, x):
+        return getattr(self, name + SUFFIX[comp])(x)
+
+
+class MoTDecoderLayer(nn.Module):
+    def __init__(self, config: MoTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.config = config
+        self.self_attn = MoTAttention(config, layer)
+        for comp in COMPONENTS:
+            sfx = SUFFIX[comp]
+            if self.self_attn.has("k_proj", comp):
+                setattr(self, "input_layernorm" + sfx, RMSNorm(config.hidden_size, config.rms_norm_eps))
+            if not config.is_skipped(comp, "mlp", layer):
+                setattr(self, "post_attention_layernorm" + sfx, RMSNorm(config.hidden_size, config.rms_norm_eps))
+                setattr(self, "mlp" + sfx, build_mlp(config, layer, comp))
+
+    def forward(self, h, rows, cos, sin, base_mask, past=None, observer=None, need_aux=False):
+        """One MoT layer on padded tokens.
+
+        h: [B, T, H]; rows: {comp: flat indices of that tower's tokens}; cos/sin: rope for the current
+        tokens; base_mask: [B, T, Tpast + T] allowed attention before key availability; past:
+        (k, v, valid) of earlier tokens at this layer. Returns (h, (k, v, valid) of current tokens).
+        """
+        B, T, H = h.shape
+        attn = self.self_attn
+        nh, nkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        flat = h.reshape(B * T, H)
+        h_in = {c: flat[r] for c, r in rows.items()}
+        q = flat.new_zeros(B * T, nh, d)
+        k = flat.new_zeros(B * T, nkv, d)
+        v = flat.new_zeros(B * T, nkv, d)
+        kv_valid = torch.zeros(B * T, dtype=torch.bool, device=h.device)
+        any_query = False
+        for comp, r in rows.items():
+            if r.numel() == 0 or not attn.has("k_proj", comp):
+                continue
+            x = getattr(self, "input_layernorm" + SUFFIX[comp])(h_in[comp])
+            k[r] = attn.proj("k_norm", comp, attn.proj("k_proj", comp, x).view(-1, nkv, d))
+            v[r] = attn.proj("v_proj", comp, x).view(-1, nkv, d)
+            kv_valid[r] = True
+            if attn.has("q_proj", comp):
+                q[r] = attn.proj("q_norm", comp, attn.proj("q_proj", comp, x).view(-1, nh, d))
+                any_query = True
+        q = q.view(B, T, nh, d).transpose(1, 2)
+        k = k.view(B, T, nkv, d).transpose(1, 2)
+        v = v.view(B, T, nkv, d).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        kv_valid = kv_valid.view(B, T)
+        present = (k, v, kv_valid)
+
+        attn_update = {}
+        if any_query:
+            if past is not None:
+                k_all = torch.cat([past[0], k], dim=2)
+                v_all = torch.cat([past[1], v], dim=2)
+                valid_all = torch.cat([past[2], kv_valid], dim=1)
+            else:
+                k_all, v_all, valid_all = k, v, kv_valid
+            mask = base_mask & valid_all[:, None, :]
+            # rows with nothing to attend to are never used; let them see themselves to avoid NaN
+            Tp = k_all.shape[2] - T
+            eye = torch.zeros_like(mask)
+            eye[:, torch.arange(T), Tp + torch.arange(T)] = True
+            mask = mask | (eye & ~mask.any(-1, keepdim=True))
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], enable_gqa=True)
+            out = out.transpose(1, 2).reshape(B * T, nh * d)
+            for comp, r in rows.items():
+                if r.numel() and attn.has("q_proj", comp):
+                    attn_update[comp] = attn.proj("o_proj", comp, out[r])
+
+        new_flat = flat.clone()
+        for comp, r in rows.items():
+            if r.numel() == 0:
+                continue
+            x = h_in[comp] + attn_update[comp] if comp in attn_update else h_in[comp]
+            mlp_update, aux = None, None
+            mlp = getattr(self, "mlp" + SUFFIX[comp], None)
+            if mlp is not None:
+                y = getattr(self, "post_attention_layernorm" + SUFFIX[comp])(x)
+                if observer is not None or need_aux:
+                    mlp_update, aux = mlp(y, return_aux=True)
+                else:
+                    mlp_update = mlp(y)
+                x = x + mlp_update
+            new_flat[r] = x
+            if observer is not None:
+                observer.on_layer(self.layer, comp, h_in[comp], attn_update.get(comp), mlp_update, aux)
+        return new_flat.view(B, T, H), present
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoid of t (scaled by 1000, as in DiT) followed by Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, freq_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = (t.float() * 1000.0)[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class PatchEncoder(nn.Module):
+    """Stand-in for SigLIP: a linear patch embedding with learned positions and one GELU."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__()
+        patch_dim = config.num_channels * config.vit_patch_size**2
+        self.patch_embedding = nn.Linear(patch_dim, config.vit_hidden_size)
+        self.position_embedding = nn.Parameter(torch.zeros(config.num_vit_tokens, config.vit_hidden_size))
+        nn.init.normal_(self.position_embedding, std=0.02)
+
+    def forward(self, patches):
+        return F.gelu(self.patch_embedding(patches) + self.position_embedding)
+
+
+class MoTLanguageModel(nn.Module):
+    """Qwen2 decoder with both towers: ``model.layers``, ``model.norm``, ``model.norm_moe_gen``."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LanguageModelWrapper(nn.Module):
+    def __init__(self, config: MoTConfig):
+        super().__init__()
+        self.model = MoTLanguageModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+def patchify(images, patch: int):
+    """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C] in (row, col, ph, pw, c) order."""
+    B, H, W, C = images.shape
+    x = images.reshape(B, H // patch, patch, W // patch, patch, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+def unpatchify(tokens, patch: int, grid: int, channels: int):
+    B = tokens.shape[0]
+    x = tokens.reshape(B, grid, grid, patch, patch, channels).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, grid * patch, grid * patch, channels)
+
+
+class IdentityCodec:
+    """Stand-in for the FLUX autoencoder: the latent is the image itself, scaled to [-1, 1]."""
+
+    def __init__(self, config: MoTConfig):
+        self.config = config
+
+    def encode(self, images):
+        return patchify(images * 2.0 - 1.0, self.config.latent_patch_size)
+
+    def decode(self, tokens):
+        c = self.config
+        img = unpatchify(tokens, c.latent_patch_size, c.latent_grid, c.latent_channels)
+        return ((img + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+CODECS = {"identity": IdentityCodec}
+
+
+class MoTForUnifiedModel(PreTrainedModel):
+    """The unified model: understanding (image + question -> answer token) and generation
+    (prompt -> image by rectified flow) through one MoT decoder."""
+
+    config_class = MoTConfig
+    base_model_prefix = "language_model"
+    _no_split_modules = ["MoTDecoderLayer"]
+
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        h = config.hidden_size
+        self.language_model = LanguageModelWrapper(config)
+        self.vit_model = PatchEncoder(config)
+        self.connector = nn.Sequential(nn.Linear(config.vit_hidden_size, h), nn.GELU(approximate="tanh"), nn.Linear(h, h))
+        self.vae2llm = nn.Linear(config.latent_dim, h)
+        self.llm2vae = nn.Linear(h, config.latent_dim)
+        self.time_embedder = TimestepEmbedder(h, config.time_embed_dim)
+        self.latent_pos_embed = nn.Parameter(torch.zeros(config.num_latent_tokens, h))
+        if config.codec not in CODECS:
+            raise ValueError(f"unknown codec {config.codec!r}; available: {sorted(CODECS)}")
+        self.codec = CODECS[config.codec](config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, MoTForUnifiedModel):
+            nn.init.normal_(module.latent_pos_embed, std=0.02)
+        elif isinstance(module, PatchEncoder):
+            nn.init.normal_(module.position_embedding, std=0.02)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def layers(self):
+        return self.language_model.model.layers
+
+    def component_names(self) -> tuple[str, ...]:
+        return COMPONENTS
+
+    def mlp(self, layer: int, component: str):
+        return getattr(self.layers[layer], "mlp" + SUFFIX[component], None)
+
+    # ------------------------------------------------------------------ core pass
+    def run_layers(self, h, token_types, position_ids, base_mask, past=None, observer=None, need_aux=False):
+        """Run all layers. Returns final hidden states and the per-layer (k, v, valid) of these tokens."""
+        B, T, _ = h.shape
+        flat_types = token_types.reshape(-1)
+        rows = {c: torch.nonzero(flat_types == TOKEN_TYPE[c]).squeeze(1) for c in COMPONENTS}
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            h, present = layer(h, rows, cos, sin, base_mask, None if past is None else past[i], observer, need_aux)
+            presents.append(present)
+        return h, presents
+
+    @staticmethod
+    def causal_mask(q_pos, k_pos, k_valid):
+        """Token i sees token j iff pos_j <= pos_i (image tokens share one position: full within an image)."""
+        return (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+
+    # ------------------------------------------------------------------ understanding
+    def understanding_inputs(self, images, question_ids: list[list[int]]):
+        """Sequence ``<bos> <img> [vit tokens] </img> question`` right-padded; returns the embeddings,
+        types, positions, validity and the index of each sample's last real token."""
+        c = self.config
+        device = self.device
+        B = images.shape[0]
+        n_img = c.num_vit_tokens
+        lq = max(len(q) for q in question_ids)
+        T = 3 + n_img + lq
+        ids = torch.full((B, T), c.pad_token_id, dtype=torch.long, device=device)
+        valid = torch.zeros(B, T, dtype=torch.bool, device=device)
+        pos = torch.zeros(B, T, dtype=torch.long, device=device)
+        last = torch.zeros(B, dtype=torch.long, device=device)
+        for b, q in enumerate(question_ids):
+            toks = [c.bos_token_id, c.image_start_token_id] + [c.pad_token_id] * n_img + [c.image_end_token_id] + list(q)
+            ids[b, : len(toks)] = torch.tensor(toks)
+            valid[b, : len(toks)] = True
+            p = [0, 1] + [2] * n_img + list(range(3, 3 + 1 + len(q)))
+            pos[b, : len(p)] = torch.tensor(p)
+            last[b] = len(toks) - 1
+        h = self.language_model.model.embed_tokens(ids)
+        img_tok = self.connector(self.vit_model(patchify(images.to(device), c.vit_patch_size)))
+        h = torch.cat([h[:, :2], img_tok.to(h.dtype), h[:, 2 + n_img :]], dim=1)
+        types = torch.where(valid, UND, PAD)
+        return h, types, pos, valid, last
+
+    def understanding_logits(self, images, question_ids, observer=None):
+        """Next-token logits after the question (the one-token answer), [B, vocab]."""
+        h, types, pos, valid, last = self.understanding_inputs(images, question_ids)
+        mask = self.causal_mask(pos, pos, valid)
+        h, _ = self.run_layers(h, types, pos, mask, observer=observer)
+        h_last = h[torch.arange(h.shape[0]), last]
+        return self.language_model.lm_head(self.language_model.model.norm(h_last))
+
+    # ------------------------------------------------------------------ generation
+    def prompt_inputs(self, prompt_ids: list[list[int]]):
+        """``<bos> prompt <eos> <img>`` right-padded (understanding tower)."""
+        c = self.config
+        seqs = [[c.bos_token_id] + list(p) + [c.eos_token_id, c.image_start_token_id] for p in prompt_ids]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), c.pad_token_id, dtype=torch.long, device=self.device)
+        valid = torch.zeros(len(seqs), T, dtype=torch.bool, device=self.device)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s)
+            valid[b, : len(s)] = True
+        pos = torch.arange(T, device=self.device).expand(len(seqs), T) * valid
+        return ids, valid, pos, valid.sum(1)
+
+    def embed_latents(self, x_t, t):
+        return self.vae2llm(x_t) + self.time_embedder(t)[:, None] + self.latent_pos_embed[None]
+
+    def velocity(self, h_latents):
+        return self.llm2vae(self.language_model.model.norm_moe_gen(h_latents))
+
+    def flow_loss(self, prompt_ids, images, cond_keep=None, generator=None, observer=None, need_aux=False):
+        """Rectified-flow loss: ``x_t = (1-t) x0 + t noise``, target ``v = noise - x0``, t = sigmoid(N(0,1)).
+
+        cond_keep: bool [B]; False drops the prompt for that sample (classifier-free guidance training).
+        """
+        c = self.config
+        ids, pvalid, ppos, plen = self.prompt_inputs(prompt_ids)
+        B, Tp = ids.shape
+        x0 = self.codec.encode(images.to(self.device))
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        t = torch.sigmoid(torch.randn(B, generator=generator, device=self.device))
+        x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
+        h = torch.cat([self.language_model.model.embed_tokens(ids), self.embed_latents(x_t, t)], dim=1)
+        L = c.num_latent_tokens
+        lpos = plen[:, None].expand(B, L)
+        pos = torch.cat([ppos, lpos], dim=1)
+        if cond_keep is None:
+            cond_keep = torch.ones(B, dtype=torch.bool, device=self.device)
+        valid = torch.cat([pvalid, torch.ones(B, L, dtype=torch.bool, device=self.device)], dim=1)
+        mask = self.causal_mask(pos, pos, valid)
+        mask[:, Tp:, :Tp] &= cond_keep[:, None, None]
+        types = torch.cat([torch.where(pvalid, UND, PAD), torch.full((B, L), GEN, device=self.device)], dim=1)
+        h, _ = self.run_layers(h, types, pos, mask, observer=observer, need_aux=need_aux)
+        v = self.velocity(h[:, Tp:])
+        return F.mse_loss(v.float(), (noise - x0).float())
+
+    def prefill(self, prompt_ids, observer=None):
+        """Run the prompt through the understanding tower once; return the per-layer KV cache."""
+        ids, valid, pos, plen = self.prompt_inputs(prompt_ids)
+        h = self.language_model.model.embed_tokens(ids)
+        types = torch.where(valid, UND, PAD)
+        _, presents = self.run_layers(h, types, pos, self.causal_mask(pos, pos, valid), observer=observer)
+        return presents, pos, plen
+
+    @staticmethod
+    def shifted_timesteps(num_steps: int, shift: float):
+        t = torch.linspace(1.0, 0.0, num_steps + 1)
+        return shift * t / (1 + (shift - 1) * t)
+
+    @torch.no_grad()
+    def generate_images(self, prompt_ids, seeds, num_steps=20, cfg_scale=4.0, shift=None, observer=None):
+        """Euler sampling from t=1 (noise) to t=0 on the shifted schedule, with classifier-free
+        guidance (the unconditional pass sees no prompt). Each sample's noise comes from its own seed,
+        so an image does not depend on what else is in the batch. Returns [B, H, W, C] in [0, 1]."""
+        c = self.config
+        shift = c.timestep_shift if shift is None else shift
+        B, L = len(prompt_ids), c.num_latent_tokens
+        noise = torch.stack([torch.randn(L, c.latent_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        x = noise.to(self.device)
+        presents, ppos, plen = self.prefill(prompt_ids, observer=observer)
+        use_cfg = cfg_scale != 1.0
+        # conditional rows first, then unconditional rows that see no prompt
+        past = []
+        for k, v, valid in presents:
+            if use_cfg:
+                past.append((torch.cat([k, k]), torch.cat([v, v]), torch.cat([valid, torch.zeros_like(valid)])))
+            else:
+                past.append((k, v, valid))
+        reps = 2 if use_cfg else 1
+        lpos = plen.repeat(reps)[:, None].expand(B * reps, L)
+        Tp = ppos.shape[1]
+        k_pos = torch.cat([ppos.repeat(reps, 1), lpos], dim=1)
+        k_valid = torch.ones(B * reps, Tp + L, dtype=torch.bool, device=self.device)
+        mask = self.causal_mask(lpos, k_pos, k_valid)
+        types = torch.full((B * reps, L), GEN, device=self.device)
+        ts = self.shifted_timesteps(num_steps, shift)
+        for i in range(num_steps):
+            t, t_next = float(ts[i]), float(ts[i + 1])
+            xin = x.repeat(reps, 1, 1)
+            h = self.embed_latents(xin, torch.full((B * reps,), t, device=self.device))
+            h, _ = self.run_layers(h, types, lpos, mask, past=past, observer=observer)
+            v = self.velocity(h)
+            if use_cfg:
+                v_c, v_u = v[:B], v[B:]
+                v = v_u + cfg_scale * (v_c - v_u)
+            x = x - (t - t_next) * v
+        return self.codec.decode(x)

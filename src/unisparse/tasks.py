@@ -1,0 +1,40 @@
+"""Turn shapes-world examples into model inputs for the two tasks (understanding, generation).
+
+Kept apart from the model (which is world-agnostic) and from the world (which is numpy-only).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .worlds import shapes
+
+
+def qa_batch(items):
+    """Images [B,H,W,3], question token ids, answer ids for a list of ``QAItem``."""
+    images = torch.from_numpy(np.stack([shapes.render(it.scene) for it in items]))
+    questions = [shapes.encode(it.question) for it in items]
+    answers = torch.tensor([shapes.encode(it.answer)[0] for it in items], dtype=torch.long)
+    return images, questions, answers
+
+
+def gen_batch(prompts):
+    """Prompt token ids and canonical target images for a list of ``GenPrompt``."""
+    ids = [shapes.encode(p.text) for p in prompts]
+    images = torch.from_numpy(np.stack([shapes.render(shapes.canonical_scene(p)) for p in prompts]))
+    return ids, images
+
+
+def model_config_kwargs() -> dict:
+    """The world-determined part of the model config: vocabulary and image geometry."""
+    v = shapes.VOCAB
+    return dict(
+        vocab_size=len(v),
+        pad_token_id=v.index("<pad>"),
+        bos_token_id=v.index("<bos>"),
+        eos_token_id=v.index("<eos>"),
+        image_start_token_id=v.index("<img>"),
+        image_end_token_id=v.index("</img>"),
+        image_size=shapes.CANVAS,
+        num_channels=3,
+    )
