@@ -85,7 +85,7 @@ def train_tiny(model_spec: dict, train_spec: dict, out_dir: str, progress: bool 
         if step % 100 == 0 or step == cfg["steps"] - 1:
             history.append({"step": step, "ce": ce.item(), "mse": mse.item()})
             bar.set_postfix(ce=f"{ce.item():.3f}", mse=f"{mse.item():.3f}")
-            log.info("step %d ce %.4f mse %.4f", step, float(ce), float(mse))
+            log.info("step %d ce %.4f mse %.4f", step, ce.item(), mse.item())
     seconds = time.time() - t0
     model.eval()
     save_model(model, out_dir)

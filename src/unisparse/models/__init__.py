@@ -1,10 +1,10 @@
 """The BAGEL-architecture Mixture-of-Transformers and its configuration."""
 from transformers import AutoConfig, AutoModel
 
-from .configuration_mot import COMPONENTS, SUBLAYERS, SUFFIX, MoTConfig, check_component
+from .configuration_mot import COMPONENTS, SKIPPED_ATTENTION_KV, SUBLAYERS, SUFFIX, MoTConfig, check_component
 from .modeling_mot import GEN, PAD, UND, MoTForUnifiedModel
 
 AutoConfig.register(MoTConfig.model_type, MoTConfig, exist_ok=True)
 AutoModel.register(MoTConfig, MoTForUnifiedModel, exist_ok=True)
 
-__all__ = ["COMPONENTS", "SUBLAYERS", "SUFFIX", "MoTConfig", "MoTForUnifiedModel", "check_component", "UND", "GEN", "PAD"]
+__all__ = ["COMPONENTS", "SKIPPED_ATTENTION_KV", "SUBLAYERS", "SUFFIX", "MoTConfig", "MoTForUnifiedModel", "check_component", "UND", "GEN", "PAD"]

@@ -1,0 +1,44 @@
+"""Aggregate metrics JSON files into one tidy CSV: a row per variant x task x metric."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .io import atomic_path, read_json
+
+TASK_KEYS = {"understanding": "ShapesQA", "generation": "ShapesGenEval"}
+
+
+def rows_of(metrics: dict) -> list[dict]:
+    variant = dict(metrics.get("variant", {}))
+    cost = {}
+    for kind in ("total", "active"):
+        for comp, n in metrics["parameters"][kind].items():
+            cost[f"params_{kind}_{comp}"] = n
+    for comp, f in metrics["flops_per_token"].items():
+        cost[f"flops_per_token_{comp}"] = f
+    cost["latency_gen_s_per_image"] = metrics["latency"]["gen_seconds_per_image"]
+    cost["latency_und_s_per_item"] = metrics["latency"]["und_seconds_per_item"]
+    extra = {f"load_{k}": v for k, v in metrics.get("expert_load", {}).items()}
+    rows = []
+    for task, bench in TASK_KEYS.items():
+        for metric, value in metrics[task].items():
+            if metric.startswith("n_"):
+                continue
+            rows.append({**variant, "task": task, "benchmark": bench, "metric": metric, "value": value, **cost, **extra})
+    return rows
+
+
+def aggregate(metric_files: list, out_csv) -> pd.DataFrame:
+    rows = []
+    for f in sorted(map(str, metric_files)):
+        rows += rows_of(read_json(f))
+    if not rows:
+        raise ValueError("no metrics to aggregate")
+    df = pd.DataFrame(rows)
+    front = [c for c in ("stage", "variant_id") if c in df.columns]
+    df = df[front + [c for c in df.columns if c not in front]]
+    with atomic_path(out_csv) as tmp:
+        df.to_csv(tmp, index=False)
+    return df
