@@ -5,12 +5,19 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "workflow/config/tiny.yaml"
+# the tiny default unless --configfile names another config (which then replaces it, not merges)
+if not workflow.overwrite_configfiles:
+
+    configfile: "workflow/config/tiny.yaml"
 
 
 include: "rules/common.smk"
 include: "rules/checkpoint.smk"
 include: "rules/evaluate.smk"
+include: "rules/calibrate.smk"
+include: "rules/depth.smk"
+include: "rules/width.smk"
+include: "rules/tables.smk"
 
 
 rule all:

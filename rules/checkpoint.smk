@@ -20,5 +20,5 @@ rule train_tiny:
     conda:
         "../environment.yml"
     shell:
-        "{UNISPARSE} train-tiny --model {params.model} --train {params.train}"
+        "unisparse --no-progress train-tiny --model {params.model} --train {params.train}"
         " --out {output.model} --summary {output.summary} 2> {log}"

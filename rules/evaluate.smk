@@ -6,8 +6,11 @@ rule evaluate:
         f"{R}/models/{{variant}}",
     output:
         f"{R}/metrics/{{variant}}.json",
+    wildcard_constraints:
+        variant="dense",
     params:
         spec=spec(config["evaluate"]),
+        meta=lambda w: spec({"stage": stage_of(w.variant), "variant_id": w.variant}),
     threads: res("evaluate", "threads")
     resources:
         mem_mb=res("evaluate", "mem_mb"),
@@ -20,4 +23,4 @@ rule evaluate:
     conda:
         "../environment.yml"
     shell:
-        "{UNISPARSE} evaluate {input} --spec {params.spec} --out {output} 2> {log}"
+        "unisparse --no-progress evaluate {input} --spec {params.spec} --meta {params.meta} --out {output} 2> {log}"

@@ -37,8 +37,13 @@ def aggregate(metric_files: list, out_csv) -> pd.DataFrame:
     if not rows:
         raise ValueError("no metrics to aggregate")
     df = pd.DataFrame(rows)
+    # grid coordinates first, then the measurement, then cost columns
+    cost_prefixes = ("params_", "flops_", "latency_", "load_")
     front = [c for c in ("stage", "variant_id") if c in df.columns]
-    df = df[front + [c for c in df.columns if c not in front]]
+    measure = ["task", "benchmark", "metric", "value"]
+    cost = [c for c in df.columns if c.startswith(cost_prefixes)]
+    grid = sorted(c for c in df.columns if c not in front + measure + cost)
+    df = df[front + grid + measure + cost]
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False)
     return df

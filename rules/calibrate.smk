@@ -1,0 +1,27 @@
+# Calibration statistics: one streaming pass per task over the calibration split.
+
+
+rule calibrate:
+    input:
+        model=f"{R}/models/dense",
+    output:
+        stats=f"{R}/calibration/{{task}}.safetensors",
+        sidecar=f"{R}/calibration/{{task}}.safetensors.json",
+    wildcard_constraints:
+        task="und|gen",
+    params:
+        spec=spec(config.get("calibrate", {})),
+    threads: res("calibrate", "threads")
+    resources:
+        mem_mb=res("calibrate", "mem_mb"),
+        runtime=res("calibrate", "runtime"),
+        gpus=res("calibrate", "gpus"),
+    log:
+        f"{LOGS}/calibrate/{{task}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/calibrate/{{task}}.tsv"
+    conda:
+        "../environment.yml"
+    shell:
+        "unisparse --no-progress calibrate {input.model} --task {wildcards.task} --spec {params.spec}"
+        " --out {output.stats} 2> {log}"

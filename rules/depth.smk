@@ -1,0 +1,40 @@
+# Depth-pruning grid: drop sublayers of one component ranked on one task's calibration,
+# then evaluate the result on both tasks (in the same process: one interpreter start per point).
+
+
+rule prune_depth:
+    input:
+        model=f"{R}/models/dense",
+        stats=f"{R}/calibration/{{calib_task}}.safetensors",
+    output:
+        model=directory(f"{R}/models/{DEPTH_PATH}"),
+        metrics=f"{R}/metrics/{DEPTH_PATH}.json",
+    wildcard_constraints:
+        component="und|gen",
+        calib_task="und|gen",
+        granularity="block|attn|mlp",
+        score="ld|bagel",
+        kv="keep|none",
+        mode="oneshot|iterative",
+        drop=r"\d+",
+    params:
+        eval=spec(config["evaluate"]),
+        calib=spec(config.get("calibrate", {})),
+        meta=lambda w: spec({"stage": "depth", "variant_id": DEPTH_PATH.format(**w), **dict(w)}),
+        iterative=lambda w: "--iterative" if w.mode == "iterative" else "",
+    threads: res("prune", "threads")
+    resources:
+        mem_mb=res("prune", "mem_mb"),
+        runtime=res("prune", "runtime"),
+        gpus=res("prune", "gpus"),
+    log:
+        f"{LOGS}/{DEPTH_PATH}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/{DEPTH_PATH}.tsv"
+    conda:
+        "../environment.yml"
+    shell:
+        "unisparse --no-progress prune-depth {input.model} --calibration {input.stats}"
+        " --component {wildcards.component} --granularity {wildcards.granularity} --drop {wildcards.drop}"
+        " --score {wildcards.score} --kv {wildcards.kv} {params.iterative} --calib-spec {params.calib}"
+        " --out {output.model} --metrics {output.metrics} --eval-spec {params.eval} --meta {params.meta} 2> {log}"

@@ -1,0 +1,18 @@
+# Tidy tables aggregated from the metrics JSON files (small, local jobs).
+
+
+localrules:
+    probes_table,
+
+
+rule probes_table:
+    input:
+        probe_metrics(),
+    output:
+        f"{R}/tables/probes.csv",
+    log:
+        f"{LOGS}/tables/probes.log",
+    conda:
+        "../environment.yml"
+    shell:
+        "unisparse --no-progress aggregate {input} --out {output} 2> {log}"

@@ -1,0 +1,35 @@
+# Width-reduction grid: keep the top fraction of one component's MLP neurons, then evaluate.
+
+
+rule prune_width:
+    input:
+        model=f"{R}/models/dense",
+        stats=width_calibration,
+    output:
+        model=directory(f"{R}/models/{WIDTH_PATH}"),
+        metrics=f"{R}/metrics/{WIDTH_PATH}.json",
+    wildcard_constraints:
+        component="und|gen",
+        calib_task="und|gen|none",
+        score="act_norm|weight|published|random",
+        keep_ratio=r"[0-9.]+",
+    params:
+        eval=spec(config["evaluate"]),
+        meta=lambda w: spec({"stage": "width", "variant_id": WIDTH_PATH.format(**w), **dict(w), "keep_ratio": float(w.keep_ratio)}),
+        calibration=lambda w, input: f"--calibration {input.stats}" if input.stats else "",
+        seed=config.get("width", {}).get("seed", 0),
+    threads: res("prune", "threads")
+    resources:
+        mem_mb=res("prune", "mem_mb"),
+        runtime=res("prune", "runtime"),
+        gpus=res("prune", "gpus"),
+    log:
+        f"{LOGS}/{WIDTH_PATH}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/{WIDTH_PATH}.tsv"
+    conda:
+        "../environment.yml"
+    shell:
+        "unisparse --no-progress prune-width {input.model} --component {wildcards.component}"
+        " --keep-ratio {wildcards.keep_ratio} --score {wildcards.score} {params.calibration} --seed {params.seed}"
+        " --out {output.model} --metrics {output.metrics} --eval-spec {params.eval} --meta {params.meta} 2> {log}"
