@@ -12,6 +12,7 @@ if not workflow.overwrite_configfiles:
 
 
 include: "rules/common.smk"
+include: "rules/resources.smk"
 include: "rules/checkpoint.smk"
 include: "rules/evaluate.smk"
 include: "rules/calibrate.smk"

@@ -13,9 +13,7 @@ rule calibrate:
         spec=spec(config.get("calibrate", {})),
     threads: res("calibrate", "threads")
     resources:
-        mem_mb=res("calibrate", "mem_mb"),
-        runtime=res("calibrate", "runtime"),
-        gpus=res("calibrate", "gpus"),
+        **resources_for("calibrate"),
     log:
         f"{LOGS}/calibrate/{{task}}.log",
     benchmark:

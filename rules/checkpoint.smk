@@ -10,9 +10,7 @@ rule train_tiny:
         train=spec(config["train"]),
     threads: res("train", "threads")
     resources:
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
-        gpus=res("train", "gpus"),
+        **resources_for("train"),
     log:
         f"{LOGS}/train_tiny.log",
     benchmark:

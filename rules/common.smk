@@ -15,12 +15,6 @@ def spec(value):
     return shlex.quote(json.dumps(value, sort_keys=True))
 
 
-def res(kind, key):
-    """Resource `key` of the job kind `kind`, falling back to resources.default."""
-    resources = config["resources"]
-    return resources.get(kind, {}).get(key, resources["default"][key])
-
-
 def product(sweep, keys):
     """Cartesian product of the list-valued keys of one sweep entry, as dicts."""
     import itertools

@@ -24,9 +24,7 @@ rule prune_depth:
         iterative=lambda w: "--iterative" if w.mode == "iterative" else "",
     threads: res("prune", "threads")
     resources:
-        mem_mb=res("prune", "mem_mb"),
-        runtime=res("prune", "runtime"),
-        gpus=res("prune", "gpus"),
+        **resources_for("prune"),
     log:
         f"{LOGS}/{DEPTH_PATH}.log",
     benchmark:

@@ -13,9 +13,7 @@ rule evaluate:
         meta=lambda w: spec({"stage": stage_of(w.variant), "variant_id": w.variant}),
     threads: res("evaluate", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
-        runtime=res("evaluate", "runtime"),
-        gpus=res("evaluate", "gpus"),
+        **resources_for("evaluate"),
     log:
         f"{LOGS}/evaluate/{{variant}}.log",
     benchmark:

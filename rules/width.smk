@@ -20,9 +20,7 @@ rule prune_width:
         seed=config.get("width", {}).get("seed", 0),
     threads: res("prune", "threads")
     resources:
-        mem_mb=res("prune", "mem_mb"),
-        runtime=res("prune", "runtime"),
-        gpus=res("prune", "gpus"),
+        **resources_for("prune"),
     log:
         f"{LOGS}/{WIDTH_PATH}.log",
     benchmark:
