@@ -18,6 +18,7 @@ include: "rules/evaluate.smk"
 include: "rules/calibrate.smk"
 include: "rules/depth.smk"
 include: "rules/width.smk"
+include: "rules/moe.smk"
 include: "rules/tables.smk"
 
 

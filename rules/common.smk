@@ -56,6 +56,62 @@ def width_variants():
     return out
 
 
+MOE = config.get("moe", {})
+MOE_KEYS = ["component", "num_experts", "top_k", "method", "router", "shared_size"]
+MOE_PATH = "moe/{component}/E{num_experts}-k{top_k}-{method}-{router}-s{shared_size}"
+MOE_CONSTRAINTS = {
+    "component": "und|gen",
+    "num_experts": r"\d+",
+    "top_k": r"\d+",
+    "method": "snake|contiguous|random|cluster",
+    "router": "paper|softmax",
+    "shared_size": r"\d+",
+}
+
+
+def moe_variants():
+    out = {}
+    for part in MOE.get("partitions", []):
+        v = {"component": MOE["component"], "shared_size": 0, "method": "snake", "router": "paper", **part}
+        if v["top_k"] > v["num_experts"]:
+            raise ValueError(f"moe.partitions: top_k={v['top_k']} exceeds num_experts={v['num_experts']}")
+        width = config["model"]["intermediate_size"] - v["shared_size"]
+        if width % v["num_experts"]:
+            raise ValueError(
+                f"moe.partitions: num_experts={v['num_experts']} does not divide the MLP width "
+                f"{config['model']['intermediate_size']} minus shared_size {v['shared_size']}")
+        out[MOE_PATH.format(**v)] = v
+    return out
+
+
+def moe_metrics():
+    return [f"{R}/metrics/{p}/{t}.json" for p in moe_variants() for t in MOE.get("tunings", [])]
+
+
+def moe_meta(w, tuning):
+    v = {k: w[k] for k in MOE_KEYS}
+    for k in ("num_experts", "top_k", "shared_size"):
+        v[k] = int(v[k])
+    return {"stage": "moe", "variant_id": f"{MOE_PATH.format(**w)}/{tuning}", "tuning": tuning, **v}
+
+
+def moe_dense_layers():
+    dense = MOE.get("dense_layers", "first_last")
+    return dense if isinstance(dense, str) else ",".join(map(str, dense)) or "none"
+
+
+def moe_tuning_input(w):
+    """frozen starts from the untuned partition; full from `moe.full_init` (the paper: frozen first)."""
+    previous = "none" if w.tuning == "frozen" else MOE.get("full_init", "frozen")
+    return f"{R}/models/{MOE_PATH.format(**w)}/{previous}"
+
+
+def moe_table_inputs():
+    """Dense, every MoE variant, and static width cuts of the MoE component for comparison."""
+    static = [f"{R}/metrics/{p}.json" for p, v in width_variants().items() if v["component"] == MOE.get("component")]
+    return [f"{R}/metrics/dense.json"] + moe_metrics() + static
+
+
 def probe_metrics():
     return [f"{R}/metrics/dense.json"] + [f"{R}/metrics/{p}.json" for p in [*depth_variants(), *width_variants()]]
 
@@ -64,6 +120,8 @@ def all_targets():
     targets = [f"{R}/metrics/dense.json"]
     if depth_variants() or width_variants():
         targets.append(f"{R}/tables/probes.csv")
+    if moe_metrics():
+        targets.append(f"{R}/tables/moe.csv")
     return targets
 
 

@@ -3,6 +3,7 @@
 
 localrules:
     probes_table,
+    moe_table,
 
 
 rule probes_table:
@@ -12,6 +13,19 @@ rule probes_table:
         f"{R}/tables/probes.csv",
     log:
         f"{LOGS}/tables/probes.log",
+    conda:
+        "../environment.yml"
+    shell:
+        "unisparse --no-progress aggregate {input} --out {output} 2> {log}"
+
+
+rule moe_table:
+    input:
+        moe_table_inputs(),
+    output:
+        f"{R}/tables/moe.csv",
+    log:
+        f"{LOGS}/tables/moe.log",
     conda:
         "../environment.yml"
     shell:

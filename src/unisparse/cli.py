@@ -67,6 +67,13 @@ def _finish(model, args) -> None:
         metrics = evaluate_model(model, parse_spec(args.eval_spec), progress=not args.no_progress)
         metrics["model_dir"] = str(args.out)
         metrics["variant"] = parse_spec(args.meta)
+        for component, spec in model.config.moe.items():
+            from .moe.tune import expert_load
+
+            detail = expert_load(model, component)
+            metrics["expert_load"] = {"cv_mean": detail["cv_mean"], "experts_used_frac": detail["experts_used_frac"],
+                                      "num_experts": spec["num_experts"], "top_k": spec["top_k"]}
+            metrics["expert_load_detail"] = detail
         write_json(args.metrics, metrics)
 
 
@@ -168,7 +175,69 @@ def _register_probes(sub) -> None:
     s.set_defaults(func=cmd_aggregate)
 
 
-COMMANDS = {"probes": _register_probes}
+def cmd_partition(args) -> None:
+    from .calibrate import Calibration
+    from .io import load_model
+    from .moe.convert import check_moe_request, convert_to_moe
+
+    model = load_model(args.model_dir)
+    check_moe_request(model, args.component, args.num_experts, args.top_k, args.shared_size)
+    calibration = Calibration.load(args.calibration) if args.calibration else None
+    dense = args.dense_layers if args.dense_layers in ("first_last", "none") else [int(i) for i in args.dense_layers.split(",")]
+    moe = convert_to_moe(model, args.component, args.num_experts, args.top_k, method=args.method,
+                         calibration=calibration, shared_size=args.shared_size, dense_layers=dense,
+                         router=args.router, seed=args.seed)
+    _finish(moe, args)
+
+
+def cmd_tune_moe(args) -> None:
+    import shutil
+
+    from .io import load_model, write_json
+    from .moe.tune import tune_moe
+
+    model = load_model(args.model_dir)
+    summary = tune_moe(model, args.component, args.mode, parse_spec(args.spec), checkpoint_dir=args.checkpoint_dir,
+                       progress=not args.no_progress)
+    if args.summary:
+        write_json(args.summary, summary)
+    _finish(model, args)
+    if args.checkpoint_dir:
+        shutil.rmtree(args.checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
+
+
+def _register_moe(sub) -> None:
+    from .models import COMPONENTS
+    from .moe.convert import ROUTERS
+    from .moe.partition import PARTITION_METHODS as METHODS
+    from .moe.tune import MODES
+
+    s = sub.add_parser("partition", help="split a component's MLPs into experts (dense -> MoE)")
+    s.add_argument("model_dir")
+    s.add_argument("--component", required=True, choices=COMPONENTS)
+    s.add_argument("--num-experts", type=int, required=True)
+    s.add_argument("--top-k", type=int, required=True)
+    s.add_argument("--method", default="snake", choices=METHODS)
+    s.add_argument("--router", default="paper", choices=ROUTERS)
+    s.add_argument("--shared-size", type=int, default=0, help="neurons of an always-active shared expert")
+    s.add_argument("--dense-layers", default="first_last", help="first_last, none, or a comma list of layers kept dense")
+    s.add_argument("--calibration", help="calibration .safetensors (neuron importance; co-activation for cluster)")
+    s.add_argument("--seed", type=int, default=0)
+    _add_output_args(s)
+    s.set_defaults(func=cmd_partition)
+
+    s = sub.add_parser("tune-moe", help="tune an MoE component: routers only (frozen) or experts + routers (full)")
+    s.add_argument("model_dir")
+    s.add_argument("--component", default="gen", choices=COMPONENTS)
+    s.add_argument("--mode", required=True, choices=MODES)
+    s.add_argument("--spec", help="tuning settings (JSON/YAML or @file)")
+    s.add_argument("--checkpoint-dir", help="where to keep resumable checkpoints (removed on success)")
+    s.add_argument("--summary", help="JSON file for the tuning summary")
+    _add_output_args(s)
+    s.set_defaults(func=cmd_tune_moe)
+
+
+COMMANDS = {"probes": _register_probes, "moe": _register_moe}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,63 @@
+# MoE adaptation: partition a component's MLPs into experts, then tune routers (frozen) and
+# experts + routers (full); every stage is evaluated on both tasks in the same process.
+
+
+rule partition:
+    input:
+        model=f"{R}/models/dense",
+        stats=f"{R}/calibration/{MOE['calib_task']}.safetensors",
+    output:
+        model=directory(f"{R}/models/{MOE_PATH}/none"),
+        metrics=f"{R}/metrics/{MOE_PATH}/none.json",
+    wildcard_constraints:
+        **MOE_CONSTRAINTS,
+    params:
+        eval=spec(config["evaluate"]),
+        dense_layers=moe_dense_layers(),
+        meta=lambda w: spec(moe_meta(w, "none")),
+        seed=MOE.get("seed", 0),
+    threads: res("prune", "threads")
+    resources:
+        **resources_for("prune"),
+    log:
+        f"{LOGS}/{MOE_PATH}/none.log",
+    benchmark:
+        f"{LOGS}/benchmarks/{MOE_PATH}/none.tsv"
+    conda:
+        "../environment.yml"
+    shell:
+        "unisparse --no-progress partition {input.model} --component {wildcards.component}"
+        " --num-experts {wildcards.num_experts} --top-k {wildcards.top_k} --method {wildcards.method}"
+        " --router {wildcards.router} --shared-size {wildcards.shared_size} --dense-layers {params.dense_layers}"
+        " --calibration {input.stats} --seed {params.seed}"
+        " --out {output.model} --metrics {output.metrics} --eval-spec {params.eval} --meta {params.meta} 2> {log}"
+
+
+rule tune_moe:
+    input:
+        model=moe_tuning_input,
+    output:
+        model=directory(f"{R}/models/{MOE_PATH}/{{tuning}}"),
+        metrics=f"{R}/metrics/{MOE_PATH}/{{tuning}}.json",
+        summary=f"{R}/tuning/{MOE_PATH}/{{tuning}}.json",
+    wildcard_constraints:
+        tuning="frozen|full",
+        **MOE_CONSTRAINTS,
+    params:
+        eval=spec(config["evaluate"]),
+        tune=lambda w: spec(MOE["tune"][w.tuning]),
+        meta=lambda w: spec(moe_meta(w, w.tuning)),
+        checkpoints=lambda w: f"{R}/checkpoints/{MOE_PATH.format(**w)}/{w.tuning}",
+    threads: res("tune", "threads")
+    resources:
+        **resources_for("tune"),
+    log:
+        f"{LOGS}/{MOE_PATH}/{{tuning}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/{MOE_PATH}/{{tuning}}.tsv"
+    conda:
+        "../environment.yml"
+    shell:
+        "unisparse --no-progress tune-moe {input.model} --component {wildcards.component} --mode {wildcards.tuning}"
+        " --spec {params.tune} --checkpoint-dir {params.checkpoints} --summary {output.summary}"
+        " --out {output.model} --metrics {output.metrics} --eval-spec {params.eval} --meta {params.meta} 2> {log}"

@@ -1,0 +1,90 @@
+"""Model-level MoE conversion and tuning (the block itself is tested in test_moe_block.py)."""
+import pytest
+import torch
+
+from conftest import make_model
+from unisparse.accounting import parameter_counts
+from unisparse.calibrate import Calibration, run_calibration
+from unisparse.io import load_model, save_model
+from unisparse.moe.convert import convert_to_moe
+from unisparse.moe.tune import trainable_names, tune_moe
+from unisparse.worlds import shapes
+
+CAL = dict(qa_items=8, samples_per_prompt=1, max_prompts_per_tag=1, num_steps=2, coactivation=True, threads=1)
+TUNE = dict(steps=6, batch_gen=4, checkpoint_every=2, threads=1, lr=1e-2)
+
+
+def gen_outputs(model):
+    prompts = [shapes.encode(p.text) for p, _ in shapes.geneval_set("eval", 1, 1, 0)[:3]]
+    return model.generate_images(prompts, [1, 2, 3], num_steps=2)
+
+
+@pytest.fixture(scope="module")
+def dense_and_cal():
+    model = make_model()
+    return model, Calibration.from_stats(run_calibration(model, "gen", CAL), "gen")
+
+
+@pytest.mark.parametrize("method", ["snake", "contiguous", "random", "cluster"])
+def test_all_experts_active_equals_dense_model(dense_and_cal, method):
+    dense, cal = dense_and_cal
+    moe = convert_to_moe(dense, "gen", 8, 8, method=method, calibration=cal, dense_layers="none")
+    torch.testing.assert_close(gen_outputs(moe), gen_outputs(dense), atol=1e-5, rtol=1e-5)
+
+
+def test_half_active_halves_active_mlp_parameters_and_reloads(tmp_path, dense_and_cal):
+    dense, cal = dense_and_cal
+    moe = convert_to_moe(dense, "gen", 8, 4, calibration=cal, dense_layers="first_last")
+    assert moe.config.moe["gen"]["layers"] == [1]
+    counts = parameter_counts(moe)
+    mlp = 3 * dense.config.hidden_size * dense.config.intermediate_size
+    assert counts["total"]["gen"] - counts["active"]["gen"] == mlp // 2
+    save_model(moe, tmp_path / "moe")
+    assert torch.equal(gen_outputs(load_model(tmp_path / "moe")), gen_outputs(moe))
+
+
+def test_expert_frozen_tuning_changes_routers_only(dense_and_cal):
+    dense, cal = dense_and_cal
+    moe = convert_to_moe(dense, "gen", 8, 4, calibration=cal, dense_layers="none")
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    tune_moe(moe, "gen", "frozen", TUNE, progress=False)
+    changed = {k for k, v in moe.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed, "routers did not move"
+    assert changed <= set(trainable_names(moe, "gen", "frozen"))
+    assert all(k.endswith("mlp_moe_gen.gate.weight") for k in changed)
+
+
+def test_full_tuning_leaves_understanding_tower_alone(dense_and_cal):
+    dense, cal = dense_and_cal
+    moe = convert_to_moe(dense, "gen", 8, 4, calibration=cal, dense_layers="none")
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    tune_moe(moe, "gen", "full", TUNE, progress=False)
+    changed = {k for k, v in moe.state_dict().items() if not torch.equal(v, before[k])}
+    assert any("experts" in k for k in changed)
+    assert all("mlp_moe_gen." in k for k in changed)
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, dense_and_cal):
+    dense, cal = dense_and_cal
+    base = convert_to_moe(dense, "gen", 8, 4, calibration=cal, dense_layers="none")
+    save_model(base, tmp_path / "base")
+    straight = load_model(tmp_path / "base")
+    tune_moe(straight, "gen", "full", TUNE, progress=False)
+    interrupted = load_model(tmp_path / "base")
+    tune_moe(interrupted, "gen", "full", TUNE, checkpoint_dir=tmp_path / "ck", progress=False, stop_after=3)
+    resumed = load_model(tmp_path / "base")  # a fresh process would start from the saved input again
+    tune_moe(resumed, "gen", "full", TUNE, checkpoint_dir=tmp_path / "ck", progress=False)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_moe_requests_fail_before_work(dense_and_cal):
+    dense, cal = dense_and_cal
+    with pytest.raises(ValueError, match="does not divide"):
+        convert_to_moe(dense, "gen", 5, 2, calibration=cal)
+    with pytest.raises(ValueError, match="top_k"):
+        convert_to_moe(dense, "gen", 8, 9, calibration=cal)
+    with pytest.raises(ValueError, match="component"):
+        convert_to_moe(dense, "vision", 8, 4, calibration=cal)
+    with pytest.raises(ValueError, match="no MoE"):
+        tune_moe(dense, "gen", "full", TUNE, progress=False)
