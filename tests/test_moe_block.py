@@ -193,6 +193,7 @@ def test_active_fractions_and_model_integration():
     model = make_model(moe={"gen": spec})
     mlp = model.mlp(1, "gen")
     assert isinstance(mlp, MoEMLP) and not isinstance(model.mlp(0, "gen"), MoEMLP)
+    assert mlp.gate.weight.abs().sum() == 0  # the model's post_init keeps the paper router's zero init
     frac = mlp.active_parameter_fractions()
     assert frac["experts.gate_up_proj"] == frac["experts.down_proj"] == 0.5 and frac["gate.weight"] == 1.0
     assert set(frac) == {n for n, _ in mlp.named_parameters()}

@@ -208,6 +208,11 @@ class MoEMLP(nn.Module):
             nn.init.zeros_(self.shared_expert_gate.weight)
         else:
             self.shared_expert = self.shared_expert_gate = None
+        # The zero inits above are part of the method (the block starts as the plain sum of chosen
+        # experts); tell transformers' post_init not to overwrite them with its Linear init.
+        for gate in (self.gate, self.shared_expert_gate):
+            if gate is not None:
+                gate._is_hf_initialized = True
 
     @property
     def spec(self) -> dict:
