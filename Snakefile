@@ -20,6 +20,8 @@ include: "rules/depth.smk"
 include: "rules/width.smk"
 include: "rules/moe.smk"
 include: "rules/tables.smk"
+include: "rules/figure_targets.smk"
+include: "rules/figures.smk"
 
 
 rule all:

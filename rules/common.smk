@@ -122,6 +122,7 @@ def all_targets():
         targets.append(f"{R}/tables/probes.csv")
     if moe_metrics():
         targets.append(f"{R}/tables/moe.csv")
+    targets += figure_targets()
     return targets
 
 

@@ -1,5 +1,7 @@
 # Job resources come from the config (resources.<kind>, falling back to resources.default), so the
-# model size decides them; the cluster profile only knows the cluster.
+# model size decides them; the cluster profile only knows the cluster. The one place where the
+# cluster's dialect matters is how a GPU is asked for: that is a site setting (see gpu_request).
+import os
 
 
 def res(kind, key):
@@ -8,10 +10,53 @@ def res(kind, key):
     return resources.get(kind, {}).get(key, resources["default"][key])
 
 
+def site_setting(name, default=None):
+    """A cluster site setting: $UNISPARSE_SLURM_<NAME>, else key <name> of the untracked
+    workflow/profiles/slurm/site.yaml (or the file $UNISPARSE_SLURM_SITE names), else `default`.
+    The slurm profile reads the same settings (workflow/profiles/slurm/config.yaml)."""
+    value = os.environ.get("UNISPARSE_SLURM_" + name.upper(), "")
+    if value != "":
+        return value
+    path = os.environ.get("UNISPARSE_SLURM_SITE") or os.path.join(
+        workflow.basedir, "workflow", "profiles", "slurm", "site.yaml"
+    )
+    if os.path.isfile(path):
+        import yaml
+
+        with open(path) as f:
+            value = (yaml.safe_load(f) or {}).get(name.lower())
+        if value not in (None, ""):
+            return str(value)
+    return default
+
+
+def gpu_request(gpus):
+    """Resources that make the SLURM executor ask for `gpus` GPUs, in the site's syntax:
+    gpus (default) -> sbatch --gpus=[model:]N; gres -> sbatch --gres=gpu[:model]:N.
+    GPU jobs go to GPU_PARTITION where the site names one. Nothing for CPU-only jobs."""
+    if not gpus:
+        return {}
+    syntax = site_setting("gpu", "gpus")
+    model = site_setting("gpu_model")
+    if syntax == "gpus":
+        request = {"gpu": gpus, **({"gpu_model": model} if model else {})}
+    elif syntax == "gres":
+        request = {"gres": ":".join(["gpu", *([model] if model else []), str(gpus)])}
+    else:
+        raise ValueError(f"site setting UNISPARSE_SLURM_GPU must be 'gpus' or 'gres', not {syntax!r}")
+    partition = site_setting("gpu_partition")
+    if partition:
+        request["slurm_partition"] = partition
+    return request
+
+
 def resources_for(kind):
-    """The resources block of a job kind (threads are set separately with `threads:`)."""
+    """The resources block of a job kind (threads are set separately with `threads:`).
+    `gpus` is the count (local runs can cap it with --resources gpus=N; the SLURM job step
+    passes it to srun); gpu_request adds what sbatch needs to allocate them."""
     return {
         "mem_mb": res(kind, "mem_mb"),
         "runtime": res(kind, "runtime"),
         "gpus": res(kind, "gpus"),
+        **gpu_request(res(kind, "gpus")),
     }
