@@ -237,7 +237,20 @@ def _register_moe(sub) -> None:
     s.set_defaults(func=cmd_tune_moe)
 
 
-COMMANDS = {"probes": _register_probes, "moe": _register_moe}
+def cmd_export_benchmarks(args) -> None:
+    from .worlds.export import export_benchmarks
+
+    for path in export_benchmarks(args.out):
+        print(path)
+
+
+def _register_data(sub) -> None:
+    s = sub.add_parser("export-benchmarks", help="write ShapesGenEval prompts, checks and splits as metadata files")
+    s.add_argument("--out", default="data", help="directory (default: data)")
+    s.set_defaults(func=cmd_export_benchmarks)
+
+
+COMMANDS = {"probes": _register_probes, "moe": _register_moe, "data": _register_data}
 
 
 def build_parser() -> argparse.ArgumentParser:
