@@ -11,6 +11,9 @@ if not workflow.overwrite_configfiles:
     configfile: "workflow/config/tiny.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/resources.smk"
 include: "rules/checkpoint.smk"

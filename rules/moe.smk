@@ -5,7 +5,7 @@
 rule partition:
     input:
         model=f"{R}/models/dense",
-        stats=f"{R}/calibration/{MOE['calib_task']}.safetensors",
+        stats=f"{R}/calibration/{MOE.get('calib_task', 'gen')}.safetensors",
     output:
         model=directory(f"{R}/models/{MOE_PATH}/none"),
         metrics=f"{R}/metrics/{MOE_PATH}/none.json",

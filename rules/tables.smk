@@ -10,7 +10,7 @@ rule probes_table:
     input:
         probe_metrics(),
     output:
-        f"{R}/tables/probes.csv",
+        report(f"{R}/tables/probes.csv", caption="../workflow/report/probes_table.rst", category="Tables"),
     log:
         f"{LOGS}/tables/probes.log",
     conda:
@@ -23,7 +23,7 @@ rule moe_table:
     input:
         moe_table_inputs(),
     output:
-        f"{R}/tables/moe.csv",
+        report(f"{R}/tables/moe.csv", caption="../workflow/report/moe_table.rst", category="Tables"),
     log:
         f"{LOGS}/tables/moe.log",
     conda:
