@@ -14,7 +14,7 @@ def site_setting(name, default=None):
     """A cluster site setting: $UNISPARSE_SLURM_<NAME>, else key <name> of the untracked
     workflow/profiles/slurm/site.yaml (or the file $UNISPARSE_SLURM_SITE names), else `default`.
     The slurm profile reads the same settings (workflow/profiles/slurm/config.yaml)."""
-    value = os.environ.get("UNISPARSE_SLURM_" + name.upper(), "")
+    value = os.environ.get(f"UNISPARSE_SLURM_{name.upper()}", "")
     if value != "":
         return value
     path = os.environ.get("UNISPARSE_SLURM_SITE") or os.path.join(

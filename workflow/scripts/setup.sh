@@ -11,4 +11,6 @@ fi
 # torch would pull several GB of CUDA wheels.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[workflow,test]"
+# make `snakemake --profile slurm` find the repo's profile (~/.config/snakemake/slurm)
+bash workflow/scripts/install_profile.sh
 echo "unisparse environment ready: . .venv/bin/activate" >&2

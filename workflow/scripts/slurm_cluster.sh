@@ -3,7 +3,7 @@
 #
 #   slurm_cluster.sh install   apt-get install the Debian packages (slurmctld slurmd slurm-client munge)
 #   slurm_cluster.sh start     write /etc/slurm/slurm.conf, start munged, slurmctld and slurmd; wait for the node
-#   slurm_cluster.sh stop      stop the three daemons by their PID files
+#   slurm_cluster.sh stop      stop the three daemons by their PID files; remove the configuration
 #   slurm_cluster.sh status    exit 0 if the cluster answers (sinfo), 1 otherwise
 #   slurm_cluster.sh up        install (if needed) + start: what CI calls
 #
@@ -53,7 +53,7 @@ write_conf() {
   cat >"$CONF.tmp" <<EOF
 $MARKER
 ClusterName=unisparse
-SlurmctldHost=$node
+SlurmctldHost=$node(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -77,7 +77,7 @@ SchedulerType=sched/backfill
 MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout=30
-NodeName=$node CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   mv "$CONF.tmp" "$CONF"
@@ -138,6 +138,9 @@ do_stop() {
   stop_pid "$STATE/slurmd.pid"
   stop_pid "$STATE/slurmctld.pid"
   stop_pid "$MUNGE_PID"
+  # without a controller, a left-behind configuration makes every SLURM client wait ~10 s for it,
+  # and the slurm executor plugin runs `scontrol show config` whenever Snakemake starts
+  if [ -e "$CONF" ] && grep -qF "$MARKER" "$CONF"; then rm -f "$CONF"; fi
 }
 
 do_status() { sinfo -h >/dev/null 2>&1; }

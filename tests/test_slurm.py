@@ -1,0 +1,242 @@
+"""The SLURM profile end to end: `snakemake --profile slurm` on a single-node cluster.
+
+The cluster (slurmctld, slurmd, munged) is started by this module's fixture with
+workflow/scripts/slurm_cluster.sh (installing the Debian packages first where they are missing and
+the machine allows it) and stopped again by PID files. The micro pipeline runs through the profile
+in a temporary copy of the working tree: every job of a non-local rule must have run as a SLURM job
+with the resources Snakemake gave it, local rules on the submitting host, and the artifacts must
+match a local run. GPU requests are checked on the sbatch call itself (a stand-in sbatch records
+it), since this cluster has no GPU.
+"""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "workflow/scripts/slurm_cluster.sh"
+CONFIG = "workflow/config/micro.yaml"
+BIN = Path(sys.executable).parent
+STATE = Path(os.environ.get("SLURM_TEST_STATE", "/var/tmp/unisparse-slurm"))
+
+pytestmark = pytest.mark.skipif(
+    not ((BIN / "snakemake").exists() or shutil.which("snakemake")),
+    reason="needs snakemake with the slurm executor plugin (workflow extras: workflow/scripts/setup.sh)",
+)
+
+
+def env(**extra):
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("UNISPARSE_SLURM_", "SNAKEMAKE_", "SLURM_"))}
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e.update(extra)
+    return e
+
+
+def sh(*cmd, cwd=REPO, check=True, **extra):
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env(**extra), capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
+                             + failed_job_logs(cwd, r.stdout + r.stderr))
+    return r
+
+
+def failed_job_logs(cwd, output):
+    """The logs of the jobs Snakemake reports as failed (the rules' own stderr), for the message."""
+    names = []
+    for block in re.findall(r"^Error in rule \w+:\n(.*?)(?=^\S|\Z)", output, re.M | re.S):
+        names += re.findall(r"^\s+log: (\S+)", block, re.M)
+    return "".join(f"\n--- {name}:\n{Path(cwd, name).read_text(errors='replace')[-3000:]}"
+                   for name in dict.fromkeys(names) if Path(cwd, name).is_file())
+
+
+def copy_worktree(dest):
+    """The working tree as git sees it (tracked + untracked-not-ignored files)."""
+    listed = sh("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard").stdout
+    for rel in filter(None, listed.split("\0")):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def install_profile(workdir, xdg):
+    """The profile made findable the documented way, in a private ~/.config."""
+    sh("bash", "workflow/scripts/install_profile.sh", cwd=workdir, XDG_CONFIG_HOME=xdg)
+    assert (Path(xdg) / "snakemake/slurm/config.yaml").is_file()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("starting a SLURM test cluster (slurmctld, slurmd, munged) needs root")
+    installed = all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged"))
+    if not installed:
+        if not shutil.which("apt-get"):
+            pytest.skip("SLURM is not installed and there is no apt-get to install it (slurm_cluster.sh install)")
+        r = sh("bash", CLUSTER, "install", check=False)
+        if r.returncode != 0:
+            pytest.skip(f"SLURM is not installed and installing it failed: {r.stderr[-500:]}")
+    conf = Path("/etc/slurm/slurm.conf")
+    if conf.exists() and "slurm_cluster.sh" not in conf.read_text():
+        pytest.skip("/etc/slurm/slurm.conf belongs to a real cluster; not running test jobs on it")
+    running = sh("bash", CLUSTER, "status", check=False).returncode == 0
+    if not running:
+        sh("bash", CLUSTER, "start", SLURM_TEST_STATE=STATE)
+    yield STATE
+    if not running:
+        sh("bash", CLUSTER, "stop", check=False, SLURM_TEST_STATE=STATE)
+
+
+def declared_localrules(workdir):
+    names = set()
+    for path in [Path(workdir, "Snakefile"), *sorted(Path(workdir, "rules").glob("*.smk"))]:
+        for block in re.findall(r"^localrules:(.*?)(?=^\S|\Z)", path.read_text(), re.M | re.S):
+            names.update(re.findall(r"\w+", block))
+    return names
+
+
+def jobs_in_log(text):
+    """Jobs Snakemake printed: [(local, rule, jobid, resources, threads)]."""
+    jobs = []
+    for m in re.finditer(r"^(localrule|rule) (\w+):\n(.*?)(?=^\S|\Z)", text, re.M | re.S):
+        body = m[3]
+        resources = dict(re.findall(r"(\w+)=([^,\s]+)", re.search(r"resources: (.*)", body)[1]))
+        threads = re.search(r"threads: (\d+)", body)
+        jobs.append((m[1] == "localrule", m[2], int(re.search(r"jobid: (\d+)", body)[1]), resources,
+                     int(threads[1]) if threads else 1))
+    return jobs
+
+
+def controller_records(state):
+    records = {}
+    for line in (Path(state) / "jobcomp.log").read_text().splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        records[fields["JobId"]] = fields
+    return records
+
+
+def strip_timings(value):
+    """Measured wall-clock times are the only values allowed to differ between runs."""
+    if isinstance(value, dict):
+        return {k: strip_timings(v) for k, v in value.items() if k != "latency" and "seconds" not in k}
+    if isinstance(value, list):
+        return [strip_timings(v) for v in value]
+    return value
+
+
+def comparable(path):
+    if path.suffix == ".json":
+        return strip_timings(json.loads(path.read_text()))
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            return [{k: v for k, v in row.items() if "latency" not in k and "seconds" not in k} for row in csv.DictReader(f)]
+    return path.read_bytes()
+
+
+def test_micro_pipeline_runs_as_slurm_jobs(cluster, tmp_path):
+    local, remote = copy_worktree(tmp_path / "local"), copy_worktree(tmp_path / "slurm")
+    local_rules = declared_localrules(remote)
+    # the reference: a local run of everything SLURM will run (local rules run locally either way);
+    # it runs while the SLURM run mostly waits for its status polls
+    reference = subprocess.Popen(
+        ["snakemake", "--cores", "1", "--configfile", CONFIG, "--omit-from", *sorted(local_rules)],
+        cwd=local, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    install_profile(remote, tmp_path / "xdg")
+    r = sh("snakemake", "--profile", "slurm", "--configfile", CONFIG,
+           "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
+           cwd=remote, check=False, XDG_CONFIG_HOME=tmp_path / "xdg")
+    out, _ = reference.communicate()
+    assert r.returncode == 0, f"{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
+    assert reference.returncode == 0, out[-6000:]
+    log = r.stdout + r.stderr
+    assert "Using profile slurm" in log
+    run_id = re.search(r"SLURM run ID: (\S+)", log)[1]
+    submitted = {int(a): b for a, b in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log)}
+    jobs = jobs_in_log(log)
+    records = controller_records(cluster)
+
+    assert [j for j in jobs if not j[0]], "no job ran as a SLURM job"
+    for is_local, rule, jobid, resources, threads in jobs:
+        if is_local:  # aggregation/table/figure rules (and `all`) stay on the submitting host
+            assert rule in local_rules | {"all"}, f"{rule} ran locally but is not a localrule"
+            assert jobid not in submitted
+            continue
+        assert rule not in local_rules
+        slurm_id = submitted[jobid]  # KeyError: a non-local job that was not submitted
+        record = records[slurm_id]  # the controller's record of the finished job
+        assert record["JobState"] == "COMPLETED" and record["Name"] == run_id
+        assert Path(record["WorkDir"]) == remote
+        assert f"mem={resources['mem_mb']}M" in record["Tres"] and f"cpu={threads}" in record["Tres"]
+        assert record["TimeLimit"] == resources["runtime"]
+        assert "gpu" not in record["Tres"]
+        assert list((remote / ".snakemake/slurm_logs").glob(f"rule_{rule}/**/{slurm_id}.log")), "per-job SLURM log"
+    assert len(submitted) == sum(not j[0] for j in jobs)
+
+    # the same artifacts as the local run: bytes, except measured timings in JSON/CSV
+    theirs = sorted(p.relative_to(local) for p in (local / "results").rglob("*") if p.is_file())
+    assert theirs and all((remote / p).is_file() for p in theirs)
+    differ = [str(p) for p in theirs if comparable(remote / p) != comparable(local / p)]
+    assert differ == []
+    exact = [p for p in theirs if p.suffix == ".safetensors" or "calibration" in p.parts]
+    assert exact and [str(p) for p in exact if (remote / p).read_bytes() != (local / p).read_bytes()] == []
+    assert "Nothing to be done" in sh("snakemake", "-n", "--configfile", CONFIG, cwd=remote).stdout
+
+
+FAKE_SLURM = {
+    # records each submission and refuses it: no job runs, the call is what is checked
+    "sbatch": 'printf "%s\\n" "$*" >> "$FAKE_SBATCH_CALLS"; echo "fake sbatch: recorded" >&2; exit 1',
+    "sinfo": 'printf "PARTITION\\ndebug*\\n"',
+    "squeue": "exit 0",
+    "sacct": 'echo "Slurm accounting storage is disabled" >&2; exit 1',
+    "scontrol": "exit 1",
+    "sacctmgr": "echo proj",
+}
+
+
+def submitted_calls(workdir, tmp_path, configfile, **site):
+    fake = tmp_path / "fake-slurm"
+    fake.mkdir(exist_ok=True)
+    for name, body in FAKE_SLURM.items():
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    calls = tmp_path / "sbatch-calls.txt"
+    calls.unlink(missing_ok=True)
+    r = sh("snakemake", "--profile", "slurm", "--configfile", configfile, "--slurm-init-seconds-before-status-checks", "1",
+           cwd=workdir, check=False, XDG_CONFIG_HOME=tmp_path / "xdg", FAKE_SBATCH_CALLS=calls,
+           PATH=f"{fake}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}", **site)
+    assert calls.exists(), f"no sbatch call:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return calls.read_text().splitlines()
+
+
+def test_gpu_resources_reach_the_sbatch_call(tmp_path):
+    workdir = copy_worktree(tmp_path / "work")
+    install_profile(workdir, tmp_path / "xdg")
+    config = yaml.safe_load((workdir / CONFIG).read_text())
+    config["resources"]["train"] = {"gpus": 1}
+    (workdir / "gpu.yaml").write_text(yaml.safe_dump(config))
+
+    # the first job of the DAG (train_tiny, job kind `train`) is the one submitted
+    (call,) = submitted_calls(workdir, tmp_path, "gpu.yaml")
+    assert "rule_train_tiny" in call
+    assert re.search(r"--gpus[= ]1\b", call) and "--gres" not in call
+    assert "--mem 1000" in call and "-t 10" in call and "-p debug" in call
+
+    (call,) = submitted_calls(workdir, tmp_path, CONFIG)  # CPU only: no GPU request
+    assert "rule_train_tiny" in call and "--gpus" not in call and "--gres" not in call
+
+    # the site's dialect: environment variables and the untracked site.yaml
+    (workdir / "workflow/profiles/slurm/site.yaml").write_text("partition: cpuq\ngpu_partition: gpuq\n")
+    (call,) = submitted_calls(workdir, tmp_path, "gpu.yaml", UNISPARSE_SLURM_GPU="gres", UNISPARSE_SLURM_GPU_MODEL="a100")
+    assert "--gres=gpu:a100:1" in call and "--gpus" not in call and "-p gpuq" in call
+    (call,) = submitted_calls(workdir, tmp_path, CONFIG, UNISPARSE_SLURM_ACCOUNT="proj", UNISPARSE_SLURM_QOS="short")
+    assert "-p cpuq" in call and "--qos=short" in call and "-A proj" in call
