@@ -3,6 +3,7 @@
 
 rule calibrate:
     input:
+        code=code("calibrate"),
         model=f"{R}/models/dense",
     output:
         stats=f"{R}/calibration/{{task}}.safetensors",

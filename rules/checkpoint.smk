@@ -2,6 +2,8 @@
 
 
 rule train_tiny:
+    input:
+        code=code("train"),
     output:
         model=directory(f"{R}/models/dense"),
         summary=f"{R}/train/summary.json",

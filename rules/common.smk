@@ -15,6 +15,30 @@ def spec(value):
     return shlex.quote(json.dumps(value, sort_keys=True))
 
 
+PKG = "src/unisparse"
+_CODE = {
+    "core": ["cli.py", "io.py", "tasks.py", "accounting.py", "models", "worlds/shapes.py"],
+    "train": ["train.py"],
+    "evaluate": ["evaluate"],
+    "calibrate": ["calibrate.py"],
+    "prune": ["prune", "calibrate.py", "evaluate"],
+    "moe": ["moe", "prune", "calibrate.py", "evaluate"],
+    "tables": ["tables.py", "io.py"],
+}
+
+
+def code(kind):
+    """The library sources a job kind runs: inputs, so editing them reruns exactly those jobs."""
+    import glob
+
+    parts = (_CODE["core"] if kind != "tables" else []) + _CODE[kind]
+    files = []
+    for part in parts:
+        path = f"{PKG}/{part}"
+        files += sorted(glob.glob(f"{path}/**/*.py", recursive=True)) if not path.endswith(".py") else [path]
+    return files
+
+
 def product(sweep, keys):
     """Cartesian product of the list-valued keys of one sweep entry, as dicts."""
     import itertools

@@ -4,6 +4,7 @@
 
 rule prune_depth:
     input:
+        code=code("prune"),
         model=f"{R}/models/dense",
         stats=f"{R}/calibration/{{calib_task}}.safetensors",
     output:

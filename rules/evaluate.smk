@@ -3,7 +3,8 @@
 
 rule evaluate:
     input:
-        f"{R}/models/{{variant}}",
+        code=code("evaluate"),
+        model=f"{R}/models/{{variant}}",
     output:
         f"{R}/metrics/{{variant}}.json",
     wildcard_constraints:
@@ -21,4 +22,4 @@ rule evaluate:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress evaluate {input} --spec {params.spec} --meta {params.meta} --out {output} 2> {log}"
+        "unisparse --no-progress evaluate {input.model} --spec {params.spec} --meta {params.meta} --out {output} 2> {log}"

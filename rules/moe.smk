@@ -4,6 +4,7 @@
 
 rule partition:
     input:
+        code=code("moe"),
         model=f"{R}/models/dense",
         stats=f"{R}/calibration/{MOE.get('calib_task', 'gen')}.safetensors",
     output:
@@ -35,6 +36,7 @@ rule partition:
 
 rule tune_moe:
     input:
+        code=code("moe"),
         model=moe_tuning_input,
     output:
         model=directory(f"{R}/models/{MOE_PATH}/{{tuning}}"),

@@ -8,7 +8,8 @@ localrules:
 
 rule probes_table:
     input:
-        probe_metrics(),
+        code=code("tables"),
+        metrics=probe_metrics(),
     output:
         report(f"{R}/tables/probes.csv", caption="../workflow/report/probes_table.rst", category="Tables"),
     log:
@@ -16,12 +17,13 @@ rule probes_table:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress aggregate {input} --out {output} 2> {log}"
+        "unisparse --no-progress aggregate {input.metrics} --out {output} 2> {log}"
 
 
 rule moe_table:
     input:
-        moe_table_inputs(),
+        code=code("tables"),
+        metrics=moe_table_inputs(),
     output:
         report(f"{R}/tables/moe.csv", caption="../workflow/report/moe_table.rst", category="Tables"),
     log:
@@ -29,4 +31,4 @@ rule moe_table:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress aggregate {input} --out {output} 2> {log}"
+        "unisparse --no-progress aggregate {input.metrics} --out {output} 2> {log}"

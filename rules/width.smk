@@ -3,6 +3,7 @@
 
 rule prune_width:
     input:
+        code=code("prune"),
         model=f"{R}/models/dense",
         stats=width_calibration,
     output:
