@@ -34,6 +34,7 @@ TRAIN_DEFAULTS = dict(
     cond_dropout=0.1,
     grad_clip=1.0,
     threads=2,
+    qa_weights=None,  # sampling weights of the ShapesQA types (colour, shape, count, relation)
 )
 
 
@@ -70,7 +71,7 @@ def train_tiny(model_spec: dict, train_spec: dict, out_dir: str, progress: bool 
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup_frac"], cfg["min_lr_frac"])
-        qa = [shapes.sample_qa(rng, "train") for _ in range(cfg["batch_und"])]
+        qa = [shapes.sample_qa(rng, "train", cfg["qa_weights"]) for _ in range(cfg["batch_und"])]
         images, questions, answers = tasks.qa_batch(qa)
         ce = F.cross_entropy(model.understanding_logits(images, questions), answers)
         prompts = [shapes.sample_gen_example(rng, "train")[0] for _ in range(cfg["batch_gen"])]

@@ -251,6 +251,23 @@ class LanguageModelWrapper(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding [grid*grid, dim] (row half, column half), as BAGEL's
+    ``vit_pos_embed``: added after the connector at the LLM's scale, so where an image token sits is
+    as salient as what it shows."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1)))
+    pos = torch.arange(grid, dtype=torch.float32)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+
+    def enc(p):
+        out = p.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    emb = torch.cat([enc(rows), enc(cols)], dim=1)
+    return F.pad(emb, (0, dim - emb.shape[1]))
+
+
 def patchify(images, patch: int):
     """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C] in (row, col, ph, pw, c) order."""
     B, H, W, C = images.shape
@@ -371,6 +388,7 @@ class MoTForUnifiedModel(PreTrainedModel):
             last[b] = len(toks) - 1
         h = self.language_model.model.embed_tokens(ids)
         img_tok = self.connector(self.vit_model(patchify(images.to(device), c.vit_patch_size)))
+        img_tok = img_tok + sincos_2d(c.vit_grid, c.hidden_size).to(img_tok)
         h = torch.cat([h[:, :2], img_tok.to(h.dtype), h[:, 2 + n_img :]], dim=1)
         types = torch.where(valid, UND, PAD)
         return h, types, pos, valid, last

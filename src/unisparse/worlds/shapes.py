@@ -639,7 +639,9 @@ def _random_qa(rng: np.random.Generator, qtype: str) -> Optional[QAItem]:
         scene = _random_objects(rng, shapes)
         return QAItem(scene, f"how many {plural(shape)} are there", NUMBERS[n], qtype)
 
-    k = int(rng.integers(2 if qtype == "relation" else 1, N_SLOTS + 1))
+    if qtype == "relation":
+        return _relation_qa(rng)
+    k = int(rng.integers(1, N_SLOTS + 1))
     scene = _random_objects(rng, [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(k)])
     objs = scene.objects
     if qtype == "colour":
@@ -656,31 +658,48 @@ def _random_qa(rng: np.random.Generator, qtype: str) -> Optional[QAItem]:
         colour = uniq[int(rng.integers(len(uniq)))]
         obj = next(o for o in objs if o.colour == colour)
         return QAItem(scene, f"what shape is the {colour} object", obj.shape, qtype)
-    if qtype == "relation":
-        uniq = _unique([o.shape for o in objs])
-        if len(uniq) < 2:
-            return None
-        i, j = rng.choice(len(uniq), size=2, replace=False)
-        oa = next(o for o in objs if o.shape == uniq[i])
-        ob = next(o for o in objs if o.shape == uniq[j])
-        true = relations(object_bbox(oa), object_bbox(ob))
-        # The relation is drawn uniformly, not conditioned on the answer: forcing yes/no to 50/50
-        # removes every first-order cue (e.g. an object in the right column is never "left of"
-        # anything), which left a tiny model stuck at chance; natural sampling gives ~1/3 "yes".
-        rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
-        answer = "yes" if rel in true else "no"
-        return QAItem(scene, f"is the {oa.shape} {rel} the {ob.shape}", answer, qtype)
     raise ValueError(f"unknown qtype {qtype!r}")
 
 
-def sample_qa(rng: np.random.Generator, split: str) -> QAItem:
-    """Draw a QA item of ``split``: uniform qtype, rejection on the hash split.
+#: answer word of each relation in "where is the A relative to the B"
+RELATION_ANSWERS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+#: slot pairs in one row or one column: exactly one GenEval relation holds between them
+_ALIGNED_PAIRS = [(a, b) for a in range(N_SLOTS) for b in range(N_SLOTS)
+                  if a != b and (a // 2 == b // 2 or a % 2 == b % 2)]
+
+
+def _relation_qa(rng: np.random.Generator) -> QAItem:
+    """"where is the A relative to the B" about two objects in one row or column.
+
+    Design: the yes/no form "is the A left of the B" balanced 50/50 gave a tiny model no
+    first-order cue (only the conjunction of relation word and positions carries signal) and it
+    stayed at chance; here the answer itself is the relation (left/right/above/below), determined
+    by GenEval's rule, with exactly one relation true because the objects share a row or column.
+    """
+    slot_a, slot_b = _ALIGNED_PAIRS[int(rng.integers(len(_ALIGNED_PAIRS)))]
+    shape_a, shape_b = rng.choice(len(SHAPES), size=2, replace=False)
+    colours = list(COLOURS)
+    oa = Obj(SHAPES[int(shape_a)], colours[int(rng.integers(len(colours)))], slot_a)
+    ob = Obj(SHAPES[int(shape_b)], colours[int(rng.integers(len(colours)))], slot_b)
+    (rel,) = relations(object_bbox(oa), object_bbox(ob))
+    return QAItem(Scene((oa, ob)), f"where is the {oa.shape} relative to the {ob.shape}", RELATION_ANSWERS[rel], "relation")
+
+
+def sample_qa(rng: np.random.Generator, split: str, qtype_weights: Optional[Sequence[float]] = None) -> QAItem:
+    """Draw a QA item of ``split``: qtype uniform (or by ``qtype_weights``, in QA_TYPES order),
+    then rejection on the hash split.
 
     The qtype is drawn once, before rejection, so types that reject more
-    often (relation needs two unique shapes) are not under-represented.
+    often are not under-represented.
     """
     _check_split(split)
-    qtype = QA_TYPES[int(rng.integers(len(QA_TYPES)))]
+    if qtype_weights is None:
+        qtype = QA_TYPES[int(rng.integers(len(QA_TYPES)))]
+    else:
+        w = np.asarray(qtype_weights, dtype=np.float64)
+        if w.shape != (len(QA_TYPES),) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"qtype_weights needs {len(QA_TYPES)} non-negative weights ({QA_TYPES})")
+        qtype = QA_TYPES[int(rng.choice(len(QA_TYPES), p=w / w.sum()))]
     for _ in range(100_000):
         item = _random_qa(rng, qtype)
         if item is not None and qa_split(item.scene, item.question) == split:
@@ -720,15 +739,13 @@ def all_questions() -> list:
     qs = [f"what colour is the {s}" for s in SHAPES]
     qs += [f"what shape is the {c} object" for c in COLOURS]
     qs += [f"how many {plural(s)} are there" for s in SHAPES]
-    qs += [
-        f"is the {a} {r} the {b}" for r in RELATIONS for a in SHAPES for b in SHAPES if a != b
-    ]
+    qs += [f"where is the {a} relative to the {b}" for a in SHAPES for b in SHAPES if a != b]
     return qs
 
 
 def all_answers() -> list:
     """Every answer the QA generator can produce."""
-    return list(COLOURS) + list(SHAPES) + list(NUMBERS) + ["yes", "no"]
+    return list(COLOURS) + list(SHAPES) + list(NUMBERS) + list(RELATION_ANSWERS.values())
 
 
 def _build_vocab() -> tuple:
