@@ -19,7 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = "workflow/config/micro.yaml"
-WORKFLOW_SOURCES = ["Snakefile", "environment.yml", "rules", "workflow", "notebooks", "data"]
+WORKFLOW_SOURCES = ["Snakefile", "environment.yml", "rules", "workflow", "notebooks", "data", "src"]
 FAMILIES = ["depth_curves", "width_curves", "moe_recovery", "expert_load", "quality_speed"]
 FIGURE_RULES = {
     "depth_figure": "depth_curves",

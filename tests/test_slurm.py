@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline_helpers import failed_job_logs
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "workflow/scripts/slurm_cluster.sh"
 CONFIG = "workflow/config/micro.yaml"
@@ -46,15 +48,6 @@ def sh(*cmd, cwd=REPO, check=True, **extra):
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
                              + failed_job_logs(cwd, r.stdout + r.stderr))
     return r
-
-
-def failed_job_logs(cwd, output):
-    """The logs of the jobs Snakemake reports as failed (the rules' own stderr), for the message."""
-    names = []
-    for block in re.findall(r"^Error in rule \w+:\n(.*?)(?=^\S|\Z)", output, re.M | re.S):
-        names += re.findall(r"^\s+log: (\S+)", block, re.M)
-    return "".join(f"\n--- {name}:\n{Path(cwd, name).read_text(errors='replace')[-3000:]}"
-                   for name in dict.fromkeys(names) if Path(cwd, name).is_file())
 
 
 def copy_worktree(dest):
