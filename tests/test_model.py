@@ -1,6 +1,5 @@
 import torch
 
-from conftest import make_model
 from unisparse import tasks
 from unisparse.io import load_model, save_model
 from unisparse.models import COMPONENTS, SUFFIX

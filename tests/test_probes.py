@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import make_model
 from unisparse import tasks
 from unisparse.accounting import parameter_counts
 from unisparse.calibrate import Calibration, run_calibration, save_stats

@@ -53,11 +53,11 @@ def test_bad_config_fails_before_any_job(tmp_path, case):
     assert not (workdir / "results").exists(), "a job ran before validation failed"
 
 
-def test_second_run_has_nothing_to_do(micro_run):
+def test_second_run_has_nothing_to_do(micro_run):  # noqa: F811  (pytest fixture)
     assert planned_jobs(snakemake(micro_run, "-n")) == {}
 
 
-def test_changing_one_ratio_reruns_only_that_ratio(micro_run):
+def test_changing_one_ratio_reruns_only_that_ratio(micro_run):  # noqa: F811
     def edit(c):
         c["width"]["sweeps"][0]["keep_ratio"] = [0.6]
 
@@ -67,7 +67,7 @@ def test_changing_one_ratio_reruns_only_that_ratio(micro_run):
     assert set(jobs) <= AGGREGATES and {"probes_table", "all"} <= set(jobs)
 
 
-def test_changing_evaluation_reruns_every_evaluation_but_not_training(micro_run):
+def test_changing_evaluation_reruns_every_evaluation_but_not_training(micro_run):  # noqa: F811
     def edit(c):
         c["evaluate"]["num_steps"] += 1
 

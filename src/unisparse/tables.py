@@ -1,7 +1,6 @@
 """Aggregate metrics JSON files into one tidy CSV: a row per variant x task x metric."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from ..models import SUFFIX, check_component
 from ..prune.common import derived_config, restructure
