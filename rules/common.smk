@@ -17,7 +17,7 @@ def spec(value):
 
 PKG = "src/unisparse"
 _CODE = {
-    "core": ["cli.py", "io.py", "tasks.py", "accounting.py", "models", "worlds/shapes.py"],
+    "core": ["cli.py", "io.py", "spec.py", "tasks.py", "accounting.py", "models", "worlds/shapes.py"],
     "train": ["train.py"],
     "evaluate": ["evaluate"],
     "calibrate": ["calibrate.py"],

@@ -20,3 +20,10 @@ def test_same_seed_gives_identical_weights(tmp_path):
 def test_one_cycle_schedule():
     lrs = [lr_at(s, 100, 1.0, 0.1, 0.05) for s in range(100)]
     assert max(lrs) == 1.0 and lrs[0] < 0.2 and abs(lrs[-1] - 0.05) < 0.01
+
+
+def test_unknown_setting_is_named(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown training keys: \\['stpes'\\]"):
+        train_tiny(MICRO, {"stpes": 3}, tmp_path / "x", progress=False)

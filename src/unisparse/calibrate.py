@@ -25,6 +25,7 @@ from tqdm import tqdm
 from . import tasks
 from .io import atomic_path, read_json, write_json
 from .models import COMPONENTS
+from .spec import merge_spec
 from .worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -124,10 +125,7 @@ def run_calibration(model, task: str, spec: dict | None = None, progress: bool =
     calibration questions; generation = the real sampler (every step, cond and uncond passes)."""
     if task not in TASKS:
         raise ValueError(f"unknown calibration task {task!r}; expected one of {TASKS}")
-    spec = {**CALIB_DEFAULTS, **(spec or {})}
-    unknown = set(spec) - set(CALIB_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown calibration keys: {sorted(unknown)}")
+    spec = merge_spec(CALIB_DEFAULTS, spec, "calibration")
     torch.set_num_threads(int(spec["threads"]))
     model.eval()
     stats = CalibrationStats(model, coactivation=spec["coactivation"])

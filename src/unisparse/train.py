@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from . import tasks
 from .io import save_model
+from .spec import merge_spec
 from .models import MoTConfig, MoTForUnifiedModel
 from .worlds import shapes
 
@@ -55,10 +56,7 @@ def build_model(model_spec: dict, seed: int) -> MoTForUnifiedModel:
 
 def train_tiny(model_spec: dict, train_spec: dict, out_dir: str, progress: bool = True) -> dict:
     """Train from scratch and write a ``save_pretrained`` directory atomically. Returns a summary."""
-    unknown = set(train_spec) - set(TRAIN_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown training keys: {sorted(unknown)}")
-    cfg = {**TRAIN_DEFAULTS, **train_spec}
+    cfg = merge_spec(TRAIN_DEFAULTS, train_spec, "training")
     torch.set_num_threads(int(cfg["threads"]))
     model = build_model(model_spec, cfg["seed"])
     model.train()

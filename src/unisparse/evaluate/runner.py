@@ -8,6 +8,7 @@ import torch
 
 from ..accounting import flops_per_token, parameter_counts
 from ..io import load_model
+from ..spec import merge_spec
 from ..worlds import shapes
 from .generation import evaluate_generation, generate_for
 from .understanding import answer_questions, evaluate_understanding
@@ -39,10 +40,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def evaluate_model(model, spec: dict | None = None, progress: bool = False) -> dict:
     """Scores on ShapesQA and ShapesGenEval (evaluation split) plus cost figures."""
-    spec = {**EVAL_DEFAULTS, **(spec or {})}
-    unknown = set(spec) - set(EVAL_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown evaluation keys: {sorted(unknown)}")
+    spec = merge_spec(EVAL_DEFAULTS, spec, "evaluation")
     torch.set_num_threads(int(spec["threads"]))
     model.eval()
     items = shapes.qa_set("eval", spec["qa_items"], spec["qa_seed"])

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .. import tasks
 from ..io import atomic_path, save_model
 from ..models import SUFFIX, check_component
+from ..spec import merge_spec
 from ..train import lr_at
 from ..worlds import shapes
 from .block import load_balancing_loss
@@ -99,10 +100,7 @@ def _load_checkpoint(path: Path, model, names, opt, rng, gen, cfg) -> int:
 def tune_moe(model, component: str, mode: str, spec: dict | None = None, checkpoint_dir=None,
              progress: bool = True, stop_after: int | None = None) -> dict:
     """Tune in place. ``stop_after`` ends the run early (used to test resumption)."""
-    cfg = {**TUNE_DEFAULTS, **(spec or {})}
-    unknown = set(cfg) - set(TUNE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown tuning keys: {sorted(unknown)}")
+    cfg = merge_spec(TUNE_DEFAULTS, spec, "tuning")
     torch.set_num_threads(int(cfg["threads"]))
     names = trainable_names(model, component, mode)
     params = dict(model.named_parameters())
