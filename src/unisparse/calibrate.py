@@ -58,7 +58,13 @@ class CalibrationStats:
             s["pub_calls"] = torch.zeros(L, dtype=torch.float64)
             s["act_abs"] = {}
             s["coact"] = {}
-        self._mlps = {(i, c): model.mlp(i, c) for i in range(L) for c in COMPONENTS}
+        # the published statistic weighs activations by the mean of each down-projection column;
+        # the weights are fixed during calibration, so compute it once per dense MLP
+        self._down_col_mean = {
+            (i, c): mlp.down_proj.weight.detach().float().mean(0)
+            for i in range(L) for c in COMPONENTS
+            if (mlp := model.mlp(i, c)) is not None and hasattr(mlp, "down_proj")
+        }
 
     def _add(self, comp, name, layer, a, b):
         s = self.sums[comp]
@@ -92,7 +98,7 @@ class CalibrationStats:
                 s["act_abs"][layer] += a_abs
             else:
                 s["act_abs"][layer] = a_abs
-            col_mean = self._mlps[(layer, component)].down_proj.weight.float().mean(0)
+            col_mean = self._down_col_mean[(layer, component)]
             s["pub_sum"][layer] += float((act * col_mean).abs().mean())
             s["pub_calls"][layer] += 1
             if self.coactivation:
