@@ -22,5 +22,5 @@ rule calibrate:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress calibrate {input.model} --task {wildcards.task} --spec {params.spec}"
-        " --out {output.stats} 2> {log}"
+        "unisparse --no-progress calibrate {input.model:q} --task {wildcards.task:q} --spec {params.spec:q}"
+        " --out {output.stats:q} 2> {log:q}"

@@ -20,5 +20,5 @@ rule train_tiny:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress train-tiny --model {params.model} --train {params.train}"
-        " --out {output.model} --summary {output.summary} 2> {log}"
+        "unisparse --no-progress train-tiny --model {params.model:q} --train {params.train:q}"
+        " --out {output.model:q} --summary {output.summary:q} 2> {log:q}"

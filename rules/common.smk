@@ -1,18 +1,25 @@
 # Helpers shared by the workflow (config validation, paths, grids, resources).
 import json
-import shlex
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-validate(config, "../workflow/schemas/config.schema.yaml")
+from unisparse.config_checks import ConfigError, check_config, check_path_setting
 
-R = config.get("results_dir", "results")
-LOGS = config.get("logs_dir", "logs")
+validate(config, "../workflow/schemas/config.schema.yaml")
+try:
+    check_config(config)  # what the schema cannot say: values checked against each other
+except ConfigError as e:
+    raise WorkflowError(f"invalid config: {e}") from None
+
+R = check_path_setting("results_dir", config.get("results_dir", "results"))
+LOGS = check_path_setting("logs_dir", config.get("logs_dir", "logs"))
 
 
 def spec(value):
-    """A config section as one shell-quoted JSON argument (params change -> job reruns)."""
-    return shlex.quote(json.dumps(value, sort_keys=True))
+    """A config section as one JSON argument (params change -> job reruns). Rules quote it (`:q`):
+    every value that reaches a shell is quoted there, never pasted in."""
+    return json.dumps(value, sort_keys=True)
 
 
 PKG = "src/unisparse"
@@ -97,14 +104,7 @@ def moe_variants():
     out = {}
     for part in MOE.get("partitions", []):
         v = {"component": MOE["component"], "shared_size": 0, "method": "snake", "router": "paper", **part}
-        if v["top_k"] > v["num_experts"]:
-            raise ValueError(f"moe.partitions: top_k={v['top_k']} exceeds num_experts={v['num_experts']}")
-        width = config["model"]["intermediate_size"] - v["shared_size"]
-        if width % v["num_experts"]:
-            raise ValueError(
-                f"moe.partitions: num_experts={v['num_experts']} does not divide the MLP width "
-                f"{config['model']['intermediate_size']} minus shared_size {v['shared_size']}")
-        out[MOE_PATH.format(**v)] = v
+        out[MOE_PATH.format(**v)] = v  # sizes checked by check_config
     return out
 
 

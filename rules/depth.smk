@@ -33,7 +33,7 @@ rule prune_depth:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress prune-depth {input.model} --calibration {input.stats}"
-        " --component {wildcards.component} --granularity {wildcards.granularity} --drop {wildcards.drop}"
-        " --score {wildcards.score} --kv {wildcards.kv} {params.iterative} --calib-spec {params.calib}"
-        " --out {output.model} --metrics {output.metrics} --eval-spec {params.eval} --meta {params.meta} 2> {log}"
+        "unisparse --no-progress prune-depth {input.model:q} --calibration {input.stats:q}"
+        " --component {wildcards.component:q} --granularity {wildcards.granularity:q} --drop {wildcards.drop:q}"
+        " --score {wildcards.score:q} --kv {wildcards.kv:q} {params.iterative:q} --calib-spec {params.calib:q}"
+        " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

@@ -22,4 +22,4 @@ rule evaluate:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress evaluate {input.model} --spec {params.spec} --meta {params.meta} --out {output} 2> {log}"
+        "unisparse --no-progress evaluate {input.model:q} --spec {params.spec:q} --meta {params.meta:q} --out {output:q} 2> {log:q}"

@@ -31,9 +31,9 @@ rule depth_figure:
     conda:
         "../environment.yml"
     shell:
-        "MPLBACKEND=Agg papermill --no-progress-bar --log-output -k python3 {input.notebook} {log.notebook}"
-        " -r probes {input.probes}"
-        " -r out_png {output.png} -r out_pdf {output.pdf} 2> {log.stderr}"
+        "MPLBACKEND=Agg papermill --no-progress-bar --log-output -k python3 {input.notebook:q} {log.notebook:q}"
+        " -r probes {input.probes:q}"
+        " -r out_png {output.png:q} -r out_pdf {output.pdf:q} 2> {log.stderr:q}"
 
 
 rule width_figure:
@@ -48,9 +48,9 @@ rule width_figure:
     conda:
         "../environment.yml"
     shell:
-        "MPLBACKEND=Agg papermill --no-progress-bar --log-output -k python3 {input.notebook} {log.notebook}"
-        " -r probes {input.probes}"
-        " -r out_png {output.png} -r out_pdf {output.pdf} 2> {log.stderr}"
+        "MPLBACKEND=Agg papermill --no-progress-bar --log-output -k python3 {input.notebook:q} {log.notebook:q}"
+        " -r probes {input.probes:q}"
+        " -r out_png {output.png:q} -r out_pdf {output.pdf:q} 2> {log.stderr:q}"
 
 
 rule moe_recovery_figure:
@@ -65,9 +65,9 @@ rule moe_recovery_figure:
     conda:
         "../environment.yml"
     shell:
-        "MPLBACKEND=Agg papermill --no-progress-bar --log-output -k python3 {input.notebook} {log.notebook}"
-        " -r moe {input.moe}"
-        " -r out_png {output.png} -r out_pdf {output.pdf} 2> {log.stderr}"
+        "MPLBACKEND=Agg papermill --no-progress-bar --log-output -k python3 {input.notebook:q} {log.notebook:q}"
+        " -r moe {input.moe:q}"
+        " -r out_png {output.png:q} -r out_pdf {output.pdf:q} 2> {log.stderr:q}"
 
 
 rule expert_load_figure:
@@ -84,9 +84,9 @@ rule expert_load_figure:
     conda:
         "../environment.yml"
     shell:
-        "MPLBACKEND=Agg papermill --no-progress-bar --log-output -k python3 {input.notebook} {log.notebook}"
-        " -y {params.metrics}"
-        " -r out_png {output.png} -r out_pdf {output.pdf} 2> {log.stderr}"
+        "MPLBACKEND=Agg papermill --no-progress-bar --log-output -k python3 {input.notebook:q} {log.notebook:q}"
+        " -y {params.metrics:q}"
+        " -r out_png {output.png:q} -r out_pdf {output.pdf:q} 2> {log.stderr:q}"
 
 
 rule quality_speed_figure:
@@ -103,6 +103,6 @@ rule quality_speed_figure:
     conda:
         "../environment.yml"
     shell:
-        "MPLBACKEND=Agg papermill --no-progress-bar --log-output -k python3 {input.notebook} {log.notebook}"
-        " -y {params.tables}"
-        " -r out_png {output.png} -r out_pdf {output.pdf} 2> {log.stderr}"
+        "MPLBACKEND=Agg papermill --no-progress-bar --log-output -k python3 {input.notebook:q} {log.notebook:q}"
+        " -y {params.tables:q}"
+        " -r out_png {output.png:q} -r out_pdf {output.pdf:q} 2> {log.stderr:q}"

@@ -27,11 +27,11 @@ rule partition:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress partition {input.model} --component {wildcards.component}"
-        " --num-experts {wildcards.num_experts} --top-k {wildcards.top_k} --method {wildcards.method}"
-        " --router {wildcards.router} --shared-size {wildcards.shared_size} --dense-layers {params.dense_layers}"
-        " --calibration {input.stats} --seed {params.seed}"
-        " --out {output.model} --metrics {output.metrics} --eval-spec {params.eval} --meta {params.meta} 2> {log}"
+        "unisparse --no-progress partition {input.model:q} --component {wildcards.component:q}"
+        " --num-experts {wildcards.num_experts:q} --top-k {wildcards.top_k:q} --method {wildcards.method:q}"
+        " --router {wildcards.router:q} --shared-size {wildcards.shared_size:q} --dense-layers {params.dense_layers:q}"
+        " --calibration {input.stats:q} --seed {params.seed:q}"
+        " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
 
 
 rule tune_moe:
@@ -60,6 +60,6 @@ rule tune_moe:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress tune-moe {input.model} --component {wildcards.component} --mode {wildcards.tuning}"
-        " --spec {params.tune} --checkpoint-dir {params.checkpoints} --summary {output.summary}"
-        " --out {output.model} --metrics {output.metrics} --eval-spec {params.eval} --meta {params.meta} 2> {log}"
+        "unisparse --no-progress tune-moe {input.model:q} --component {wildcards.component:q} --mode {wildcards.tuning:q}"
+        " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q}"
+        " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

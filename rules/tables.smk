@@ -17,7 +17,7 @@ rule probes_table:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress aggregate {input.metrics} --out {output} 2> {log}"
+        "unisparse --no-progress aggregate {input.metrics:q} --out {output:q} 2> {log:q}"
 
 
 rule moe_table:
@@ -31,4 +31,4 @@ rule moe_table:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress aggregate {input.metrics} --out {output} 2> {log}"
+        "unisparse --no-progress aggregate {input.metrics:q} --out {output:q} 2> {log:q}"

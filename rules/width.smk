@@ -17,7 +17,7 @@ rule prune_width:
     params:
         eval=spec(config["evaluate"]),
         meta=lambda w: spec({"stage": "width", "variant_id": WIDTH_PATH.format(**w), **dict(w), "keep_ratio": float(w.keep_ratio)}),
-        calibration=lambda w, input: f"--calibration {input.stats}" if input.stats else "",
+        calibration=lambda w, input: ["--calibration", *input.stats] if input.stats else [],
         seed=config.get("width", {}).get("seed", 0),
     threads: res("prune", "threads")
     resources:
@@ -29,6 +29,6 @@ rule prune_width:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress prune-width {input.model} --component {wildcards.component}"
-        " --keep-ratio {wildcards.keep_ratio} --score {wildcards.score} {params.calibration} --seed {params.seed}"
-        " --out {output.model} --metrics {output.metrics} --eval-spec {params.eval} --meta {params.meta} 2> {log}"
+        "unisparse --no-progress prune-width {input.model:q} --component {wildcards.component:q}"
+        " --keep-ratio {wildcards.keep_ratio:q} --score {wildcards.score:q} {params.calibration:q} --seed {params.seed:q}"
+        " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

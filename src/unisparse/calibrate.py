@@ -16,6 +16,7 @@ Memory does not grow with the number of tokens: each forward adds to fixed-size 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import tasks
-from .io import atomic_path, read_json, write_json
+from .io import IntegrityError, atomic_path, read_json, sha256_file, write_json
 from .models import COMPONENTS
 from .spec import merge_spec
 from .worlds import shapes
@@ -151,27 +152,63 @@ def run_calibration(model, task: str, spec: dict | None = None, progress: bool =
     return stats
 
 
-def save_stats(stats: CalibrationStats, task: str, path, meta: dict | None = None) -> None:
-    """safetensors with the statistics plus a JSON sidecar saying how they were made."""
+def save_stats(stats: CalibrationStats, task: str, path, meta: dict | None = None, model_sha256: str | None = None) -> None:
+    """safetensors with the statistics plus a JSON sidecar saying how they were made: settings, the
+    content hash of the statistics file and (``model_sha256``) of the model directory they describe."""
     tensors = stats.tensors(task)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"task": task})
+        digest = sha256_file(tmp)
     sidecar = {"task": task, "spec": getattr(stats, "spec", {}), "num_layers": stats.num_layers,
-               "tokens": {c: tensors[f"{task}.{c}.tokens"].tolist() for c in COMPONENTS}, **(meta or {})}
+               "tokens": {c: tensors[f"{task}.{c}.tokens"].tolist() for c in COMPONENTS},
+               "sha256": digest, "model_sha256": model_sha256, **(meta or {})}
     write_json(str(path) + ".json", sidecar)
 
 
 class Calibration:
     """Read access to a saved calibration file: cosine scores and neuron statistics."""
 
-    def __init__(self, tensors: dict, task: str):
+    def __init__(self, tensors: dict, task: str, model_sha256: str | None = None, source: str = "in memory"):
         self.t = tensors
         self.task = task
+        self.model_sha256 = model_sha256  # content hash of the model directory it was computed on
+        self.source = source
 
     @classmethod
     def load(cls, path) -> "Calibration":
-        meta = read_json(str(path) + ".json")
-        return cls(load_file(str(path)), meta["task"])
+        """Read a calibration file and its sidecar; the file must match the sha256 the sidecar records."""
+        sidecar = Path(str(path) + ".json")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no calibration file {path}")
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"calibration {path} has no sidecar {sidecar.name} (how it was made)")
+        meta = read_json(sidecar)
+        if meta.get("sha256") and sha256_file(path) != meta["sha256"]:
+            raise IntegrityError(f"calibration {path} is corrupted: its content differs from the sha256 in {sidecar.name}")
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors reports a damaged header as a generic error
+            raise IntegrityError(f"calibration {path} is unreadable: {e}") from None
+        return cls(tensors, meta["task"], meta.get("model_sha256"), str(path))
+
+    def check_applies_to(self, model, model_sha256: str | None = None) -> None:
+        """Refuse statistics of another model: the layer count and MLP widths must match, and where
+        both content hashes are known, the model must be the one the statistics were computed on."""
+        layers = model.config.num_hidden_layers
+        for c in COMPONENTS:
+            tokens = self.t.get(f"{self.task}.{c}.tokens")
+            if tokens is not None and tokens.numel() != layers:
+                raise ValueError(f"calibration {self.source} describes a model with {tokens.numel()} layers; "
+                                 f"this model has {layers}")
+            for i in range(layers):
+                act = self.t.get(f"{self.task}.{c}.act_abs_mean.{i}")
+                mlp = model.mlp(i, c)
+                if act is not None and mlp is not None and hasattr(mlp, "down_proj") and act.numel() != mlp.down_proj.weight.shape[1]:
+                    raise ValueError(f"calibration {self.source} has {act.numel()} {c} MLP neurons at layer {i}; "
+                                     f"this model has {mlp.down_proj.weight.shape[1]}")
+        if self.model_sha256 and model_sha256 and self.model_sha256 != model_sha256:
+            raise ValueError(f"calibration {self.source} was computed on another model (model sha256 "
+                             f"{self.model_sha256[:12]}..., this one {model_sha256[:12]}...): recalibrate on this model")
 
     @classmethod
     def from_stats(cls, stats: CalibrationStats, task: str) -> "Calibration":

@@ -16,15 +16,88 @@ import yaml
 log = logging.getLogger("unisparse")
 
 
-def parse_spec(text: str | None) -> dict:
+class UsageError(ValueError):
+    """A bad command-line value: reported as one line naming the option, before any work."""
+
+
+def parse_spec(text: str | None, option: str = "--spec") -> dict:
+    """A JSON/YAML mapping given inline or as ``@file``; an error names the option."""
     if not text:
         return {}
-    if text.startswith("@"):
-        text = Path(text[1:]).read_text()
-    spec = yaml.safe_load(text)
+    try:
+        if text.startswith("@"):
+            text = Path(text[1:]).read_text()
+        spec = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"{option}: not a readable JSON/YAML mapping ({str(e).splitlines()[0]})") from None
+    if spec is None:
+        return {}
     if not isinstance(spec, dict):
-        raise SystemExit(f"error: a spec must be a mapping, got {type(spec).__name__}")
+        raise UsageError(f"{option}: must be a mapping, got {type(spec).__name__}")
     return spec
+
+
+def _settings(text: str | None, option: str, defaults: dict, what: str) -> dict:
+    """Parse and check a settings option against the stage's defaults (unknown keys, types) up front."""
+    from .spec import merge_spec
+
+    spec = parse_spec(text, option)
+    try:
+        merge_spec(defaults, spec, what)
+    except ValueError as e:
+        raise UsageError(f"{option}: {e}") from None
+    return spec
+
+
+def _eval_settings(args) -> dict:
+    from .evaluate.runner import EVAL_DEFAULTS
+
+    return _settings(getattr(args, "eval_spec", None), "--eval-spec", EVAL_DEFAULTS, "evaluation")
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _dense_layers(text: str):
+    if text in ("first_last", "none"):
+        return text
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"first_last, none, or a comma list of layer indices, not {text!r}") from None
+
+
+def _load(model_dir):
+    """The model and its directory's content hash (the provenance derived artifacts record)."""
+    from .io import directory_digest, load_model
+
+    return load_model(model_dir), directory_digest(model_dir)
+
+
+def _load_calibration(path, model, model_sha256):
+    from .calibrate import Calibration
+
+    calibration = Calibration.load(path)
+    calibration.check_applies_to(model, model_sha256)
+    return calibration
 
 
 def setup_logging(log_file: str | None) -> None:
@@ -39,7 +112,15 @@ def cmd_train_tiny(args) -> None:
     from .io import write_json
     from .train import train_tiny
 
-    summary = train_tiny(parse_spec(args.model), parse_spec(args.train), args.out, progress=not args.no_progress)
+    from .train import TRAIN_DEFAULTS, check_model_spec
+
+    model_spec = parse_spec(args.model, "--model")
+    try:
+        check_model_spec(model_spec)
+    except ValueError as e:
+        raise UsageError(f"--model: {e}") from None
+    train_spec = _settings(args.train, "--train", TRAIN_DEFAULTS, "training")
+    summary = train_tiny(model_spec, train_spec, args.out, progress=not args.no_progress)
     if args.summary:
         write_json(args.summary, summary)
 
@@ -48,25 +129,38 @@ def cmd_evaluate(args) -> None:
     from .evaluate import evaluate_model_dir
     from .io import write_json
 
-    metrics = evaluate_model_dir(args.model_dir, parse_spec(args.spec), progress=not args.no_progress)
+    from .evaluate.runner import EVAL_DEFAULTS
+
+    spec = _settings(args.spec, "--spec", EVAL_DEFAULTS, "evaluation")
+    meta = parse_spec(args.meta, "--meta")
+    metrics = evaluate_model_dir(args.model_dir, spec, progress=not args.no_progress)
     if args.meta:
-        metrics["variant"] = parse_spec(args.meta)
+        metrics["variant"] = meta
     write_json(args.out, metrics)
     print(json.dumps({"understanding": metrics["understanding"]["overall"], "generation": metrics["generation"]["overall"]}))
 
 
-def _finish(model, args) -> None:
+def _output_settings(args) -> tuple[dict, dict]:
+    """The evaluation settings and variant metadata of a verb that writes a model: checked before
+    any work, so a typo cannot leave a model behind and then fail."""
+    if (args.eval_spec or args.meta) and not args.metrics:
+        raise UsageError("--eval-spec and --meta only apply with --metrics")
+    return _eval_settings(args), parse_spec(args.meta, "--meta")
+
+
+def _finish(model, args, settings: tuple[dict, dict]) -> None:
     """Save a derived model atomically and, if asked, evaluate it in the same process (saves the
     seconds of a second interpreter start per grid point)."""
     from .io import save_model, write_json
 
+    eval_spec, meta = settings
     save_model(model, args.out)
     if args.metrics:
         from .evaluate import evaluate_model
 
-        metrics = evaluate_model(model, parse_spec(args.eval_spec), progress=not args.no_progress)
+        metrics = evaluate_model(model, eval_spec, progress=not args.no_progress)
         metrics["model_dir"] = str(args.out)
-        metrics["variant"] = parse_spec(args.meta)
+        metrics["variant"] = meta
         for component, spec in model.config.moe.items():
             from .moe.tune import expert_load
 
@@ -78,43 +172,45 @@ def _finish(model, args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from .calibrate import run_calibration, save_stats
-    from .io import load_model
+    from .calibrate import CALIB_DEFAULTS, run_calibration, save_stats
 
-    model = load_model(args.model_dir)
-    stats = run_calibration(model, args.task, parse_spec(args.spec), progress=not args.no_progress)
-    save_stats(stats, args.task, args.out, meta={"model_dir": str(args.model_dir)})
+    spec = _settings(args.spec, "--spec", CALIB_DEFAULTS, "calibration")
+    model, digest = _load(args.model_dir)
+    stats = run_calibration(model, args.task, spec, progress=not args.no_progress)
+    save_stats(stats, args.task, args.out, meta={"model_dir": str(args.model_dir)}, model_sha256=digest)
 
 
 def cmd_prune_depth(args) -> None:
-    from .calibrate import Calibration, run_calibration
-    from .io import load_model
+    from .calibrate import CALIB_DEFAULTS, Calibration, run_calibration
     from .prune import prune_depth
 
-    model = load_model(args.model_dir)
-    calibration = Calibration.load(args.calibration)
-    n_drop = args.drop
-    if n_drop is None:
-        n_drop = round((1 - args.keep_ratio) * model.config.num_hidden_layers)
-    calib_spec = parse_spec(args.calib_spec)
+    settings = _output_settings(args)
+    calib_spec = _settings(args.calib_spec, "--calib-spec", CALIB_DEFAULTS, "calibration")
+    model, digest = _load(args.model_dir)
+    calibration = _load_calibration(args.calibration, model, digest)
+    layers = model.config.num_hidden_layers
+    n_drop = args.drop if args.drop is not None else round((1 - args.keep_ratio) * layers)
+    if n_drop > layers:
+        raise UsageError(f"--drop {n_drop}: the model has {layers} layers")
 
     def recalibrate(m):
         return Calibration.from_stats(run_calibration(m, calibration.task, calib_spec), calibration.task)
 
     pruned = prune_depth(model, calibration, args.component, args.granularity, n_drop, score=args.score,
                          skipped_attention_kv=args.kv, iterative=args.iterative, recalibrate=recalibrate)
-    _finish(pruned, args)
+    _finish(pruned, args, settings)
 
 
 def cmd_prune_width(args) -> None:
-    from .calibrate import Calibration
-    from .io import load_model
     from .prune import prune_width
 
-    model = load_model(args.model_dir)
-    calibration = Calibration.load(args.calibration) if args.calibration else None
+    settings = _output_settings(args)
+    if args.score in ("act_norm", "published") and not args.calibration:
+        raise UsageError(f"--score {args.score} needs --calibration")
+    model, digest = _load(args.model_dir)
+    calibration = _load_calibration(args.calibration, model, digest) if args.calibration else None
     pruned = prune_width(model, args.component, args.keep_ratio, score=args.score, calibration=calibration, seed=args.seed)
-    _finish(pruned, args)
+    _finish(pruned, args, settings)
 
 
 def cmd_aggregate(args) -> None:
@@ -149,8 +245,8 @@ def _register_probes(sub) -> None:
     s.add_argument("--component", required=True, choices=COMPONENTS)
     s.add_argument("--granularity", default="block", choices=GRANULARITIES)
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--drop", type=int, help="number of sublayers to drop")
-    g.add_argument("--keep-ratio", type=float, help="fraction of layers to keep")
+    g.add_argument("--drop", type=_nonnegative, help="number of sublayers to drop")
+    g.add_argument("--keep-ratio", type=_ratio, help="fraction of layers to keep")
     s.add_argument("--score", default="ld", choices=SCORE_DEFINITIONS, help="cosine definition (ld or as-published bagel)")
     s.add_argument("--kv", default="keep", choices=SKIPPED_ATTENTION_KV,
                    help="keep: a dropped und attention still provides the prompt's K/V; none: as published")
@@ -162,10 +258,10 @@ def _register_probes(sub) -> None:
     s = sub.add_parser("prune-width", help="keep the top fraction of MLP neurons of a component")
     s.add_argument("model_dir")
     s.add_argument("--component", required=True, choices=COMPONENTS)
-    s.add_argument("--keep-ratio", required=True, type=float)
+    s.add_argument("--keep-ratio", required=True, type=_ratio)
     s.add_argument("--score", default="act_norm", choices=WIDTH_SCORES)
     s.add_argument("--calibration", help="calibration .safetensors (needed by act_norm and published)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random score")
+    s.add_argument("--seed", type=_nonnegative, default=0, help="seed of the random score")
     _add_output_args(s)
     s.set_defaults(func=cmd_prune_width)
 
@@ -176,32 +272,40 @@ def _register_probes(sub) -> None:
 
 
 def cmd_partition(args) -> None:
-    from .calibrate import Calibration
-    from .io import load_model
     from .moe.convert import check_moe_request, convert_to_moe
+    from .sizes import moe_layers
 
-    model = load_model(args.model_dir)
+    settings = _output_settings(args)
+    if args.method == "cluster" and not args.calibration:
+        raise UsageError("--method cluster needs --calibration (with co-activation statistics)")
+    model, digest = _load(args.model_dir)
+    try:
+        moe_layers(model.config.num_hidden_layers, args.dense_layers)
+    except ValueError as e:
+        raise UsageError(f"--dense-layers: {e}") from None
     check_moe_request(model, args.component, args.num_experts, args.top_k, args.shared_size)
-    calibration = Calibration.load(args.calibration) if args.calibration else None
-    dense = args.dense_layers if args.dense_layers in ("first_last", "none") else [int(i) for i in args.dense_layers.split(",")]
+    calibration = _load_calibration(args.calibration, model, digest) if args.calibration else None
     moe = convert_to_moe(model, args.component, args.num_experts, args.top_k, method=args.method,
-                         calibration=calibration, shared_size=args.shared_size, dense_layers=dense,
+                         calibration=calibration, shared_size=args.shared_size, dense_layers=args.dense_layers,
                          router=args.router, seed=args.seed)
-    _finish(moe, args)
+    _finish(moe, args, settings)
 
 
 def cmd_tune_moe(args) -> None:
     import shutil
 
-    from .io import load_model, write_json
-    from .moe.tune import tune_moe
+    from .io import write_json
+    from .moe.tune import TUNE_DEFAULTS, trainable_names, tune_moe
 
-    model = load_model(args.model_dir)
-    summary = tune_moe(model, args.component, args.mode, parse_spec(args.spec), checkpoint_dir=args.checkpoint_dir,
+    settings = _output_settings(args)
+    spec = _settings(args.spec, "--spec", TUNE_DEFAULTS, "tuning")
+    model, _ = _load(args.model_dir)
+    trainable_names(model, args.component, args.mode)  # the component must be an MoE
+    summary = tune_moe(model, args.component, args.mode, spec, checkpoint_dir=args.checkpoint_dir,
                        progress=not args.no_progress)
+    _finish(model, args, settings)
     if args.summary:
         write_json(args.summary, summary)
-    _finish(model, args)
     if args.checkpoint_dir:
         shutil.rmtree(args.checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
 
@@ -215,14 +319,15 @@ def _register_moe(sub) -> None:
     s = sub.add_parser("partition", help="split a component's MLPs into experts (dense -> MoE)")
     s.add_argument("model_dir")
     s.add_argument("--component", required=True, choices=COMPONENTS)
-    s.add_argument("--num-experts", type=int, required=True)
-    s.add_argument("--top-k", type=int, required=True)
+    s.add_argument("--num-experts", type=_positive, required=True)
+    s.add_argument("--top-k", type=_positive, required=True)
     s.add_argument("--method", default="snake", choices=METHODS)
     s.add_argument("--router", default="paper", choices=ROUTERS)
-    s.add_argument("--shared-size", type=int, default=0, help="neurons of an always-active shared expert")
-    s.add_argument("--dense-layers", default="first_last", help="first_last, none, or a comma list of layers kept dense")
+    s.add_argument("--shared-size", type=_nonnegative, default=0, help="neurons of an always-active shared expert")
+    s.add_argument("--dense-layers", type=_dense_layers, default="first_last",
+                   help="first_last, none, or a comma list of layers kept dense")
     s.add_argument("--calibration", help="calibration .safetensors (neuron importance; co-activation for cluster)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_nonnegative, default=0)
     _add_output_args(s)
     s.set_defaults(func=cmd_partition)
 
@@ -279,9 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    """Run one verb. A bad input (value, file, corrupted artifact) ends with one line naming it and
+    exit status 2; set UNISPARSE_DEBUG=1 for the traceback."""
+    import os
+
+    from .io import IntegrityError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(args.log_file)
-    args.func(args)
+    try:
+        args.func(args)
+    except (UsageError, IntegrityError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+        if os.environ.get("UNISPARSE_DEBUG"):
+            raise
+        parser.exit(2, f"unisparse {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,51 @@
-"""Atomic artifact writing: a file or model directory appears under its final name complete or not at all."""
+"""Artifact files: written atomically, with the user's permissions, carrying content hashes.
+
+A file or model directory appears under its final name complete or not at all. Model directories
+carry a ``SHA256SUMS`` manifest (``sha256sum -c`` format) written at save and verified at load, so a
+flipped byte is an error naming the file, not a silently different model; ``directory_digest`` (the
+hash of that manifest) identifies a model directory's content in the records of derived artifacts
+(calibration sidecars, tuning checkpoints).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "SHA256SUMS"
+
+
+class IntegrityError(ValueError):
+    """An artifact whose content does not match its recorded hash, or a model whose files do not
+    match its config (missing, unexpected or mis-shaped tensors)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path) -> None:
+    """Give a finished temporary artifact the modes a plain ``open``/``mkdir`` would have given it
+    (mkdtemp and some writers use 0700/0600, which hides artifacts from the rest of a group)."""
+    mask = _umask()
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    elif path.exists():
+        os.chmod(path, 0o666 & ~mask)
 
 
 @contextmanager
@@ -22,6 +61,7 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False):
     target = tmp if is_dir else tmp / final.name
     try:
         yield target
+        _apply_umask(target)
         if final.is_dir() and not final.is_symlink():
             trash = final.parent / f".{final.name}.old-{os.getpid()}"
             os.replace(final, trash)
@@ -43,21 +83,118 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory) -> None:
+    """``SHA256SUMS`` of every file in ``directory`` (recursively), sorted by path."""
+    directory = Path(directory)
+    lines = [f"{sha256_file(p)}  {p.relative_to(directory).as_posix()}\n"
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    (directory / MANIFEST).write_text("".join(lines))
+
+
+def verify_manifest(directory) -> bool:
+    """Check every file against ``SHA256SUMS``; False when there is no manifest (nothing to verify)."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return False
+    recorded = {}
+    for line in manifest.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        recorded[name] = digest
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST}
+    bad = [f"{name} (missing)" for name in sorted(set(recorded) - present)]
+    bad += [f"{name} (not in {MANIFEST})" for name in sorted(present - set(recorded)) if name.endswith((".safetensors", ".json"))]
+    bad += [f"{name} (content differs from its recorded sha256)" for name in sorted(set(recorded) & present)
+            if sha256_file(directory / name) != recorded[name]]
+    if bad:
+        raise IntegrityError(f"{directory} is corrupted: " + "; ".join(bad))
+    return True
+
+
+def directory_digest(directory) -> str | None:
+    """sha256 of a model directory's manifest: one hash for its whole content (None without one)."""
+    manifest = Path(directory) / MANIFEST
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+
+
+def state_digest(model) -> str:
+    """sha256 of a model's config and every tensor (name, dtype, shape, bytes) as it is in memory:
+    identifies the input of a run whose model never touched a file (library use)."""
+    import torch
+
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_model(model, out_dir) -> None:
-    """``save_pretrained`` (safetensors) into a temporary directory, then rename into place."""
+    """``save_pretrained`` (safetensors) plus ``SHA256SUMS`` into a temporary directory, then rename."""
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        write_manifest(tmp)
+
+
+def check_weights_match(model_dir, model) -> None:
+    """Every tensor in the files lands in exactly one parameter of the right shape, and every
+    parameter is filled; otherwise an error listing the keys. Reads headers only."""
+    from safetensors import safe_open
+
+    stored = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key in stored:
+                    raise IntegrityError(f"{model_dir}: tensor {key} is stored twice")
+                stored[key] = tuple(f.get_slice(key).get_shape())
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = []
+    for what, keys in (("missing", sorted(set(expected) - set(stored))), ("unexpected", sorted(set(stored) - set(expected)))):
+        if keys:
+            problems.append(f"{len(keys)} {what} tensor(s): {_listing(keys)}")
+    shapes = [f"{k} {list(stored[k])} (config wants {list(expected[k])})" for k in sorted(set(stored) & set(expected))
+              if stored[k] != expected[k]]
+    if shapes:
+        problems.append(f"{len(shapes)} mis-shaped tensor(s): {_listing(shapes)}")
+    if problems:
+        raise IntegrityError(f"{model_dir}: weights do not match config.json: " + "; ".join(problems))
+
+
+def _listing(items, limit: int = 8) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def load_model(model_dir, **kwargs):
-    """Load a model directory written by the pipeline (safetensors only, never pickle)."""
-    from .models import MoTForUnifiedModel
+    """Load a model directory written by the pipeline: safetensors only (never pickle), content
+    verified against ``SHA256SUMS``, and strict (see ``check_weights_match``)."""
+    import torch
+
+    from .models import MoTConfig, MoTForUnifiedModel
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
     if not any(model_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"{model_dir} holds no .safetensors weights")
-    model = MoTForUnifiedModel.from_pretrained(model_dir, use_safetensors=True, **kwargs)
+    if not verify_manifest(model_dir):
+        log.warning("%s has no %s: its content cannot be verified", model_dir, MANIFEST)
+    try:
+        config = MoTConfig.from_pretrained(model_dir)
+    except (ValueError, TypeError, OSError) as e:
+        raise IntegrityError(f"{model_dir}/config.json: {e}") from None
+    with torch.device("meta"):
+        skeleton = MoTForUnifiedModel(config)
+    check_weights_match(model_dir, skeleton)
+    model = MoTForUnifiedModel.from_pretrained(model_dir, config=config, use_safetensors=True, **kwargs)
     model.eval()
     return model

@@ -48,9 +48,27 @@ def lr_at(step: int, steps: int, lr: float, warmup_frac: float, min_lr_frac: flo
     return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+#: model sizes a training run may set (the rest is fixed by the world or by pruning)
+MODEL_SPEC_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "vit_patch_size",
+                   "vit_hidden_size", "latent_patch_size", "time_embed_dim", "timestep_shift")
+
+
+def check_model_spec(model_spec: dict) -> MoTConfig:
+    """The config a model spec gives, or a ValueError naming an unknown key or an impossible size
+    (MoTConfig alone would keep an unknown key as an attribute and ignore it)."""
+    unknown = sorted(set(model_spec) - set(MODEL_SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"unknown model keys {unknown}; known: {list(MODEL_SPEC_KEYS)}")
+    bad = [f"{k}={v!r}" for k, v in model_spec.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
+    if bad:
+        raise ValueError(f"model sizes must be positive numbers: {', '.join(bad)}")
+    return MoTConfig(**{**model_spec, **tasks.model_config_kwargs()})
+
+
 def build_model(model_spec: dict, seed: int) -> MoTForUnifiedModel:
+    config = check_model_spec(model_spec)
     torch.manual_seed(seed)
-    config = MoTConfig(**{**model_spec, **tasks.model_config_kwargs()})
     return MoTForUnifiedModel(config)
 
 

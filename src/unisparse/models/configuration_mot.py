@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from ..sizes import GEOMETRY_DEFAULTS, check_model_sizes
+
 COMPONENTS = ("und", "gen")
 SUBLAYERS = ("attn", "mlp")
 #: weight-name suffix of each component's tower, as in BAGEL (``q_proj`` / ``q_proj_moe_gen``)
@@ -50,12 +52,12 @@ class MoTConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         image_size: int = 16,
         num_channels: int = 3,
-        vit_patch_size: int = 4,
+        vit_patch_size: int = GEOMETRY_DEFAULTS["vit_patch_size"],
         vit_hidden_size: int = 64,
         codec: str = "identity",
-        latent_patch_size: int = 4,
+        latent_patch_size: int = GEOMETRY_DEFAULTS["latent_patch_size"],
         latent_channels: int = 3,
-        latent_downsample: int = 1,
+        latent_downsample: int = GEOMETRY_DEFAULTS["latent_downsample"],
         time_embed_dim: int = 64,
         pad_token_id: int = 0,
         bos_token_id: int = 1,
@@ -136,14 +138,8 @@ class MoTConfig(PretrainedConfig):
 
     def validate_structure(self) -> None:
         """Fail early on inconsistent sizes instead of at the first matmul."""
-        if self.num_hidden_layers < 1:
-            raise ValueError(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.image_size % self.vit_patch_size or self.image_size % (
-            self.latent_downsample * self.latent_patch_size
-        ):
-            raise ValueError("image_size must be divisible by the patch sizes")
+        check_model_sizes(self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads, self.image_size,
+                          self.vit_patch_size, self.latent_patch_size, self.latent_downsample)
         if self.skipped_attention_kv not in SKIPPED_ATTENTION_KV:
             raise ValueError(f"skipped_attention_kv must be one of {SKIPPED_ATTENTION_KV}")
         for comp, widths in self.mlp_widths.items():

@@ -5,6 +5,7 @@ import logging
 
 
 from ..models import SUFFIX, check_component
+from ..sizes import moe_layers
 from ..prune.common import derived_config, restructure
 from ..prune.width import neuron_scores
 from .partition import dense_to_moe, partition_neurons
@@ -12,17 +13,6 @@ from .partition import dense_to_moe, partition_neurons
 log = logging.getLogger(__name__)
 
 ROUTERS = ("paper", "softmax")
-
-
-def moe_layers(num_layers: int, dense_layers) -> list[int]:
-    """Layers to convert: all but ``dense_layers`` ("first_last" = the paper's choice, or a list)."""
-    if dense_layers == "first_last":
-        keep = {0, num_layers - 1}
-    elif dense_layers in (None, "none"):
-        keep = set()
-    else:
-        keep = {int(i) for i in dense_layers}
-    return [i for i in range(num_layers) if i not in keep]
 
 
 def check_moe_request(model, component: str, num_experts: int, top_k: int, shared_size: int = 0) -> None:

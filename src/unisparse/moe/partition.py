@@ -19,24 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from ..sizes import check_partition_sizes
 from .block import MoEMLP
 
 PARTITION_METHODS = ("snake", "contiguous", "random", "cluster")
-
-
-def check_partition_sizes(width: int, num_experts: int, shared_size: int = 0) -> int:
-    """Return the expert size, or raise a ValueError saying which size is wrong."""
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    if not 0 <= shared_size < width:
-        raise ValueError(f"shared_size must be in [0, {width}) for an MLP of width {width}, got {shared_size}")
-    routed = width - shared_size
-    if routed % num_experts:
-        raise ValueError(
-            f"num_experts={num_experts} does not divide the routed width {routed} "
-            f"(MLP width {width} - shared_size {shared_size})"
-        )
-    return routed // num_experts
 
 
 def partition_neurons(importance, num_experts: int, shared_size: int = 0, method: str = "snake", seed: int = 0, coact=None):

@@ -7,8 +7,10 @@ and ends with exactly the weights an uninterrupted run reaches.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .. import tasks
-from ..io import atomic_path, save_model
+from ..io import atomic_path, save_model, sha256_file, state_digest
 from ..models import SUFFIX, check_component
 from ..spec import merge_spec
 from ..train import lr_at
@@ -64,25 +66,50 @@ class RouterCollector:
             self.aux.append((layer, component, mlp_aux))
 
 
-def _save_checkpoint(path: Path, step: int, model, names, opt, rng, gen, cfg) -> None:
+def data_digest() -> str:
+    """Identity of the training data: the world that generates it (its source), so a checkpoint made
+    on other data is not resumed."""
+    return sha256_file(inspect.getsourcefile(shapes))
+
+
+def _provenance(input_sha256: str, names, cfg) -> dict:
+    """What a checkpoint must have been made from to be resumed: the input model's content, the
+    data, the tuning settings and the tuned parameters."""
+    return {"input_model_sha256": input_sha256, "data_sha256": data_digest(), "spec": json.loads(json.dumps(cfg)),
+            "names": list(names)}
+
+
+def _save_checkpoint(path: Path, step: int, model, names, opt, rng, gen, provenance: dict, history: list) -> None:
     params = dict(model.named_parameters())
     tensors = {f"param.{n}": params[n].detach().contiguous() for n in names}
     for i, p in enumerate(opt.param_groups[0]["params"]):
         for k, v in opt.state.get(p, {}).items():
             tensors[f"opt.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().clone().contiguous()
     tensors["rng.torch"] = gen.get_state()
-    meta = {"step": step, "names": names, "numpy_rng": rng.bit_generator.state, "spec": cfg}
     with atomic_path(path, is_dir=True) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
+        meta = {"step": step, "numpy_rng": rng.bit_generator.state, "history": history,
+                "state_sha256": sha256_file(tmp / "state.safetensors"), **provenance}
         (tmp / "meta.json").write_text(json.dumps(meta))
 
 
-def _load_checkpoint(path: Path, model, names, opt, rng, gen, cfg) -> int:
-    """Restore a checkpoint; returns its step, or 0 (fresh start) if it was made for other settings."""
-    meta = json.loads((path / "meta.json").read_text())
-    if meta["names"] != names or meta.get("spec") != json.loads(json.dumps(cfg)):
-        log.warning("checkpoint %s was made with other settings; starting afresh", path)
-        return 0
+def _resumable(path: Path, provenance: dict) -> tuple[dict | None, str]:
+    """The checkpoint's meta if it may be resumed, else None and why not."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return None, f"its meta.json is unreadable ({e})"
+    for key, what in (("input_model_sha256", "another input model"), ("data_sha256", "other training data"),
+                      ("spec", "other tuning settings"), ("names", "other trainable parameters")):
+        if meta.get(key) != provenance[key]:
+            return None, f"it was made from {what}"
+    state = path / "state.safetensors"
+    if not state.is_file() or sha256_file(state) != meta.get("state_sha256"):
+        return None, "its state.safetensors is missing or corrupted"
+    return meta, ""
+
+
+def _load_checkpoint(path: Path, meta: dict, model, names, opt, rng, gen) -> None:
     tensors = load_file(str(path / "state.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -94,29 +121,39 @@ def _load_checkpoint(path: Path, model, names, opt, rng, gen, cfg) -> int:
             opt.state[p] = state
     gen.set_state(tensors["rng.torch"])
     rng.bit_generator.state = meta["numpy_rng"]
-    return int(meta["step"])
 
 
 def tune_moe(model, component: str, mode: str, spec: dict | None = None, checkpoint_dir=None,
              progress: bool = True, stop_after: int | None = None) -> dict:
-    """Tune in place. ``stop_after`` ends the run early (used to test resumption)."""
+    """Tune in place. ``stop_after`` ends the run early (used to test resumption).
+
+    A checkpoint in ``checkpoint_dir`` is resumed only if it was made from this very input model
+    (content hash), the same data and the same settings; otherwise tuning starts over and says so."""
     cfg = merge_spec(TUNE_DEFAULTS, spec, "tuning")
     torch.set_num_threads(int(cfg["threads"]))
     names = trainable_names(model, component, mode)
+    provenance = _provenance(state_digest(model), names, cfg)
     params = dict(model.named_parameters())
     for n, p in params.items():
         p.requires_grad_(n in names)
     opt = torch.optim.AdamW([params[n] for n in names], lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
     rng = np.random.default_rng(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
-    start = 0
+    start, history = 0, []
     ckpt = Path(checkpoint_dir) / "last" if checkpoint_dir else None
-    if ckpt is not None and (ckpt / "meta.json").exists():
-        start = _load_checkpoint(ckpt, model, names, opt, rng, gen, cfg)
-        log.info("resuming %s tuning from step %d", mode, start)
+    if ckpt is not None and ckpt.exists():
+        meta, why_not = _resumable(ckpt, provenance)
+        if meta is None:
+            log.warning("not resuming from checkpoint %s: %s; starting %s tuning over", ckpt, why_not, mode)
+            shutil.rmtree(ckpt)
+        else:
+            _load_checkpoint(ckpt, meta, model, names, opt, rng, gen)
+            start, history = int(meta["step"]), list(meta["history"])
+            log.info("resuming %s tuning from step %d (checkpoint %s matches input model, data and settings)",
+                     mode, start, ckpt)
     model.train()
     router_spec = model.config.moe[component]
-    history, t0 = [], time.time()
+    t0 = time.time()
     bar = tqdm(range(start, cfg["steps"]), desc=f"tune-moe {mode}", disable=not progress, mininterval=2.0)
     for step in bar:
         if stop_after is not None and step >= stop_after:
@@ -140,7 +177,7 @@ def tune_moe(model, component: str, mode: str, spec: dict | None = None, checkpo
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log.info("step %d loss %.4f", step, loss.item())
         if ckpt is not None and ((step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]):
-            _save_checkpoint(ckpt, step + 1, model, names, opt, rng, gen, cfg)
+            _save_checkpoint(ckpt, step + 1, model, names, opt, rng, gen, provenance, history)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)

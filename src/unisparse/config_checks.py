@@ -1,0 +1,103 @@
+"""Cross-field checks of a pipeline config, run when Snakemake builds the DAG (before any job).
+
+The JSON schema checks each value on its own (types, enums, ranges); what depends on two values
+(a depth drop against the number of layers, a shared expert against the MLP width, a path setting
+against the directory DVC versions) is checked here, so a bad config fails before the first job,
+with the key named, instead of inside a job after earlier jobs ran. Library-side checks
+(``MoTConfig.validate_structure``, ``check_partition_sizes``) are reused, not restated.
+"""
+from __future__ import annotations
+
+import posixpath
+import re
+
+from .sizes import GEOMETRY_DEFAULTS, check_model_sizes, check_partition_sizes, moe_layers
+
+#: path settings and the directory each must lie inside (DVC versions results/; logs/ is ignored)
+PATH_ROOTS = {"results_dir": "results", "logs_dir": "logs"}
+#: characters allowed in a path setting: they reach shell commands, file names and DVC
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9._/-]+$")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the key."""
+
+
+def check_path_setting(key: str, value) -> str:
+    """``value`` normalised; refused unless a relative path inside ``PATH_ROOTS[key]``."""
+    root = PATH_ROOTS[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: must be a non-empty path inside {root}/, got {value!r}")
+    if not _SAFE_PATH.match(value):
+        bad = sorted({c for c in value if not re.match(r"[A-Za-z0-9._/-]", c)})
+        raise ConfigError(f"{key}: {value!r} contains {''.join(bad)!r}; only letters, digits, '.', '_', '-' and '/' "
+                          f"are allowed (the path reaches shell commands and DVC)")
+    if value.startswith("/") or ".." in value.split("/"):
+        raise ConfigError(f"{key}: {value!r} must be a relative path inside {root}/ without '..'")
+    norm = posixpath.normpath(value)
+    if norm != root and not norm.startswith(root + "/"):
+        raise ConfigError(f"{key}: {value!r} must lie inside {root}/ ({'DVC versions only results/' if root == 'results' else 'logs are kept there'})")
+    return norm
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def _check_model(model: dict) -> None:
+    from .worlds.shapes import CANVAS  # the embedded default's image size (tasks.model_config_kwargs)
+
+    geometry = {**GEOMETRY_DEFAULTS, **{k: v for k, v in model.items() if k in GEOMETRY_DEFAULTS}}
+    try:
+        check_model_sizes(model["num_hidden_layers"], model["num_attention_heads"], model["num_key_value_heads"],
+                          CANVAS, **geometry)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def _check_depth(config: dict, layers: int) -> None:
+    for i, sweep in enumerate(config.get("depth", {}).get("sweeps", [])):
+        for drop in _as_list(sweep["drop"]):
+            if drop > layers:
+                raise ConfigError(f"depth.sweeps[{i}].drop: cannot drop {drop} sublayers of a model with "
+                                  f"model.num_hidden_layers={layers}")
+
+
+def _check_moe(config: dict, layers: int) -> None:
+    moe = config.get("moe")
+    if not moe:
+        return
+    width = config["model"]["intermediate_size"]
+    for i, part in enumerate(moe["partitions"]):
+        E, k, shared = part["num_experts"], part["top_k"], part.get("shared_size", 0)
+        if k > E:
+            raise ConfigError(f"moe.partitions[{i}].top_k: top_k={k} exceeds num_experts={E}")
+        try:
+            check_partition_sizes(width, E, shared)
+        except ValueError as e:
+            key = "shared_size" if not 0 <= shared < width else "num_experts"
+            raise ConfigError(f"moe.partitions[{i}].{key}: {e}") from None
+    dense = moe.get("dense_layers", "first_last")
+    try:
+        converted = moe_layers(layers, dense)
+    except ValueError as e:
+        raise ConfigError(f"moe.dense_layers: {e}") from None
+    if moe["partitions"] and not converted:
+        raise ConfigError(f"moe.dense_layers: {dense!r} keeps every one of the {layers} layers dense; nothing to convert")
+    for tuning in moe["tunings"]:
+        if tuning != "none" and tuning not in moe.get("tune", {}):
+            raise ConfigError(f"moe.tune.{tuning}: missing, but moe.tunings lists {tuning!r} (give its settings, "
+                              f"e.g. `{tuning}: {{steps: 100}}`)")
+    if "full" in moe["tunings"] and moe.get("full_init", "frozen") == "frozen" and "frozen" not in moe["tunings"]:
+        raise ConfigError("moe.full_init: 'frozen' (full tuning starts from the router-tuned model) needs 'frozen' "
+                          "in moe.tunings")
+
+
+def check_config(config: dict) -> None:
+    """Raise ``ConfigError`` naming the key for anything that would fail only inside a job."""
+    for key in PATH_ROOTS:
+        check_path_setting(key, config.get(key, PATH_ROOTS[key]))
+    _check_model(config["model"])
+    layers = config["model"]["num_hidden_layers"]
+    _check_depth(config, layers)
+    _check_moe(config, layers)
