@@ -1,8 +1,9 @@
 """Cached artifacts end to end: a run recorded with DVC and fetched into a fresh clone.
 
 On workflow/config/micro.yaml: run the pipeline in a temporary git repository holding the working
-tree, `dvc commit` + `dvc push` to a local remote, `git clone` afresh, fetch with the one documented
-command (workflow/scripts/fetch_artifacts.sh), then check that every artifact is byte-identical,
+tree, record it with the one documented command (workflow/scripts/record_artifacts.sh: `dvc commit`
+and `dvc push` to a local remote), `git clone` afresh, fetch with the one documented command
+(workflow/scripts/fetch_artifacts.sh), then check that every artifact is byte-identical,
 that Snakemake has nothing to do, and that later changes (a config value, a rule's code, an
 artifact's content) make Snakemake list exactly the jobs it lists in the producer's own checkout.
 """
@@ -124,8 +125,9 @@ def test_fetch_into_fresh_clone(tmp_path):
     sh("snakemake", "--cores", "2", "--configfile", CONFIG, cwd=producer)
     assert planned(producer) == {}
     sh("dvc", "remote", "modify", "--local", "local", "url", str(remote), cwd=producer)
-    sh("dvc", "commit", "-f", cwd=producer)
-    sh("dvc", "push", cwd=producer)
+    recorded = sh("bash", "workflow/scripts/record_artifacts.sh", "--configfile", CONFIG, cwd=producer)
+    assert "git add dvc.lock" in recorded.stderr and (producer / "dvc.lock").is_file()
+    assert list(remote.rglob("*.dir"))
     sh("git", "add", "dvc.lock", cwd=producer)
     sh("git", "commit", "-q", "-m", "record artifacts", cwd=producer)
 

@@ -40,6 +40,24 @@ BAD = {
     "ratio above one": (lambda c: c["width"]["sweeps"][0].__setitem__("keep_ratio", [1.5]), "keep_ratio"),
     "experts not dividing width": (lambda c: c["moe"]["partitions"][0].__setitem__("num_experts", 5), "num_experts"),
     "top-k above experts": (lambda c: c["moe"]["partitions"][0].__setitem__("top_k", 9), "top_k"),
+    # issue 8, item 3: path settings outside results/ and logs/
+    "results_dir absolute": (lambda c: c.__setitem__("results_dir", "/tmp/x"), "results_dir"),
+    "results_dir parent": (lambda c: c.__setitem__("results_dir", "../x"), "results_dir"),
+    "results_dir escaping": (lambda c: c.__setitem__("results_dir", "results/../../x"), "results_dir"),
+    "results_dir empty": (lambda c: c.__setitem__("results_dir", ""), "results_dir"),
+    "results_dir sibling": (lambda c: c.__setitem__("results_dir", "results2"), "results_dir"),
+    "logs_dir outside": (lambda c: c.__setitem__("logs_dir", "/tmp/logs"), "logs_dir"),
+    "results_dir quote": (lambda c: c.__setitem__("results_dir", "results/it's"), "results_dir"),
+    "results_dir space": (lambda c: c.__setitem__("results_dir", "results/my run"), "results_dir"),
+    # issue 8, item 4: values that only failed inside a job, or were accepted silently
+    "drop above layers": (lambda c: c["depth"]["sweeps"][0].__setitem__("drop", [5]), "depth.sweeps[0].drop"),
+    "kv heads not dividing heads": (lambda c: c["model"].__setitem__("num_key_value_heads", 3), "num_key_value_heads"),
+    "shared expert as wide as the MLP": (lambda c: c["moe"]["partitions"][0].__setitem__("shared_size", 64), "shared_size"),
+    "shared expert wider than the MLP": (lambda c: c["moe"]["partitions"][0].__setitem__("shared_size", 80), "shared_size"),
+    "dense layer beyond the model": (lambda c: c["moe"].__setitem__("dense_layers", [5]), "moe.dense_layers"),
+    "every layer dense": (lambda c: c["moe"].__setitem__("dense_layers", [0, 1]), "moe.dense_layers"),
+    "typo in a resource kind": (lambda c: c["resources"].__setitem__("trian", {"threads": 1}), "trian"),
+    "missing full tuning settings": (lambda c: c["moe"]["tune"].pop("full"), "moe.tune.full"),
 }
 
 
@@ -74,3 +92,44 @@ def test_changing_evaluation_reruns_every_evaluation_but_not_training(micro_run)
     jobs = planned_jobs(snakemake(micro_run, "-n", config=write_config(micro_run, edit)))
     assert "train_tiny" not in jobs and "calibrate" not in jobs
     assert {"evaluate", "prune_width", "prune_depth", "partition", "tune_moe"} <= set(jobs)
+
+
+INJECTIONS = {
+    "command substitution in results_dir": ("results_dir", "results/$(touch {marker})"),
+    "command substitution in logs_dir": ("logs_dir", "logs/$(touch {marker})"),
+    "semicolon in results_dir": ("results_dir", "results/x;touch {marker};"),
+    "backticks in results_dir": ("results_dir", "results/`touch {marker}`"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INJECTIONS))
+def test_shell_injection_through_the_config_runs_nothing(tmp_path, case):
+    """A shared config must never run its author's commands (issue 8, item 1)."""
+    key, template = INJECTIONS[case]
+    marker = tmp_path / "PWNED"
+    workdir = copy_workflow(tmp_path / "wf")
+    proc = snakemake(workdir, "--cores", "1", config=write_config(workdir, lambda c: c.__setitem__(key, template.format(marker=marker))),
+                     check=False)
+    assert proc.returncode != 0 and key in proc.stdout + proc.stderr
+    assert not marker.exists(), "the config ran a command"
+    assert not (workdir / "results").exists() and not (workdir / "logs").exists()
+
+
+def test_every_shell_placeholder_is_quoted():
+    """Defence in depth: every {input}/{output}/{log}/{params}/{wildcards} in a shell command is `:q`."""
+    from test_figures import REPO
+
+    unquoted = []
+    for path in sorted((REPO / "rules").glob("*.smk")):
+        in_shell = False
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            stripped = line.strip()
+            if stripped.startswith("shell:"):
+                in_shell = True
+                continue
+            if in_shell and not stripped.startswith(('"', "'")):
+                in_shell = False
+            if in_shell:
+                unquoted += [f"{path.name}:{number}: {m}" for m in re.findall(r"\{(?:input|output|log|params|wildcards)[^}]*\}", line)
+                             if not m.endswith(":q}")]
+    assert unquoted == []
