@@ -293,3 +293,28 @@ def test_artifacts_get_the_users_umask(tmp_path, umask):
     for path in paths:
         want = (0o777 if path.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(path.stat().st_mode) == want, (path, oct(path.stat().st_mode))
+
+
+# --- concurrency: writers of the same artifact ---------------------------------------------------------
+
+
+def _save_repeatedly(args):
+    out, seed = args
+    model = make_model(seed)
+    for _ in range(8):
+        save_model(model, out)
+    return seed
+
+
+def test_concurrent_writers_of_one_model_leave_one_complete_model(tmp_path):
+    """Two processes saving different models to the same directory (two pipelines sharing
+    results/): every save succeeds and the directory ends complete, verified, one writer's model."""
+    import multiprocessing
+
+    out = tmp_path / "m"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        assert sorted(pool.map(_save_repeatedly, [(out, 0), (out, 1)])) == [0, 1]
+    model = load_model(out)  # verifies SHA256SUMS: no mix of the two writers' files
+    digests = {seed: make_model(seed).state_dict() for seed in (0, 1)}
+    assert any(all(torch.equal(v, d[k]) for k, v in model.state_dict().items()) for d in digests.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "temporary or trash directories left behind"

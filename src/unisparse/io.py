@@ -62,16 +62,33 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False):
     try:
         yield target
         _apply_umask(target)
-        if final.is_dir() and not final.is_symlink():
-            trash = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(target, final)
-            shutil.rmtree(trash, ignore_errors=True)
+        if is_dir:
+            _replace_dir(target, final, trash=final.parent / f".{final.name}.old-{tmp.name}")
         else:
             os.replace(target, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(target: Path, final: Path, trash: Path, attempts: int = 100) -> None:
+    """Rename directory ``target`` to ``final``, moving an existing ``final`` aside first. Another
+    writer may put its own ``final`` in place between the two renames: then move that aside too and
+    retry, so concurrent writers end with one complete directory (the last one's) and no error."""
+    for _ in range(attempts):
+        try:
+            os.rename(target, final)  # fails while a non-empty ``final`` exists
+            break
+        except OSError:
+            if not final.exists():
+                raise
+        try:
+            os.rename(final, trash)
+        except FileNotFoundError:
+            continue  # another writer moved it: retry
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        raise OSError(f"could not replace {final}: other writers kept replacing it")
 
 
 def write_json(path, obj) -> None:
