@@ -110,9 +110,7 @@ def setup_logging(log_file: str | None) -> None:
 
 def cmd_train_tiny(args) -> None:
     from .io import write_json
-    from .train import train_tiny
-
-    from .train import TRAIN_DEFAULTS, check_model_spec
+    from .train import TRAIN_DEFAULTS, check_model_spec, train_tiny
 
     model_spec = parse_spec(args.model, "--model")
     try:
@@ -127,9 +125,8 @@ def cmd_train_tiny(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .evaluate import evaluate_model_dir
-    from .io import write_json
-
     from .evaluate.runner import EVAL_DEFAULTS
+    from .io import write_json
 
     spec = _settings(args.spec, "--spec", EVAL_DEFAULTS, "evaluation")
     meta = parse_spec(args.meta, "--meta")

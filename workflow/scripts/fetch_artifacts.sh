@@ -11,6 +11,10 @@
 #   --force            overwrite local changes to results/ (dvc pull --force)
 #   --check            exit with status 3 if, after the fetch, Snakemake would still run a job
 #
+# Exit status 4: a file did not arrive as recorded (corrupted or missing in the remote): each one is
+# named by its path in the workspace, and its corrupted copy is removed from results/ (or .snakemake/
+# metadata) and the DVC cache; a corrupted directory manifest names the whole directory.
+#
 # What it does, and why (DESIGN.md section 7, "Known pitfalls"):
 # 1. `dvc pull` restores both outs of dvc.yaml: the artifacts (results/) and Snakemake's provenance
 #    records of them (.snakemake/metadata: params, rule code, input list and input checksums of each
@@ -18,15 +22,25 @@
 #    compares the checked-out workflow and config against how each artifact was really made, so a
 #    change is noticed, and an artifact that does not match the checkout is not silently accepted
 #    (a blind `snakemake --touch` would record the checkout's params for it instead).
-# 2. `dvc pull` writes files with fresh timestamps in arbitrary order, which Snakemake would read
+# 2. Every file of the outs in dvc.lock is checked against the md5 that DVC's directory manifest
+#    (the .dir object, from the DVC cache or else the remote) records for it. DVC alone is not
+#    enough: without the remote's `verify` option a corrupted object in the remote lands in the
+#    cache and the workspace and `dvc pull` exits 0; with `verify = true` (the default remote's
+#    setting in .dvc/config) DVC deletes a corrupted object after downloading it, fails with only
+#    "Checkout failed for following targets: results", removes all of results/, and still checks
+#    out a corrupted manifest's (wrong) file list with exit status 0. Each file that differs or is
+#    missing is named; a corrupted copy is removed from the DVC cache (so that a repaired remote
+#    is fetched from again) and from the workspace; one that is not in the cache is looked up in
+#    the remote (DVC's Python API) to tell "missing" from "corrupted"; the script then exits with 4.
+# 3. `dvc pull` writes files with fresh timestamps in arbitrary order, which Snakemake would read
 #    as "input newer than output". The recorded outputs get timestamps in the order the producer's
 #    run wrote them (the records' end times; 1 ms apart, just before now and after every input
 #    outside the pulled tree), so Snakemake sees what it saw in the producer's checkout: an upstream
 #    artifact remade after its consumers still looks newer. An input whose recorded checksum differs
 #    from the file now in the checkout (e.g. a data file changed in git since the artifacts were
 #    recorded) makes its consumer older than it. Any later rerun or edit gets a newer timestamp.
-# 3. A dry run reports what would rerun: nothing when the checkout is the one the artifacts were
-#    recorded with.
+# 4. A dry run reports what would rerun: nothing when the checkout is the one the artifacts were
+#    recorded with; otherwise the jobs, and the command that prints each one's reason.
 set -euo pipefail
 
 configfile=() remote=() jobs=() force=() check=0
@@ -38,7 +52,7 @@ while [ $# -gt 0 ]; do
     --jobs|-j) jobs=(--jobs "$2"); shift 2 ;;
     --force|-f) force=(--force); shift ;;
     --check) check=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "fetch_artifacts.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,9 +77,178 @@ if compgen -G ".snakemake/locks/*.lock" >/dev/null; then
 fi
 
 echo "fetch_artifacts.sh: dvc pull ${remote[*]} ${jobs[*]} ${force[*]}" >&2
-dvc pull "${remote[@]}" "${jobs[@]}" "${force[@]}"
+pull_rc=0
+dvc pull "${remote[@]}" "${jobs[@]}" "${force[@]}" || pull_rc=$?
 
-# 2. timestamps in the order the producer's run made them (see the header)
+# 2. every file is the recorded one (see the header)
+cache="$(dvc cache dir)"
+check_rc=0
+"$python" - "$cache" "$pull_rc" "${remote[@]:1}" <<'PY' || check_rc=$?
+import hashlib, json, os, sys
+import yaml
+
+cache, pull_rc, remote_name = sys.argv[1], int(sys.argv[2]), (sys.argv[3:] or [None])[0]
+SHOWN = 10  # problems listed in full
+
+
+def md5_of(chunks):
+    h = hashlib.md5()
+    for block in chunks:
+        h.update(block)
+    return h.hexdigest()
+
+
+def md5sum(path):
+    with open(path, "rb") as f:
+        return md5_of(iter(lambda: f.read(1 << 20), b""))
+
+
+def obj(oid):
+    return os.path.join(cache, "files", "md5", oid[:2], oid[2:])
+
+
+def intact(oid, digest):
+    return digest == oid.split(".")[0]  # a manifest's oid is the md5 of its content + ".dir"
+
+
+states = {}
+
+
+def state(oid):
+    """The cached object of `oid`: 'ok', 'absent', or the md5 of its corrupted content (which is
+    then removed from the cache, so that the next fetch downloads it again)."""
+    if oid not in states:
+        path = obj(oid)
+        states[oid] = "absent"
+        if os.path.isfile(path):
+            actual = md5sum(path)
+            states[oid] = "ok" if intact(oid, actual) else actual
+            if not intact(oid, actual):
+                os.remove(path)
+    return states[oid]
+
+
+_remote = []
+
+
+def remote_odb():
+    """The remote's object store, through DVC's Python API (None where that is not at hand)."""
+    if not _remote:
+        try:
+            from dvc.repo import Repo
+            _remote.append(Repo(".").cloud.get_remote_odb(remote_name, "fetch"))
+        except Exception:
+            _remote.append(None)
+    return _remote[0]
+
+
+def in_remote(oid):
+    """('missing' | 'ok' | md5 of a corrupted copy | None when unknown, content when it is a manifest)."""
+    odb = remote_odb()
+    if odb is None:
+        return None, None
+    try:
+        path = odb.oid_to_path(oid)
+        if not odb.fs.exists(path):
+            return "missing", None
+        with odb.fs.open(path, "rb") as f:
+            if oid.endswith(".dir"):
+                content = f.read()
+                return ("ok" if intact(oid, md5_of([content])) else md5_of([content])), content
+            actual = md5_of(iter(lambda: f.read(1 << 20), b""))
+        return ("ok" if intact(oid, actual) else actual), None
+    except Exception:
+        return None, None
+
+
+def why_absent(oid, found):
+    if found == "missing":
+        return "missing in the remote"
+    if found == "ok":
+        return "not fetched, though the remote has it intact (a download error? fetch again)"
+    if found:
+        return f"corrupted in the remote (it has md5 {found}, recorded is {oid}; DVC's verify refused it)"
+    return "not fetched (missing or corrupted in the remote" + (", see DVC's error above)" if pull_rc else ")")
+
+
+problems, unpulled, checked = [], {}, 0
+
+
+def check(path, want, out):
+    global checked
+    checked += 1
+    have = md5sum(path) if os.path.isfile(path) else None
+    if have == want:
+        return
+    cached = state(want)
+    if cached == "ok":
+        if have is None:
+            unpulled.setdefault(out, []).append(path)
+        else:
+            problems.append(f"{path}: differs from the recorded content (md5 {have}, recorded {want});"
+                            " DVC did not overwrite it (a local change? --force replaces it)")
+    elif cached == "absent":
+        stale = "; the file in the workspace is not the recorded one either" if have else ""
+        problems.append(f"{path}: {why_absent(want, in_remote(want)[0])}{stale}")
+    else:
+        gone = ""
+        if have == cached:
+            os.remove(path)
+            gone = " and from the workspace"
+        problems.append(f"{path}: corrupted: it arrived with md5 {cached}, recorded is {want}"
+                        f" (removed from the DVC cache{gone})")
+
+
+with open("dvc.lock") as f:
+    lock = yaml.safe_load(f)
+outs = [o for stage in (lock.get("stages") or {}).values() for o in stage.get("outs") or []]
+for out in outs:
+    path, oid = os.path.normpath(out["path"]), out.get("md5")
+    if out.get("hash") != "md5" or not oid:
+        print(f"fetch_artifacts.sh: {path} is not checked (recorded with DVC 2's hash;"
+              " record the artifacts again with DVC 3)", file=sys.stderr)
+        continue
+    if not oid.endswith(".dir"):
+        check(path, oid, path)
+        continue
+    manifest = state(oid)
+    content = None
+    if manifest == "ok":
+        with open(obj(oid), "rb") as f:
+            content = f.read()
+    else:  # not in the cache: read it from the remote, where it is intact
+        found, content = in_remote(oid) if manifest == "absent" else ("corrupted", None)
+        if found != "ok":
+            why = why_absent(oid, found) if manifest == "absent" else f"corrupted (md5 {manifest}; removed from the DVC cache)"
+            problems.append(f"{path}/: its file list (DVC manifest {oid}) is {why}: none of its files can be"
+                            f" checked, and what DVC put in {path}/ may be the wrong files: do not use them")
+            continue
+    for entry in json.loads(content):
+        check(os.path.join(path, entry["relpath"]), entry["md5"], path)
+
+for out, paths in unpulled.items():
+    if problems:
+        problems.append(f"{out}/: {len(paths)} more file(s) not in the workspace, not checked out because of the"
+                        f" failure above: {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}")
+    else:
+        problems += [f"{p}: not in the workspace" for p in paths]
+if problems:
+    for line in problems[:SHOWN] + ([f"... and {len(problems) - SHOWN} more"] if len(problems) > SHOWN else []):
+        print(f"fetch_artifacts.sh: NOT AS RECORDED: {line}", file=sys.stderr)
+    print("fetch_artifacts.sh: the files named above are not the recorded artifacts; repair the remote (push"
+          " them again from a checkout that has them: bash workflow/scripts/record_artifacts.sh) and fetch again",
+          file=sys.stderr)
+    sys.exit(4)
+print(f"fetch_artifacts.sh: all {checked} files of {', '.join(o['path'] for o in outs)} have their recorded md5",
+      file=sys.stderr)
+PY
+if [ "$check_rc" != 0 ]; then exit "$check_rc"; fi
+if [ "$pull_rc" != 0 ]; then
+  echo "fetch_artifacts.sh: dvc pull failed (above)" >&2
+  exit "$pull_rc"
+fi
+
+# 3. timestamps in the order the producer's run made them (see the header)
 "$python" - <<'PY'
 import base64, hashlib, json, os, sys, time
 import yaml
@@ -150,13 +333,14 @@ for line in changed:
     print(f"fetch_artifacts.sh: made from other input content than the checkout's: {line}", file=sys.stderr)
 PY
 
-# 3. what would still run (nothing, when the checkout is the one the artifacts were recorded with)
+# 4. what would still run (nothing, when the checkout is the one the artifacts were recorded with)
 summary="$(snakemake -n --quiet rules "${configfile[@]}" 2>&1)" || { echo "$summary" >&2; exit 1; }
 if grep -q "^Job stats:" <<<"$summary"; then
   echo "fetch_artifacts.sh: fetched; with this checkout and config ${configfile[*]:-(the default)}, Snakemake would still run:" >&2
   awk '/^Job stats:/ {p = 1} p {print} p && /^total/ {exit}' <<<"$summary" >&2
-  echo "fetch_artifacts.sh: reasons: snakemake -n -r ${configfile[*]}" >&2
-  [ "$check" = 1 ] && exit 3
+  # a plain dry run lists each job with its reason (Snakemake 9 has no -r/--reason any more)
+  echo "fetch_artifacts.sh: reasons: snakemake -n$([ ${#configfile[@]} -eq 0 ] || printf ' %q' "${configfile[@]}")" >&2
+  if [ "$check" = 1 ]; then exit 3; fi
 else
   echo "fetch_artifacts.sh: fetched; Snakemake has nothing to do ${configfile[*]}" >&2
 fi
