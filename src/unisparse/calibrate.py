@@ -94,7 +94,7 @@ class CalibrationStats:
         act = (mlp_aux or {}).get("act")
         if act is not None:
             act = act.float()
-            a_abs = act.abs().double().sum(0)
+            a_abs = act.abs().double().sum(0).cpu()  # running sums live on the host, in fp64
             if layer in s["act_abs"]:
                 s["act_abs"][layer] += a_abs
             else:
@@ -104,7 +104,7 @@ class CalibrationStats:
             s["pub_calls"][layer] += 1
             if self.coactivation:
                 b = (act > 0).double()
-                co = b.T @ b
+                co = (b.T @ b).cpu()
                 s["coact"][layer] = s["coact"].get(layer, 0) + co
 
     # ------------------------------------------------------------------ results

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,8 +38,9 @@ def parse_spec(text: str | None, option: str = "--spec") -> dict:
     return spec
 
 
-def _settings(text: str | None, option: str, defaults: dict, what: str) -> dict:
-    """Parse and check a settings option against the stage's defaults (unknown keys, types) up front."""
+def _settings(args, text: str | None, option: str, defaults: dict, what: str) -> dict:
+    """Parse and check a settings option against the stage's defaults (unknown keys, types) up front;
+    ``--threads`` overrides the stage's own ``threads``."""
     from .spec import merge_spec
 
     spec = parse_spec(text, option)
@@ -46,13 +48,25 @@ def _settings(text: str | None, option: str, defaults: dict, what: str) -> dict:
         merge_spec(defaults, spec, what)
     except ValueError as e:
         raise UsageError(f"{option}: {e}") from None
+    if args.threads is not None and "threads" in defaults:
+        spec["threads"] = args.threads
     return spec
 
 
 def _eval_settings(args) -> dict:
     from .evaluate.runner import EVAL_DEFAULTS
 
-    return _settings(getattr(args, "eval_spec", None), "--eval-spec", EVAL_DEFAULTS, "evaluation")
+    return _settings(args, getattr(args, "eval_spec", None), "--eval-spec", EVAL_DEFAULTS, "evaluation")
+
+
+def _runtime(args):
+    """(torch device, torch dtype) of this process: ``--device`` (under torchrun, a CUDA run takes
+    its local rank's GPU) and ``--dtype``."""
+    from .distributed import rank_device, world
+    from .runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return rank_device(device, world(device)), resolve_dtype(args.dtype)
 
 
 def _ratio(text: str) -> float:
@@ -76,6 +90,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    from .runtime import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _dense_layers(text: str):
     if text in ("first_last", "none"):
         return text
@@ -85,11 +108,20 @@ def _dense_layers(text: str):
         raise argparse.ArgumentTypeError(f"first_last, none, or a comma list of layer indices, not {text!r}") from None
 
 
-def _load(model_dir):
-    """The model and its directory's content hash (the provenance derived artifacts record)."""
+def _load(args):
+    """The model (on the run's device, in its dtype) and its directory's content hash (the
+    provenance derived artifacts record)."""
     from .io import directory_digest, load_model
 
-    return load_model(model_dir), directory_digest(model_dir)
+    device, dtype = _runtime(args)
+    return load_model(args.model_dir, device=device, dtype=dtype), directory_digest(args.model_dir)
+
+
+def _is_main() -> bool:
+    """Rank 0 of a torchrun launch, or the only process."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _load_calibration(path, model, model_sha256):
@@ -117,10 +149,14 @@ def cmd_train_tiny(args) -> None:
         check_model_spec(model_spec)
     except ValueError as e:
         raise UsageError(f"--model: {e}") from None
-    train_spec = _settings(args.train, "--train", TRAIN_DEFAULTS, "training")
-    summary = train_tiny(model_spec, train_spec, args.out, progress=not args.no_progress)
-    if args.summary:
+    train_spec = _settings(args, args.train, "--train", TRAIN_DEFAULTS, "training")
+    device, dtype = _runtime(args)
+    summary = train_tiny(model_spec, train_spec, args.out, progress=not args.no_progress, device=device, dtype=dtype,
+                         checkpoint_dir=args.checkpoint_dir)
+    if args.summary and _is_main():
         write_json(args.summary, summary)
+    if args.checkpoint_dir and _is_main():
+        shutil.rmtree(args.checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
 
 
 def cmd_evaluate(args) -> None:
@@ -128,9 +164,10 @@ def cmd_evaluate(args) -> None:
     from .evaluate.runner import EVAL_DEFAULTS
     from .io import write_json
 
-    spec = _settings(args.spec, "--spec", EVAL_DEFAULTS, "evaluation")
+    spec = _settings(args, args.spec, "--spec", EVAL_DEFAULTS, "evaluation")
     meta = parse_spec(args.meta, "--meta")
-    metrics = evaluate_model_dir(args.model_dir, spec, progress=not args.no_progress)
+    device, dtype = _runtime(args)
+    metrics = evaluate_model_dir(args.model_dir, spec, progress=not args.no_progress, device=device, dtype=dtype)
     if args.meta:
         metrics["variant"] = meta
     write_json(args.out, metrics)
@@ -171,8 +208,8 @@ def _finish(model, args, settings: tuple[dict, dict]) -> None:
 def cmd_calibrate(args) -> None:
     from .calibrate import CALIB_DEFAULTS, run_calibration, save_stats
 
-    spec = _settings(args.spec, "--spec", CALIB_DEFAULTS, "calibration")
-    model, digest = _load(args.model_dir)
+    spec = _settings(args, args.spec, "--spec", CALIB_DEFAULTS, "calibration")
+    model, digest = _load(args)
     stats = run_calibration(model, args.task, spec, progress=not args.no_progress)
     save_stats(stats, args.task, args.out, meta={"model_dir": str(args.model_dir)}, model_sha256=digest)
 
@@ -182,8 +219,8 @@ def cmd_prune_depth(args) -> None:
     from .prune import prune_depth
 
     settings = _output_settings(args)
-    calib_spec = _settings(args.calib_spec, "--calib-spec", CALIB_DEFAULTS, "calibration")
-    model, digest = _load(args.model_dir)
+    calib_spec = _settings(args, args.calib_spec, "--calib-spec", CALIB_DEFAULTS, "calibration")
+    model, digest = _load(args)
     calibration = _load_calibration(args.calibration, model, digest)
     layers = model.config.num_hidden_layers
     n_drop = args.drop if args.drop is not None else round((1 - args.keep_ratio) * layers)
@@ -204,7 +241,7 @@ def cmd_prune_width(args) -> None:
     settings = _output_settings(args)
     if args.score in ("act_norm", "published") and not args.calibration:
         raise UsageError(f"--score {args.score} needs --calibration")
-    model, digest = _load(args.model_dir)
+    model, digest = _load(args)
     calibration = _load_calibration(args.calibration, model, digest) if args.calibration else None
     pruned = prune_width(model, args.component, args.keep_ratio, score=args.score, calibration=calibration, seed=args.seed)
     _finish(pruned, args, settings)
@@ -229,14 +266,14 @@ def _register_probes(sub) -> None:
     from .models import COMPONENTS, SKIPPED_ATTENTION_KV
     from .prune import GRANULARITIES, SCORE_DEFINITIONS, WIDTH_SCORES
 
-    s = sub.add_parser("calibrate", help="streaming calibration statistics for one task")
+    s = sub.add_parser("calibrate", parents=[runtime_options()], help="streaming calibration statistics for one task")
     s.add_argument("model_dir")
     s.add_argument("--task", required=True, choices=TASKS)
     s.add_argument("--spec", help="calibration settings (JSON/YAML or @file)")
     s.add_argument("--out", required=True, help=".safetensors file (a .json sidecar is written beside it)")
     s.set_defaults(func=cmd_calibrate)
 
-    s = sub.add_parser("prune-depth", help="drop the sublayers that change the residual stream least")
+    s = sub.add_parser("prune-depth", parents=[runtime_options()], help="drop the sublayers that change the residual stream least")
     s.add_argument("model_dir")
     s.add_argument("--calibration", required=True, help="calibration .safetensors")
     s.add_argument("--component", required=True, choices=COMPONENTS)
@@ -252,7 +289,7 @@ def _register_probes(sub) -> None:
     _add_output_args(s)
     s.set_defaults(func=cmd_prune_depth)
 
-    s = sub.add_parser("prune-width", help="keep the top fraction of MLP neurons of a component")
+    s = sub.add_parser("prune-width", parents=[runtime_options()], help="keep the top fraction of MLP neurons of a component")
     s.add_argument("model_dir")
     s.add_argument("--component", required=True, choices=COMPONENTS)
     s.add_argument("--keep-ratio", required=True, type=_ratio)
@@ -275,7 +312,7 @@ def cmd_partition(args) -> None:
     settings = _output_settings(args)
     if args.method == "cluster" and not args.calibration:
         raise UsageError("--method cluster needs --calibration (with co-activation statistics)")
-    model, digest = _load(args.model_dir)
+    model, digest = _load(args)
     try:
         moe_layers(model.config.num_hidden_layers, args.dense_layers)
     except ValueError as e:
@@ -289,17 +326,17 @@ def cmd_partition(args) -> None:
 
 
 def cmd_tune_moe(args) -> None:
-    import shutil
-
     from .io import write_json
     from .moe.tune import TUNE_DEFAULTS, trainable_names, tune_moe
 
     settings = _output_settings(args)
-    spec = _settings(args.spec, "--spec", TUNE_DEFAULTS, "tuning")
-    model, _ = _load(args.model_dir)
+    spec = _settings(args, args.spec, "--spec", TUNE_DEFAULTS, "tuning")
+    model, _ = _load(args)
     trainable_names(model, args.component, args.mode)  # the component must be an MoE
     summary = tune_moe(model, args.component, args.mode, spec, checkpoint_dir=args.checkpoint_dir,
                        progress=not args.no_progress)
+    if not _is_main():
+        return  # under torchrun: rank 0 holds the gathered weights and writes everything
     _finish(model, args, settings)
     if args.summary:
         write_json(args.summary, summary)
@@ -313,7 +350,7 @@ def _register_moe(sub) -> None:
     from .moe.partition import PARTITION_METHODS as METHODS
     from .moe.tune import MODES
 
-    s = sub.add_parser("partition", help="split a component's MLPs into experts (dense -> MoE)")
+    s = sub.add_parser("partition", parents=[runtime_options()], help="split a component's MLPs into experts (dense -> MoE)")
     s.add_argument("model_dir")
     s.add_argument("--component", required=True, choices=COMPONENTS)
     s.add_argument("--num-experts", type=_positive, required=True)
@@ -328,7 +365,7 @@ def _register_moe(sub) -> None:
     _add_output_args(s)
     s.set_defaults(func=cmd_partition)
 
-    s = sub.add_parser("tune-moe", help="tune an MoE component: routers only (frozen) or experts + routers (full)")
+    s = sub.add_parser("tune-moe", parents=[runtime_options()], help="tune an MoE component: routers only (frozen) or experts + routers (full)")
     s.add_argument("model_dir")
     s.add_argument("--component", default="gen", choices=COMPONENTS)
     s.add_argument("--mode", required=True, choices=MODES)
@@ -355,20 +392,34 @@ def _register_data(sub) -> None:
 COMMANDS = {"probes": _register_probes, "moe": _register_moe, "data": _register_data}
 
 
+def runtime_options() -> argparse.ArgumentParser:
+    """--device / --dtype / --threads, taken by every verb that runs a model."""
+    from .runtime import DEFAULTS, DTYPES
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=DEFAULTS["device"], type=_device, help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    g.add_argument("--dtype", default=DEFAULTS["dtype"], choices=DTYPES,
+                   help="the model's parameter dtype (statistics and losses stay fp32)")
+    g.add_argument("--threads", type=_positive, help="torch intra-op threads (overrides the settings' threads)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unisparse", description=__doc__.splitlines()[0])
     p.add_argument("--log-file", help="also write the log here")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("train-tiny", help="train the tiny default model on the shapes world")
+    s = sub.add_parser("train-tiny", parents=[runtime_options()], help="train the tiny default model on the shapes world")
     s.add_argument("--model", help="model sizes (JSON/YAML or @file)")
     s.add_argument("--train", help="training settings (JSON/YAML or @file)")
     s.add_argument("--out", required=True, help="model directory to write")
     s.add_argument("--summary", help="JSON file for the training summary")
+    s.add_argument("--checkpoint-dir", help="where to keep resumable checkpoints (removed on success)")
     s.set_defaults(func=cmd_train_tiny)
 
-    s = sub.add_parser("evaluate", help="score a model directory on ShapesQA and ShapesGenEval")
+    s = sub.add_parser("evaluate", parents=[runtime_options()], help="score a model directory on ShapesQA and ShapesGenEval")
     s.add_argument("model_dir")
     s.add_argument("--spec", help="evaluation settings (JSON/YAML or @file)")
     s.add_argument("--meta", help="grid coordinates of this variant, stored with the metrics")
@@ -396,6 +447,10 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("UNISPARSE_DEBUG"):
             raise
         parser.exit(2, f"unisparse {args.command}: error: {e}\n")
+    finally:
+        dist = sys.modules.get("torch.distributed")  # only where a verb imported torch
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MANIFEST = "SHA256SUMS"
+#: config entries that say where or with what a model was loaded, not what it is
+VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_commit_hash")
 
 
 class IntegrityError(ValueError):
@@ -147,7 +149,8 @@ def state_digest(model) -> str:
     identifies the input of a run whose model never touched a file (library use)."""
     import torch
 
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -191,9 +194,10 @@ def _listing(items, limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def load_model(model_dir, **kwargs):
-    """Load a model directory written by the pipeline: safetensors only (never pickle), content
-    verified against ``SHA256SUMS``, and strict (see ``check_weights_match``)."""
+def load_model(model_dir, device=None, dtype=None, **kwargs):
+    """Load a model directory written by the pipeline onto ``device`` in ``dtype`` (default: CPU, the
+    stored dtype): safetensors only (never pickle), content verified against ``SHA256SUMS``, and
+    strict (see ``check_weights_match``)."""
     import torch
 
     from .models import MoTConfig, MoTForUnifiedModel
@@ -213,5 +217,7 @@ def load_model(model_dir, **kwargs):
         skeleton = MoTForUnifiedModel(config)
     check_weights_match(model_dir, skeleton)
     model = MoTForUnifiedModel.from_pretrained(model_dir, config=config, use_safetensors=True, **kwargs)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
     model.eval()
     return model

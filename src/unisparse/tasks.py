@@ -38,3 +38,15 @@ def model_config_kwargs() -> dict:
         image_size=shapes.CANVAS,
         num_channels=3,
     )
+
+
+def gen_batch_loss(model, prompts, cond_dropout: float, gen, world, observer=None):
+    """Flow loss on this process's slice of a global generation batch. Dropout mask, noise and t are
+    drawn for the whole batch from the CPU generator (in that order), then sliced."""
+    ids, images = gen_batch(prompts)
+    keep = torch.rand(len(prompts), generator=gen) >= cond_dropout
+    c = model.config
+    noise = torch.randn(len(prompts), c.num_latent_tokens, c.latent_dim, generator=gen)
+    t = torch.sigmoid(torch.randn(len(prompts), generator=gen))
+    mine = world.slice(len(prompts))
+    return model.flow_loss(ids[mine], images[mine], cond_keep=keep[mine], noise=noise[mine], t=t[mine], observer=observer)

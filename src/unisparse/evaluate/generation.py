@@ -14,7 +14,8 @@ def generate_for(model, pairs, num_steps: int, cfg_scale: float, batch_size: int
     for i in tqdm(range(0, len(pairs), batch_size), desc="generate", disable=not progress):
         chunk = pairs[i : i + batch_size]
         ids = [shapes.encode(p.text) for p, _ in chunk]
-        out.append(model.generate_images(ids, [s for _, s in chunk], num_steps=num_steps, cfg_scale=cfg_scale))
+        images = model.generate_images(ids, [s for _, s in chunk], num_steps=num_steps, cfg_scale=cfg_scale)
+        out.append(images.float().cpu())
     return torch.cat(out)
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 import torch
 
 from ..accounting import flops_per_token, parameter_counts
 from ..io import load_model
+from ..runtime import describe, synchronize
 from ..spec import merge_spec
 from ..worlds import shapes
 from .generation import evaluate_generation, generate_for
@@ -29,13 +31,18 @@ EVAL_DEFAULTS = dict(
 )
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fn, repeats: int, device) -> float:
+    """Median wall time of ``fn`` after one warm-up call, the device synchronised around each call
+    (an asynchronous device would otherwise be timed while it still works)."""
+    fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def evaluate_model(model, spec: dict | None = None, progress: bool = False) -> dict:
@@ -51,8 +58,10 @@ def evaluate_model(model, spec: dict | None = None, progress: bool = False) -> d
     gen = evaluate_generation(model, pairs, spec["num_steps"], spec["cfg_scale"], spec["batch_size"], progress)
     t2 = time.perf_counter()
     probe = pairs[: min(32, len(pairs))]
-    lat_gen = _median_seconds(lambda: generate_for(model, probe, spec["num_steps"], spec["cfg_scale"], len(probe)), spec["latency_repeats"])
-    lat_und = _median_seconds(lambda: answer_questions(model, items[:256], 256), spec["latency_repeats"])
+    device = model.device
+    lat_gen = _median_seconds(lambda: generate_for(model, probe, spec["num_steps"], spec["cfg_scale"], len(probe)),
+                              spec["latency_repeats"], device)
+    lat_und = _median_seconds(lambda: answer_questions(model, items[:256], 256), spec["latency_repeats"], device)
     log.info("ShapesQA overall %.4f; ShapesGenEval overall %.4f", qa["overall"], gen["overall"])
     return {
         "understanding": qa,
@@ -64,12 +73,14 @@ def evaluate_model(model, spec: dict | None = None, progress: bool = False) -> d
             "und_seconds_per_item": lat_und / min(256, len(items)),
             "eval_seconds_und": t1 - t0,
             "eval_seconds_gen": t2 - t1,
+            "repeats": spec["latency_repeats"],
+            **describe(device, model.dtype),
         },
         "eval": spec,
     }
 
 
-def evaluate_model_dir(model_dir, spec: dict | None = None, progress: bool = False) -> dict:
-    metrics = evaluate_model(load_model(model_dir), spec, progress)
+def evaluate_model_dir(model_dir, spec: dict | None = None, progress: bool = False, device=None, dtype=None) -> dict:
+    metrics = evaluate_model(load_model(model_dir, device=device, dtype=dtype), spec, progress)
     metrics["model_dir"] = str(model_dir)
     return metrics

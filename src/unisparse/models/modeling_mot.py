@@ -78,11 +78,12 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope_cos_sin(position_ids, head_dim: int, theta: float):
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype=torch.float32):
+    """cos/sin tables [B, 1, T, d], computed in fp32 on the positions' device, returned in ``dtype``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, d]
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
 
 
 class MoTAttention(nn.Module):
@@ -176,7 +177,8 @@ class MoTDecoderLayer(nn.Module):
             # rows with nothing to attend to are never used; let them see themselves to avoid NaN
             Tp = k_all.shape[2] - T
             eye = torch.zeros_like(mask)
-            eye[:, torch.arange(T), Tp + torch.arange(T)] = True
+            diag = torch.arange(T, device=mask.device)
+            eye[:, diag, Tp + diag] = True
             mask = mask | (eye & ~mask.any(-1, keepdim=True))
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], enable_gqa=True)
             out = out.transpose(1, 2).reshape(B * T, nh * d)
@@ -216,7 +218,8 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = (t.float() * 1000.0)[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 class PatchEncoder(nn.Module):
@@ -251,13 +254,13 @@ class LanguageModelWrapper(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+def sincos_2d(grid: int, dim: int, device=None) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding [grid*grid, dim] (row half, column half), as BAGEL's
     ``vit_pos_embed``: added after the connector at the LLM's scale, so where an image token sits is
     as salient as what it shows."""
     quarter = dim // 4
-    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1)))
-    pos = torch.arange(grid, dtype=torch.float32)
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / max(quarter, 1)))
+    pos = torch.arange(grid, dtype=torch.float32, device=device)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")
 
     def enc(p):
@@ -353,7 +356,7 @@ class MoTForUnifiedModel(PreTrainedModel):
         B, T, _ = h.shape
         flat_types = token_types.reshape(-1)
         rows = {c: torch.nonzero(flat_types == TOKEN_TYPE[c]).squeeze(1) for c in COMPONENTS}
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
         presents = []
         for i, layer in enumerate(self.layers):
             h, present = layer(h, rows, cos, sin, base_mask, None if past is None else past[i], observer, need_aux)
@@ -375,10 +378,11 @@ class MoTForUnifiedModel(PreTrainedModel):
         n_img = c.num_vit_tokens
         lq = max(len(q) for q in question_ids)
         T = 3 + n_img + lq
-        ids = torch.full((B, T), c.pad_token_id, dtype=torch.long, device=device)
-        valid = torch.zeros(B, T, dtype=torch.bool, device=device)
-        pos = torch.zeros(B, T, dtype=torch.long, device=device)
-        last = torch.zeros(B, dtype=torch.long, device=device)
+        # token layout is built on the host (Python lists), then moved once
+        ids = torch.full((B, T), c.pad_token_id, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        last = torch.zeros(B, dtype=torch.long)
         for b, q in enumerate(question_ids):
             toks = [c.bos_token_id, c.image_start_token_id] + [c.pad_token_id] * n_img + [c.image_end_token_id] + list(q)
             ids[b, : len(toks)] = torch.tensor(toks)
@@ -386,9 +390,10 @@ class MoTForUnifiedModel(PreTrainedModel):
             p = [0, 1] + [2] * n_img + list(range(3, 3 + 1 + len(q)))
             pos[b, : len(p)] = torch.tensor(p)
             last[b] = len(toks) - 1
+        ids, valid, pos, last = (x.to(device) for x in (ids, valid, pos, last))
         h = self.language_model.model.embed_tokens(ids)
-        img_tok = self.connector(self.vit_model(patchify(images.to(device), c.vit_patch_size)))
-        img_tok = img_tok + sincos_2d(c.vit_grid, c.hidden_size).to(img_tok)
+        img_tok = self.connector(self.vit_model(patchify(images.to(device=device, dtype=self.dtype), c.vit_patch_size)))
+        img_tok = img_tok + sincos_2d(c.vit_grid, c.hidden_size, device).to(img_tok.dtype)
         h = torch.cat([h[:, :2], img_tok.to(h.dtype), h[:, 2 + n_img :]], dim=1)
         types = torch.where(valid, UND, PAD)
         return h, types, pos, valid, last
@@ -398,8 +403,8 @@ class MoTForUnifiedModel(PreTrainedModel):
         h, types, pos, valid, last = self.understanding_inputs(images, question_ids)
         mask = self.causal_mask(pos, pos, valid)
         h, _ = self.run_layers(h, types, pos, mask, observer=observer)
-        h_last = h[torch.arange(h.shape[0]), last]
-        return self.language_model.lm_head(self.language_model.model.norm(h_last))
+        h_last = h[torch.arange(h.shape[0], device=h.device), last]
+        return self.language_model.lm_head(self.language_model.model.norm(h_last)).float()
 
     # ------------------------------------------------------------------ generation
     def prompt_inputs(self, prompt_ids: list[list[int]]):
@@ -407,31 +412,40 @@ class MoTForUnifiedModel(PreTrainedModel):
         c = self.config
         seqs = [[c.bos_token_id] + list(p) + [c.eos_token_id, c.image_start_token_id] for p in prompt_ids]
         T = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), T), c.pad_token_id, dtype=torch.long, device=self.device)
-        valid = torch.zeros(len(seqs), T, dtype=torch.bool, device=self.device)
+        ids = torch.full((len(seqs), T), c.pad_token_id, dtype=torch.long)
+        valid = torch.zeros(len(seqs), T, dtype=torch.bool)
         for b, s in enumerate(seqs):
             ids[b, : len(s)] = torch.tensor(s)
             valid[b, : len(s)] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
         pos = torch.arange(T, device=self.device).expand(len(seqs), T) * valid
         return ids, valid, pos, valid.sum(1)
 
     def embed_latents(self, x_t, t):
-        return self.vae2llm(x_t) + self.time_embedder(t)[:, None] + self.latent_pos_embed[None]
+        """Latent tokens in the model's dtype (``x_t`` and ``t`` may be fp32)."""
+        return self.vae2llm(x_t.to(self.dtype)) + self.time_embedder(t)[:, None] + self.latent_pos_embed[None]
 
     def velocity(self, h_latents):
-        return self.llm2vae(self.language_model.model.norm_moe_gen(h_latents))
+        """The predicted velocity, in fp32 (the sampler integrates and the loss compares in fp32)."""
+        return self.llm2vae(self.language_model.model.norm_moe_gen(h_latents)).float()
 
-    def flow_loss(self, prompt_ids, images, cond_keep=None, generator=None, observer=None, need_aux=False):
-        """Rectified-flow loss: ``x_t = (1-t) x0 + t noise``, target ``v = noise - x0``, t = sigmoid(N(0,1)).
+    def flow_loss(self, prompt_ids, images, cond_keep=None, generator=None, observer=None, need_aux=False,
+                  noise=None, t=None):
+        """Rectified-flow loss (fp32): ``x_t = (1-t) x0 + t noise``, target ``v = noise - x0``, t = sigmoid(N(0,1)).
 
         cond_keep: bool [B]; False drops the prompt for that sample (classifier-free guidance training).
+        noise / t: given by a caller that draws a larger batch and trains on a slice of it (several
+        processes); otherwise drawn from ``generator`` (noise first, then t).
         """
         c = self.config
         ids, pvalid, ppos, plen = self.prompt_inputs(prompt_ids)
         B, Tp = ids.shape
-        x0 = self.codec.encode(images.to(self.device))
-        noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        t = torch.sigmoid(torch.randn(B, generator=generator, device=self.device))
+        x0 = self.codec.encode(images.to(device=self.device, dtype=torch.float32))
+        if noise is None:  # drawn where the generator lives (the CPU): identical on every device
+            noise = torch.randn(x0.shape, generator=generator, device=_device_of(generator))
+        if t is None:
+            t = torch.sigmoid(torch.randn(B, generator=generator, device=_device_of(generator)))
+        noise, t = noise.to(self.device, torch.float32), t.to(self.device, torch.float32)
         x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
         h = torch.cat([self.language_model.model.embed_tokens(ids), self.embed_latents(x_t, t)], dim=1)
         L = c.num_latent_tokens
@@ -439,13 +453,14 @@ class MoTForUnifiedModel(PreTrainedModel):
         pos = torch.cat([ppos, lpos], dim=1)
         if cond_keep is None:
             cond_keep = torch.ones(B, dtype=torch.bool, device=self.device)
+        cond_keep = cond_keep.to(self.device)
         valid = torch.cat([pvalid, torch.ones(B, L, dtype=torch.bool, device=self.device)], dim=1)
         mask = self.causal_mask(pos, pos, valid)
         mask[:, Tp:, :Tp] &= cond_keep[:, None, None]
         types = torch.cat([torch.where(pvalid, UND, PAD), torch.full((B, L), GEN, device=self.device)], dim=1)
         h, _ = self.run_layers(h, types, pos, mask, observer=observer, need_aux=need_aux)
         v = self.velocity(h[:, Tp:])
-        return F.mse_loss(v.float(), (noise - x0).float())
+        return F.mse_loss(v, noise - x0)
 
     def prefill(self, prompt_ids, observer=None):
         """Run the prompt through the understanding tower once; return the per-layer KV cache."""
@@ -468,8 +483,9 @@ class MoTForUnifiedModel(PreTrainedModel):
         c = self.config
         shift = c.timestep_shift if shift is None else shift
         B, L = len(prompt_ids), c.num_latent_tokens
+        # per-sample noise drawn on the CPU from the sample's seed: the same image on every device
         noise = torch.stack([torch.randn(L, c.latent_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        x = noise.to(self.device)
+        x = noise.to(self.device)  # the Euler state stays fp32; embed_latents casts to the model dtype
         presents, ppos, plen = self.prefill(prompt_ids, observer=observer)
         use_cfg = cfg_scale != 1.0
         # conditional rows first, then unconditional rows that see no prompt
@@ -498,3 +514,7 @@ class MoTForUnifiedModel(PreTrainedModel):
                 v = v_u + cfg_scale * (v_c - v_u)
             x = x - (t - t_next) * v
         return self.codec.decode(x)
+
+
+def _device_of(generator):
+    return generator.device if generator is not None else torch.device("cpu")

@@ -1,0 +1,69 @@
+"""Where and in what precision a stage runs: device, dtype and threads as parameters, never assumptions.
+
+``device``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+``dtype``: the model's parameter dtype; statistics, losses and scores stay in float32 whatever it is.
+Pure Python at import (torch is imported where a value is resolved), so the workflow can check a
+config against these values without importing torch.
+"""
+from __future__ import annotations
+
+import re
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
+DEFAULTS = {"device": "auto", "dtype": "float32"}
+
+
+def check_device(name: str) -> str:
+    if not isinstance(name, str) or not re.match(DEVICE_PATTERN, name):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+def resolve_device(name: str = "auto"):
+    """A ``torch.device``; asking for CUDA where there is none is an error, not a silent CPU run."""
+    import torch
+
+    check_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def resolve_dtype(name: str = "float32"):
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+    return getattr(torch, name)
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (timings on an asynchronous device are meaningless without)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe(device, dtype) -> dict:
+    """What a measured time was measured on: device name, dtype, PyTorch (and CUDA) version."""
+    import platform
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
+            "torch": torch.__version__, "cuda": torch.version.cuda}
