@@ -6,13 +6,15 @@ the machine allows it) and stopped again by PID files. The micro pipeline runs t
 in a temporary copy of the working tree: every job of a non-local rule must have run as a SLURM job
 with the resources Snakemake gave it, local rules on the submitting host, and the artifacts must
 match a local run. GPU requests are checked on the sbatch call itself (a stand-in sbatch records
-it), since this cluster has no GPU.
+it), since this cluster has no GPU; so is the launch of a multi-GPU tuning (torchrun, one process
+per GPU), on the submission of a job whose inputs a stand-in CLI made.
 """
 
 import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -197,6 +199,11 @@ FAKE_SLURM = {
 
 
 def submitted_calls(workdir, tmp_path, configfile, **site):
+    return submit(workdir, tmp_path, configfile, **site)[0]
+
+
+def submit(workdir, tmp_path, configfile, *args, **site):
+    """(the sbatch calls, Snakemake's output) of `snakemake --profile slurm ... *args` with a stand-in sbatch."""
     fake = tmp_path / "fake-slurm"
     fake.mkdir(exist_ok=True)
     for name, body in FAKE_SLURM.items():
@@ -205,10 +212,10 @@ def submitted_calls(workdir, tmp_path, configfile, **site):
     calls = tmp_path / "sbatch-calls.txt"
     calls.unlink(missing_ok=True)
     r = sh("snakemake", "--profile", "slurm", "--configfile", configfile, "--slurm-init-seconds-before-status-checks", "1",
-           cwd=workdir, check=False, XDG_CONFIG_HOME=tmp_path / "xdg", FAKE_SBATCH_CALLS=calls,
+           *args, cwd=workdir, check=False, XDG_CONFIG_HOME=tmp_path / "xdg", FAKE_SBATCH_CALLS=calls,
            PATH=f"{fake}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}", **site)
     assert calls.exists(), f"no sbatch call:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return calls.read_text().splitlines()
+    return calls.read_text().splitlines(), r.stdout + r.stderr
 
 
 def test_gpu_resources_reach_the_sbatch_call(tmp_path):
@@ -233,3 +240,29 @@ def test_gpu_resources_reach_the_sbatch_call(tmp_path):
     assert "--gres=gpu:a100:1" in call and "--gpus" not in call and "-p gpuq" in call
     (call,) = submitted_calls(workdir, tmp_path, CONFIG, UNISPARSE_SLURM_ACCOUNT="proj", UNISPARSE_SLURM_QOS="short")
     assert "-p cpuq" in call and "--qos=short" in call and "-A proj" in call
+
+
+def test_multi_gpu_tuning_is_one_job_running_one_process_per_gpu(tmp_path):
+    """resources.tune.gpus: 2 -> one SLURM job asking for 2 GPUs whose command is torchrun with 2 processes."""
+    from test_runtime_rules import stand_in_cli
+
+    workdir = copy_worktree(tmp_path / "work")
+    install_profile(workdir, tmp_path / "xdg")
+    config = yaml.safe_load((workdir / CONFIG).read_text())
+    config["resources"]["tune"] = {"gpus": 2}
+    (workdir / "tune2.yaml").write_text(yaml.safe_dump(config))
+    # the tuning's inputs (dense model, calibration, partition), made by a stand-in CLI in seconds,
+    # so that the first job the profile submits is the first tuning
+    sh("snakemake", "--cores", "1", "--configfile", "tune2.yaml", "--until", "partition", cwd=workdir,
+       PATH=f"{stand_in_cli(tmp_path / 'stand-in')}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}")
+
+    (call,), log = submit(workdir, tmp_path, "tune2.yaml", "--until", "tune_moe")
+    assert "rule_tune_moe" in call and re.search(r"--target-jobs '?tune_moe:[^ ]*tuning=frozen", call)
+    assert re.search(r"--gpus[= ]2\b", call) and "--gres" not in call
+    assert re.search(r"--configfiles \S*tune2\.yaml", call)  # the job formats its command with this config
+    # the command that job runs, as the submitting Snakemake printed it (printshellcmds in the profile)
+    (block,) = re.findall(r"^rule tune_moe:\n(.*?)^Shell command: (.*)$", log, re.M | re.S)
+    assert "tuning=frozen" in block[0]
+    argv = shlex.split(block[1])
+    assert argv[:8] == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "unisparse", "--no-progress", "tune-moe"]
+    assert argv[argv.index("--device") + 1] == "cuda"

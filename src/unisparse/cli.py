@@ -28,7 +28,10 @@ def parse_spec(text: str | None, option: str = "--spec") -> dict:
     try:
         if text.startswith("@"):
             text = Path(text[1:]).read_text()
-        spec = yaml.safe_load(text)
+        try:  # JSON first: YAML 1.1 reads a JSON number such as 3e-3 as a string
+            spec = json.loads(text)
+        except ValueError:
+            spec = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as e:
         raise UsageError(f"{option}: not a readable JSON/YAML mapping ({str(e).splitlines()[0]})") from None
     if spec is None:
