@@ -12,6 +12,7 @@ rule calibrate:
         task="und|gen",
     params:
         spec=spec(config.get("calibrate", {})),
+        runtime=runtime_args("calibrate"),
     threads: res("calibrate", "threads")
     resources:
         **resources_for("calibrate"),
@@ -22,5 +23,5 @@ rule calibrate:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress calibrate {input.model:q} --task {wildcards.task:q} --spec {params.spec:q}"
+        "unisparse --no-progress calibrate {input.model:q} {params.runtime:q} --task {wildcards.task:q} --spec {params.spec:q}"
         " --out {output.stats:q} 2> {log:q}"

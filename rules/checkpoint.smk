@@ -10,6 +10,8 @@ rule train_tiny:
     params:
         model=spec(config["model"]),
         train=spec(config["train"]),
+        launch=launcher("train", "train-tiny"),
+        runtime=runtime_args("train"),
     threads: res("train", "threads")
     resources:
         **resources_for("train"),
@@ -20,5 +22,5 @@ rule train_tiny:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress train-tiny --model {params.model:q} --train {params.train:q}"
+        "{params.launch:q} --no-progress train-tiny {params.runtime:q} --model {params.model:q} --train {params.train:q}"
         " --out {output.model:q} --summary {output.summary:q} 2> {log:q}"

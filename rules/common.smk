@@ -4,6 +4,7 @@ import json
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+import unisparse.runtime as unisparse_runtime  # pure Python: no torch at import
 from unisparse.config_checks import ConfigError, check_config, check_path_setting
 
 validate(config, "../workflow/schemas/config.schema.yaml")
@@ -16,6 +17,26 @@ R = check_path_setting("results_dir", config.get("results_dir", "results"))
 LOGS = check_path_setting("logs_dir", config.get("logs_dir", "logs"))
 
 
+def runtime_settings(section):
+    """`runtime:` with the library's defaults, checked against the library's own values
+    (unisparse.runtime), so the workflow never accepts a device or dtype the CLI refuses."""
+    settings = {**unisparse_runtime.DEFAULTS, **(section or {})}
+    try:
+        unisparse_runtime.check_device(settings["device"])  # the whole string (no trailing newline)
+    except ValueError as e:
+        raise WorkflowError(f"invalid config: runtime.device: {e}") from None
+    if settings["dtype"] not in unisparse_runtime.DTYPES:
+        raise WorkflowError(f"invalid config: runtime.dtype: must be one of {', '.join(unisparse_runtime.DTYPES)}, "
+                            f"got {settings['dtype']!r}")
+    threads = settings.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise WorkflowError(f"invalid config: runtime.threads: must be a positive integer, got {threads!r}")
+    return settings
+
+
+RUNTIME = runtime_settings(config.get("runtime"))
+
+
 def spec(value):
     """A config section as one JSON argument (params change -> job reruns). Rules quote it (`:q`):
     every value that reaches a shell is quoted there, never pasted in."""
@@ -24,12 +45,13 @@ def spec(value):
 
 PKG = "src/unisparse"
 _CODE = {
-    "core": ["cli.py", "io.py", "spec.py", "tasks.py", "accounting.py", "models", "worlds/shapes.py"],
-    "train": ["train.py"],
+    "core": ["cli.py", "io.py", "spec.py", "tasks.py", "accounting.py", "sizes.py", "runtime.py", "distributed.py",
+             "models", "worlds/shapes.py"],
+    "train": ["train.py", "trainloop.py"],
     "evaluate": ["evaluate"],
     "calibrate": ["calibrate.py"],
     "prune": ["prune", "calibrate.py", "evaluate"],
-    "moe": ["moe", "prune", "calibrate.py", "evaluate"],
+    "moe": ["moe", "prune", "calibrate.py", "evaluate", "trainloop.py"],
     "tables": ["tables.py", "io.py"],
 }
 

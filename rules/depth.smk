@@ -23,6 +23,7 @@ rule prune_depth:
         calib=spec(config.get("calibrate", {})),
         meta=lambda w: spec({"stage": "depth", "variant_id": DEPTH_PATH.format(**w), **dict(w)}),
         iterative=lambda w: "--iterative" if w.mode == "iterative" else "",
+        runtime=runtime_args("prune"),
     threads: res("prune", "threads")
     resources:
         **resources_for("prune"),
@@ -33,7 +34,7 @@ rule prune_depth:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress prune-depth {input.model:q} --calibration {input.stats:q}"
+        "unisparse --no-progress prune-depth {input.model:q} {params.runtime:q} --calibration {input.stats:q}"
         " --component {wildcards.component:q} --granularity {wildcards.granularity:q} --drop {wildcards.drop:q}"
         " --score {wildcards.score:q} --kv {wildcards.kv:q} {params.iterative:q} --calib-spec {params.calib:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

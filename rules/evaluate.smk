@@ -12,6 +12,7 @@ rule evaluate:
     params:
         spec=spec(config["evaluate"]),
         meta=lambda w: spec({"stage": stage_of(w.variant), "variant_id": w.variant}),
+        runtime=runtime_args("evaluate"),
     threads: res("evaluate", "threads")
     resources:
         **resources_for("evaluate"),
@@ -22,4 +23,4 @@ rule evaluate:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress evaluate {input.model:q} --spec {params.spec:q} --meta {params.meta:q} --out {output:q} 2> {log:q}"
+        "unisparse --no-progress evaluate {input.model:q} {params.runtime:q} --spec {params.spec:q} --meta {params.meta:q} --out {output:q} 2> {log:q}"

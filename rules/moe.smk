@@ -17,6 +17,7 @@ rule partition:
         dense_layers=moe_dense_layers(),
         meta=lambda w: spec(moe_meta(w, "none")),
         seed=MOE.get("seed", 0),
+        runtime=runtime_args("prune"),
     threads: res("prune", "threads")
     resources:
         **resources_for("prune"),
@@ -27,7 +28,7 @@ rule partition:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress partition {input.model:q} --component {wildcards.component:q}"
+        "unisparse --no-progress partition {input.model:q} {params.runtime:q} --component {wildcards.component:q}"
         " --num-experts {wildcards.num_experts:q} --top-k {wildcards.top_k:q} --method {wildcards.method:q}"
         " --router {wildcards.router:q} --shared-size {wildcards.shared_size:q} --dense-layers {params.dense_layers:q}"
         " --calibration {input.stats:q} --seed {params.seed:q}"
@@ -50,6 +51,8 @@ rule tune_moe:
         tune=lambda w: spec(MOE["tune"][w.tuning]),
         meta=lambda w: spec(moe_meta(w, w.tuning)),
         checkpoints=lambda w: f"{R}/checkpoints/{MOE_PATH.format(**w)}/{w.tuning}",
+        launch=launcher("tune", "tune-moe"),
+        runtime=runtime_args("tune"),
     threads: res("tune", "threads")
     resources:
         **resources_for("tune"),
@@ -60,6 +63,6 @@ rule tune_moe:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress tune-moe {input.model:q} --component {wildcards.component:q} --mode {wildcards.tuning:q}"
+        "{params.launch:q} --no-progress tune-moe {input.model:q} {params.runtime:q} --component {wildcards.component:q} --mode {wildcards.tuning:q}"
         " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

@@ -2,6 +2,7 @@
 # model size decides them; the cluster profile only knows the cluster. The one place where the
 # cluster's dialect matters is how a GPU is asked for: that is a site setting (see gpu_request).
 import os
+import re
 
 
 def res(kind, key):
@@ -60,3 +61,41 @@ def resources_for(kind):
         "gpus": res(kind, "gpus"),
         **gpu_request(res(kind, "gpus")),
     }
+
+
+# Where a job runs: the config's `runtime:` (rules/common.smk) and its job kind's GPUs. Rules pass
+# both as params, so changing a runtime value (or a kind's GPU count) reruns exactly its jobs.
+# The verbs that shard over several GPUs (FSDP2, the global batch split across processes); every
+# other verb runs as one process, on one GPU, whatever its kind asks for.
+MULTI_PROCESS_VERBS = ("train-tiny", "tune-moe")
+
+
+def job_device(kind):
+    """runtime.device as given; `auto` becomes `cuda` for a kind that asks for GPUs (a GPU job
+    never falls back to the CPU silently: the CLI refuses `cuda` where there is none)."""
+    device = RUNTIME["device"]
+    return "cuda" if device == "auto" and res(kind, "gpus") > 0 else device
+
+
+def runtime_args(kind):
+    """The runtime options of every `unisparse` verb a rule of job kind `kind` calls
+    (after the verb name; rules quote them with `{params.runtime:q}`)."""
+    args = ["--device", job_device(kind), "--dtype", RUNTIME["dtype"]]
+    if RUNTIME.get("threads") is not None:
+        args += ["--threads", str(RUNTIME["threads"])]
+    return args
+
+
+def launcher(kind, verb):
+    """The command that starts `verb` (rules: `{params.launch:q} --no-progress <verb> ...`):
+    one process per GPU under torchrun for a multi-process verb whose kind asks for N > 1 GPUs,
+    else plain `unisparse`. torchrun's standalone rendezvous picks a free port, so several such
+    jobs on one node do not collide."""
+    gpus = res(kind, "gpus")
+    if verb not in MULTI_PROCESS_VERBS or gpus <= 1:
+        return ["unisparse"]
+    if re.fullmatch(r"cuda:\d+", RUNTIME["device"]):
+        raise WorkflowError(f"invalid config: runtime.device: {RUNTIME['device']!r} names one GPU, but resources of "
+                            f"job kind {kind!r} ask for {gpus} GPUs and {verb} runs one process per GPU; "
+                            f"use cuda or auto")
+    return ["torchrun", "--standalone", "--nproc-per-node", str(gpus), "-m", "unisparse"]

@@ -19,6 +19,7 @@ rule prune_width:
         meta=lambda w: spec({"stage": "width", "variant_id": WIDTH_PATH.format(**w), **dict(w), "keep_ratio": float(w.keep_ratio)}),
         calibration=lambda w, input: ["--calibration", *input.stats] if input.stats else [],
         seed=config.get("width", {}).get("seed", 0),
+        runtime=runtime_args("prune"),
     threads: res("prune", "threads")
     resources:
         **resources_for("prune"),
@@ -29,6 +30,6 @@ rule prune_width:
     conda:
         "../environment.yml"
     shell:
-        "unisparse --no-progress prune-width {input.model:q} --component {wildcards.component:q}"
+        "unisparse --no-progress prune-width {input.model:q} {params.runtime:q} --component {wildcards.component:q}"
         " --keep-ratio {wildcards.keep_ratio:q} --score {wildcards.score:q} {params.calibration:q} --seed {params.seed:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 
 DTYPES = ("float32", "bfloat16", "float16")
-DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"  # matched in full (re.fullmatch: no trailing newline)
 DEFAULTS = {"device": "auto", "dtype": "float32"}
 
 
 def check_device(name: str) -> str:
-    if not isinstance(name, str) or not re.match(DEVICE_PATTERN, name):
+    if not isinstance(name, str) or not re.fullmatch(DEVICE_PATTERN.strip("^$"), name):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return name
 

@@ -31,7 +31,7 @@ def restructure(model, config: MoTConfig, transform=None) -> MoTForUnifiedModel:
     missing = [k for k in wanted if k not in state]
     if missing:
         raise RuntimeError(f"restructure: no weights for {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    new = new.to_empty(device="cpu")
+    new = new.to_empty(device=model.device)
     new.load_state_dict({k: state[k].detach().clone() for k in wanted}, strict=True, assign=True)
     new.eval()
     return new

@@ -26,7 +26,7 @@ def neuron_scores(model, layer: int, component: str, score: str, calibration=Non
     if score == "act_norm":
         if calibration is None:
             raise ValueError("score 'act_norm' needs calibration statistics")
-        return calibration.act_abs_mean(component, layer).float() * down_norm
+        return calibration.act_abs_mean(component, layer).to(down_norm.device).float() * down_norm
     if score == "weight":
         w = mlp.gate_proj.weight.detach().float().norm(dim=1) * mlp.up_proj.weight.detach().float().norm(dim=1)
         return w * down_norm
