@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from unisparse.accounting import parameter_counts  # noqa: E402
 from unisparse.io import load_model  # noqa: E402
+from unisparse.runtime import DTYPES, describe, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from unisparse.worlds import shapes  # noqa: E402
 
 
@@ -33,22 +34,28 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     pairs = shapes.geneval_set("eval", 1, None, 0)[: args.images]
     ids = [shapes.encode(p.text) for p, _ in pairs]
     seeds = [s for _, s in pairs]
+    print(describe(device, dtype))
     print(f"threads={args.threads} images={len(ids)} steps={args.steps} cfg={args.cfg} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load={os.getloadavg()[0]:.2f}")
     ref = None
     print(f"{'model':70s} {'gen active':>10s} {'ms/image':>9s} {'speedup':>8s}")
     for path in args.models:
-        model = load_model(path)
+        model = load_model(path, device=device, dtype=dtype)
         model.generate_images(ids, seeds, num_steps=args.steps, cfg_scale=args.cfg)  # warm-up
         times = []
         for _ in range(args.repeats):
+            synchronize(device)
             t0 = time.perf_counter()
             model.generate_images(ids, seeds, num_steps=args.steps, cfg_scale=args.cfg)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
         ms = 1000 * statistics.median(times) / len(ids)
         ref = ref or ms

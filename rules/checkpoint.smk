@@ -1,4 +1,5 @@
-# The dense checkpoint: the tiny default is trained by the pipeline itself.
+# The dense checkpoint: the tiny default is trained by the pipeline itself (resumable: a killed run
+# continues from results/checkpoints/train if that was made from the same settings).
 
 
 rule train_tiny:
@@ -12,6 +13,7 @@ rule train_tiny:
         train=spec(config["train"]),
         launch=launcher("train", "train-tiny"),
         runtime=runtime_args("train"),
+        checkpoints=f"{R}/checkpoints/train",
     threads: res("train", "threads")
     resources:
         **resources_for("train"),
@@ -23,4 +25,4 @@ rule train_tiny:
         "../environment.yml"
     shell:
         "{params.launch:q} --no-progress train-tiny {params.runtime:q} --model {params.model:q} --train {params.train:q}"
-        " --out {output.model:q} --summary {output.summary:q} 2> {log:q}"
+        " --checkpoint-dir {params.checkpoints:q} --out {output.model:q} --summary {output.summary:q} 2> {log:q}"

@@ -32,6 +32,7 @@ TRAIN_DEFAULTS = dict(
     cond_dropout=0.1,
     grad_clip=1.0,
     threads=2,
+    checkpoint_every=500,  # steps between resumable checkpoints (with a checkpoint directory)
     qa_weights=None,  # sampling weights of the ShapesQA types (colour, shape, count, relation)
 )
 
