@@ -34,3 +34,18 @@ def test_cuda_half_precision_runs_every_verb(checkpoint, cpu_float32, tmp_path, 
     diffs = score_differences(cpu_float32, half)
     assert max(diffs.values()) <= 0.05, {k: round(v, 3) for k, v in diffs.items() if v > 0.05}
     assert {m["latency"]["dtype"] for m in half.values()} == {dtype}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_train_tiny_on_cuda(tmp_path, dtype):
+    import json
+
+    from safetensors.torch import load_file
+
+    from verb_chain import MICRO_MODEL, cli
+
+    cli("train-tiny", "--model", json.dumps(MICRO_MODEL), "--train", json.dumps({"steps": 20, "batch_und": 8, "batch_gen": 8}),
+        "--out", tmp_path / "m", "--summary", tmp_path / "s.json", "--device", "cuda", "--dtype", dtype)
+    assert {t.dtype for t in load_file(str(tmp_path / "m/model.safetensors")).values()} == {getattr(torch, dtype)}
+    history = json.loads((tmp_path / "s.json").read_text())["history"]
+    assert all(h["ce"] == h["ce"] and h["mse"] == h["mse"] for h in history)  # no NaN
