@@ -120,13 +120,6 @@ def _load(args):
     return load_model(args.model_dir, device=device, dtype=dtype), directory_digest(args.model_dir)
 
 
-def _is_main() -> bool:
-    """Rank 0 of a torchrun launch, or the only process."""
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _load_calibration(path, model, model_sha256):
     from .calibrate import Calibration
 
@@ -145,6 +138,7 @@ def setup_logging(log_file: str | None) -> None:
 
 def cmd_train_tiny(args) -> None:
     from .io import write_json
+    from .distributed import world
     from .train import TRAIN_DEFAULTS, check_model_spec, train_tiny
 
     model_spec = parse_spec(args.model, "--model")
@@ -156,9 +150,10 @@ def cmd_train_tiny(args) -> None:
     device, dtype = _runtime(args)
     summary = train_tiny(model_spec, train_spec, args.out, progress=not args.no_progress, device=device, dtype=dtype,
                          checkpoint_dir=args.checkpoint_dir)
-    if args.summary and _is_main():
+    is_main = world().is_main  # rank 0 of a torchrun launch, or the only process
+    if args.summary and is_main:
         write_json(args.summary, summary)
-    if args.checkpoint_dir and _is_main():
+    if args.checkpoint_dir and is_main:
         shutil.rmtree(args.checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
 
 
@@ -330,15 +325,15 @@ def cmd_partition(args) -> None:
 
 def cmd_tune_moe(args) -> None:
     from .io import write_json
-    from .moe.tune import TUNE_DEFAULTS, trainable_names, tune_moe
+    from .distributed import world
+    from .moe.tune import TUNE_DEFAULTS, tune_moe
 
     settings = _output_settings(args)
     spec = _settings(args, args.spec, "--spec", TUNE_DEFAULTS, "tuning")
     model, _ = _load(args)
-    trainable_names(model, args.component, args.mode)  # the component must be an MoE
     summary = tune_moe(model, args.component, args.mode, spec, checkpoint_dir=args.checkpoint_dir,
                        progress=not args.no_progress)
-    if not _is_main():
+    if not world().is_main:
         return  # under torchrun: rank 0 holds the gathered weights and writes everything
     _finish(model, args, settings)
     if args.summary:
