@@ -218,12 +218,19 @@ def submit(workdir, tmp_path, configfile, *args, **site):
     return calls.read_text().splitlines(), r.stdout + r.stderr
 
 
-def test_gpu_resources_reach_the_sbatch_call(tmp_path):
+def workdir_with_gpus(tmp_path, kind, gpus, name):
+    """A copy of the worktree with the profile installed and a config `name` whose job kind `kind`
+    asks for `gpus` GPUs."""
     workdir = copy_worktree(tmp_path / "work")
     install_profile(workdir, tmp_path / "xdg")
     config = yaml.safe_load((workdir / CONFIG).read_text())
-    config["resources"]["train"] = {"gpus": 1}
-    (workdir / "gpu.yaml").write_text(yaml.safe_dump(config))
+    config["resources"][kind] = {"gpus": gpus}
+    (workdir / name).write_text(yaml.safe_dump(config))
+    return workdir
+
+
+def test_gpu_resources_reach_the_sbatch_call(tmp_path):
+    workdir = workdir_with_gpus(tmp_path, "train", 1, "gpu.yaml")
 
     # the first job of the DAG (train_tiny, job kind `train`) is the one submitted
     (call,) = submitted_calls(workdir, tmp_path, "gpu.yaml")
@@ -246,11 +253,7 @@ def test_multi_gpu_tuning_is_one_job_running_one_process_per_gpu(tmp_path):
     """resources.tune.gpus: 2 -> one SLURM job asking for 2 GPUs whose command is torchrun with 2 processes."""
     from test_runtime_rules import stand_in_cli
 
-    workdir = copy_worktree(tmp_path / "work")
-    install_profile(workdir, tmp_path / "xdg")
-    config = yaml.safe_load((workdir / CONFIG).read_text())
-    config["resources"]["tune"] = {"gpus": 2}
-    (workdir / "tune2.yaml").write_text(yaml.safe_dump(config))
+    workdir = workdir_with_gpus(tmp_path, "tune", 2, "tune2.yaml")
     # the tuning's inputs (dense model, calibration, partition), made by a stand-in CLI in seconds,
     # so that the first job the profile submits is the first tuning
     sh("snakemake", "--cores", "1", "--configfile", "tune2.yaml", "--until", "partition", cwd=workdir,

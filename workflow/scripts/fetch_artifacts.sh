@@ -58,13 +58,9 @@ while [ $# -gt 0 ]; do
 done
 cd "$(dirname "$0")/../.."
 
-# the project's tools: the active environment, else the repository's .venv
-if ! command -v dvc >/dev/null || ! command -v snakemake >/dev/null; then
-  if [ -x .venv/bin/dvc ]; then PATH="$PWD/.venv/bin:$PATH"; else
-    echo "fetch_artifacts.sh: dvc and snakemake are needed: run workflow/scripts/setup.sh and activate .venv" >&2
-    exit 1
-  fi
-fi
+# shellcheck source=workflow/scripts/common.sh
+. workflow/scripts/common.sh
+require_tools fetch_artifacts.sh
 # a Python with PyYAML: the one Snakemake runs on
 python="$(command -v python3)"
 for candidate in "$(dirname "$(command -v snakemake)")/python3" .venv/bin/python3; do

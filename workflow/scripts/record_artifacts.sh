@@ -36,13 +36,9 @@ while [ $# -gt 0 ]; do
 done
 cd "$(dirname "$0")/../.."
 
-# the project's tools: the active environment, else the repository's .venv
-if ! command -v dvc >/dev/null || ! command -v snakemake >/dev/null; then
-  if [ -x .venv/bin/dvc ]; then PATH="$PWD/.venv/bin:$PATH"; else
-    echo "record_artifacts.sh: dvc and snakemake are needed: run workflow/scripts/setup.sh and activate .venv" >&2
-    exit 1
-  fi
-fi
+# shellcheck source=workflow/scripts/common.sh
+. workflow/scripts/common.sh
+require_tools record_artifacts.sh
 config_text="${configfile[1]:-the default config}"
 config_args=""
 [ ${#configfile[@]} -eq 0 ] || config_args="$(printf ' %q' "${configfile[@]}")"
