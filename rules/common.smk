@@ -152,10 +152,41 @@ def moe_tuning_input(w):
     return f"{R}/models/{MOE_PATH.format(**w)}/{previous}"
 
 
+def control_sources():
+    """Models given the MoE's full tuning as controls (`moe.controls`): the dense model and, per
+    distinct active fraction k/E, the act_norm width cut of the MoE component at that fraction."""
+    controls = MOE.get("controls", [])
+    out = ["dense"] if "dense" in controls else []
+    if "static" in controls:
+        for v in moe_variants().values():
+            keep = int(v["top_k"]) / int(v["num_experts"])
+            path = WIDTH_PATH.format(component=MOE["component"], calib_task=MOE.get("calib_task", "gen"),
+                                     score="act_norm", keep_ratio=f"{keep:g}")
+            out += [path] if path not in out else []
+    return out
+
+
+CONTROL_SOURCE = r"dense|width/[a-z]+/cal-[a-z]+/[a-z_]+/keep[0-9.]+"
+
+
+def control_meta(source):
+    """Table coordinates of a tuned control: its source's (width cut or dense) plus the tuning."""
+    v = {"component": MOE["component"]}
+    if source != "dense":
+        _, component, cal, score, keep = source.split("/")
+        v = dict(component=component, calib_task=cal[len("cal-"):], score=score, keep_ratio=float(keep[len("keep"):]))
+    return {"stage": "tuned", "variant_id": f"tuned/{source}", "source": stage_of(source), "tuning": "full", **v}
+
+
+def control_metrics():
+    return [f"{R}/metrics/tuned/{s}.json" for s in control_sources()]
+
+
 def moe_table_inputs():
-    """Dense, every MoE variant, and static width cuts of the MoE component for comparison."""
+    """Dense, every MoE variant, static width cuts of the MoE component and the tuned controls."""
     static = [f"{R}/metrics/{p}.json" for p, v in width_variants().items() if v["component"] == MOE.get("component")]
-    return [f"{R}/metrics/dense.json"] + moe_metrics() + static
+    static += [f"{R}/metrics/{p}.json" for p in control_sources() if p != "dense" and p not in width_variants()]
+    return [f"{R}/metrics/dense.json"] + moe_metrics() + static + control_metrics()
 
 
 def probe_metrics():

@@ -13,7 +13,7 @@ rule prune_depth:
     wildcard_constraints:
         component="und|gen",
         calib_task="und|gen",
-        granularity="block|attn|mlp",
+        granularity="block|attn|mlp|sublayer",
         score="ld|bagel",
         kv="keep|none",
         mode="oneshot|iterative",

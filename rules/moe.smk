@@ -66,3 +66,38 @@ rule tune_moe:
         "{params.launch:q} --no-progress tune-moe {input.model:q} {params.runtime:q} --component {wildcards.component:q} --mode {wildcards.tuning:q}"
         " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
+
+
+rule tune_control:
+    # the controls: the MoE's full tuning (moe.tune.full) given to the dense model and to the static
+    # width cut at the MoE's active fraction, so that "MoE recovers" is not just "tuning recovers"
+    input:
+        code=code("moe"),
+        model=f"{R}/models/{{source}}",
+    output:
+        model=directory(f"{R}/models/tuned/{{source}}"),
+        metrics=f"{R}/metrics/tuned/{{source}}.json",
+        summary=f"{R}/tuning/tuned/{{source}}.json",
+    wildcard_constraints:
+        source=CONTROL_SOURCE,
+    params:
+        eval=spec(config["evaluate"]),
+        tune=spec(MOE.get("tune", {}).get("full", {})),
+        meta=lambda w: spec(control_meta(w.source)),
+        component=MOE.get("component", "gen"),
+        checkpoints=lambda w: f"{R}/checkpoints/tuned/{w.source}",
+        launch=launcher("tune", "tune"),
+        runtime=runtime_args("tune"),
+    threads: res("tune", "threads")
+    resources:
+        **resources_for("tune"),
+    log:
+        f"{LOGS}/tuned/{{source}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/tuned/{{source}}.tsv"
+    conda:
+        "../environment.yml"
+    shell:
+        "{params.launch:q} --no-progress tune {input.model:q} {params.runtime:q} --component {params.component:q} --mode full"
+        " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q}"
+        " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

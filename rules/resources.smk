@@ -67,7 +67,7 @@ def resources_for(kind):
 # both as params, so changing a runtime value (or a kind's GPU count) reruns exactly its jobs.
 # The verbs that shard over several GPUs (FSDP2, the global batch split across processes); every
 # other verb runs as one process, on one GPU, whatever its kind asks for.
-MULTI_PROCESS_VERBS = ("train-tiny", "tune-moe")
+MULTI_PROCESS_VERBS = ("train-tiny", "tune-moe", "tune")
 
 
 def job_device(kind):

@@ -147,7 +147,7 @@ BAD_ARGS = {
                                         "--dense-layers", "none"], "num_experts"),
     "cluster without calibration": (["partition", "{a}", "--component", "gen", "--num-experts", "4", "--top-k", "2",
                                      "--method", "cluster"], "--calibration"),
-    "tune a dense model": (["tune-moe", "{a}", "--mode", "full", "--spec", '{{"steps": 2}}'], "no MoE layers"),
+    "router-tune a dense model": (["tune-moe", "{a}", "--mode", "frozen", "--spec", '{{"steps": 2}}'], "no routers to tune"),
     "calibrate spec unknown key": (["calibrate", "{a}", "--task", "gen", "--spec", '{{"qa_itemz": 1}}'], "qa_itemz"),
     "evaluate spec unknown key": (["evaluate", "{a}", "--spec", '{{"bogus": 1}}'], "bogus"),
     "evaluate meta unparsable": (["evaluate", "{a}", "--meta", '{{"a": '], "--meta"),

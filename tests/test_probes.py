@@ -98,15 +98,39 @@ def _zeroed(model, comp, sub, layer):
 @pytest.mark.parametrize("sub", ["attn", "mlp"])
 def test_dropping_equals_zero_sublayer(tiny_model, comp, sub):
     from unisparse.prune.depth import apply_drop
-    pruned = apply_drop(tiny_model, comp, sub, [1])
+    pruned = apply_drop(tiny_model, comp, {sub: [1]})
     for a, b in zip(outputs(pruned), outputs(_zeroed(tiny_model, comp, sub, 1))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_sublayer_granularity_ranks_attention_and_mlp_together(tiny_model):
+    """`sublayer` drops the n sublayers with the highest cosine among all 2L, attention and MLP alike,
+    and equals dropping the same sublayers one type at a time."""
+    from unisparse.prune.depth import apply_drop, choose_sublayers
+    cal = Calibration.from_stats(run_calibration(tiny_model, "gen", CAL), "gen")
+    cos = {(sub, i): float(cal.cosine("gen", name)[i]) for sub, name in (("attn", "attn"), ("mlp", "mlp_ld"))
+           for i in range(tiny_model.config.num_hidden_layers)}
+    L = tiny_model.config.num_hidden_layers
+    for n in range(1, 2 * L + 1):
+        chosen = choose_sublayers(cal, "gen", "sublayer", n)
+        picked = {(sub, i) for sub, layers in chosen.items() for i in layers}
+        assert len(picked) == n
+        assert min(cos[p] for p in picked) >= max([cos[p] for p in cos if p not in picked], default=-2)
+    chosen = choose_sublayers(cal, "gen", "sublayer", 3)
+    pruned = prune_depth(tiny_model, cal, "gen", "sublayer", 3)
+    assert {s: sorted(v) for s, v in pruned.config.skip["gen"].items() if v} == {s: v for s, v in chosen.items() if v}
+    for a, b in zip(outputs(pruned), outputs(apply_drop(tiny_model, "gen", chosen))):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="one scale"):
+        choose_sublayers(cal, "gen", "sublayer", 1, score="bagel")
+    with pytest.raises(ValueError, match="only 8 remain|only"):
+        choose_sublayers(cal, "gen", "sublayer", 2 * L + 1)
+
+
 def test_published_kv_policy_hides_prompt_from_generation(tiny_model):
     from unisparse.prune.depth import apply_drop
-    keep = apply_drop(tiny_model, "und", "attn", [1], "keep")
-    none = apply_drop(tiny_model, "und", "attn", [1], "none")
+    keep = apply_drop(tiny_model, "und", {"attn": [1]}, "keep")
+    none = apply_drop(tiny_model, "und", {"attn": [1]}, "none")
     (u1, g1), (u2, g2) = outputs(keep), outputs(none)
     assert torch.equal(u1, u2)  # understanding has no generation tokens
     assert not torch.allclose(g1, g2)
@@ -123,7 +147,7 @@ def test_dropped_sublayer_costs_no_compute(tiny_model):
             m.understanding_logits(images, questions)
         return counter.get_total_flops()
 
-    dense, pruned = flops(tiny_model), flops(apply_drop(tiny_model, "und", "mlp", [0]))
+    dense, pruned = flops(tiny_model), flops(apply_drop(tiny_model, "und", {"mlp": [0]}))
     n_tokens = sum(3 + tiny_model.config.num_vit_tokens + len(q) for q in questions)
     c = tiny_model.config
     assert dense - pruned == 2 * n_tokens * 3 * c.hidden_size * c.intermediate_size

@@ -157,17 +157,18 @@ def test_relations_rule():
 
 
 def test_splits_disjoint_and_sized():
-    sets = {sp: S.gen_prompts(sp) for sp in S.SPLITS}
+    """Train, calibration and evaluation prompts are pairwise disjoint in every tag (no calibration
+    prompt is an evaluation prompt); only tags too small to spare prompts have no calibration."""
+    sets = {sp: {p.text for p in S.gen_prompts(sp)} for sp in S.SPLITS}
+    for a, b in itertools.combinations(S.SPLITS, 2):
+        assert not sets[a] & sets[b], (a, b, sorted(sets[a] & sets[b])[:5])
+    assert set.union(*sets.values()) == {p.text for p in S.all_gen_prompts()}
     for tag in S.TAGS:
-        for sp in S.SPLITS:
-            assert sum(p.tag == tag for p in sets[sp]) >= 4, (tag, sp)
-    for tag in S.HASHED_TAGS:
-        texts = {sp: {p.text for p in sets[sp] if p.tag == tag} for sp in S.SPLITS}
-        for a, b in itertools.combinations(S.SPLITS, 2):
-            assert not texts[a] & texts[b], (tag, a, b)
-        assert sum(map(len, texts.values())) == sum(p.tag == tag for p in S.all_gen_prompts())
-    for p in S.all_gen_prompts():
-        assert (S.gen_split(p) == "all") == (p.tag not in S.HASHED_TAGS)
+        n = sum(p.tag == tag for p in S.all_gen_prompts())
+        sizes = {sp: sum(p.tag == tag for p in S.gen_prompts(sp)) for sp in S.SPLITS}
+        assert sizes["train"] >= 1 and sizes["eval"] >= 1, (tag, sizes)
+        assert (sizes["calib"] == 0) == (n < S.MIN_PROMPTS_FOR_CALIB), (tag, sizes)
+    assert {p.tag for p in S.gen_prompts("calib")} >= set(S.TAGS) - {"single_object"}
     ca = [p for p in S.all_gen_prompts() if p.tag == "color_attr"]
     frac = Counter(S.gen_split(p) for p in ca)
     assert abs(frac["train"] / len(ca) - 0.6) < 0.05
@@ -175,11 +176,19 @@ def test_splits_disjoint_and_sized():
         S.gen_prompts("all")
 
 
+def test_qa_splits_disjoint():
+    """ShapesQA items of different splits never share a (scene, question) pair."""
+    keys = {sp: {(it.scene, it.question) for it in S.qa_set(sp, 400, seed=0)} for sp in S.SPLITS}
+    for a, b in itertools.combinations(S.SPLITS, 2):
+        assert not keys[a] & keys[b], (a, b)
+
+
 def test_geneval_set_deterministic():
     a = S.geneval_set("eval", 2, max_prompts_per_tag=3, seed=1)
     assert a == S.geneval_set("eval", 2, max_prompts_per_tag=3, seed=1)
     assert a != S.geneval_set("eval", 2, max_prompts_per_tag=3, seed=2)
-    assert Counter(p.tag for p, _ in a) == {t: 6 for t in S.TAGS}
+    n_eval = Counter(p.tag for p in S.gen_prompts("eval"))
+    assert Counter(p.tag for p, _ in a) == {t: 2 * min(3, n_eval[t]) for t in S.TAGS}
     assert len({s for _, s in a}) == len(a)
     full = S.geneval_set("eval", 1)
     assert [p for p, _ in full] == S.gen_prompts("eval")
@@ -211,6 +220,21 @@ def test_geneval_scores_unweighted():
     assert sc["n_images"] == 15
     with pytest.raises(ValueError):
         S.geneval_scores(results[:10])
+
+
+def test_geneval_standard_errors():
+    """A tag's error is over prompts (samples of one prompt are not independent); the overall one
+    combines the six tags' errors; a tag with one prompt falls back to the binomial error."""
+    by_tag = {t: [p for p in S.all_gen_prompts() if p.tag == t] for t in S.TAGS}
+    two = by_tag["two_object"][:2]
+    results = [(two[0], True)] * 4 + [(two[1], False)] * 4  # prompt means 1 and 0
+    results += [(by_tag[t][0], c) for t in S.TAGS if t != "two_object" for c in (True, False)]
+    sc = S.geneval_scores(results)
+    assert sc["se"]["two_object"] == pytest.approx(np.std([1.0, 0.0], ddof=1) / np.sqrt(2))
+    assert sc["se"]["counting"] == pytest.approx(np.sqrt(0.25 / 2))
+    assert sc["se"]["overall"] == pytest.approx(np.sqrt(sum(sc["se"][t] ** 2 for t in S.TAGS)) / 6)
+    perfect = S.geneval_scores([(by_tag[t][i], True) for t in S.TAGS for i in range(2)])
+    assert all(v == 0 for v in perfect["se"].values())
 
 
 # --- QA --------------------------------------------------------------------
@@ -266,6 +290,9 @@ def test_qa_scores():
     assert sc["count"] == 1.0 and sc["colour"] == 0.0
     assert sc["overall"] == pytest.approx(n_count / 40)
     assert sc["n_items"] == 40
+    p = n_count / 40
+    assert sc["se"]["overall"] == pytest.approx(np.sqrt(p * (1 - p) / 40))
+    assert sc["se"]["count"] == 0.0
 
 
 # --- text ------------------------------------------------------------------

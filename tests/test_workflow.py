@@ -1,6 +1,8 @@
 """The pipeline as a user drives it: config validation, incremental reruns (micro config)."""
+import json
 import re
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -92,6 +94,22 @@ def test_changing_evaluation_reruns_every_evaluation_but_not_training(micro_run)
     jobs = planned_jobs(snakemake(micro_run, "-n", config=write_config(micro_run, edit)))
     assert "train_tiny" not in jobs and "calibrate" not in jobs
     assert {"evaluate", "prune_width", "prune_depth", "partition", "tune_moe"} <= set(jobs)
+
+
+def test_tuned_controls_get_the_moes_full_tuning(micro_run):  # noqa: F811
+    """The dense model and the static cut at the MoE's active fraction are tuned with the MoE's full
+    tuning settings and land in the MoE table; every score there carries its standard error."""
+    table = pd.read_csv(micro_run / "results/tables/moe.csv")
+    tuned = table[table.stage == "tuned"]
+    assert set(tuned.variant_id) == {"tuned/dense", "tuned/width/gen/cal-gen/act_norm/keep0.5"}
+    assert (tuned.tuning == "full").all()
+    (moe_full,) = (micro_run / "results/tuning/moe").glob("gen/*/full.json")
+    moe_settings = json.loads(moe_full.read_text())["tune"]
+    for source in ("dense", "width/gen/cal-gen/act_norm/keep0.5"):
+        summary = json.loads((micro_run / f"results/tuning/tuned/{source}.json").read_text())
+        assert summary["tune"] == moe_settings and summary["mode"] == "full"
+    overall = table[table.metric == "overall"]
+    assert overall.se.notna().all() and (overall.se >= 0).all()
 
 
 INJECTIONS = {

@@ -363,7 +363,9 @@ def _register_moe(sub) -> None:
     _add_output_args(s)
     s.set_defaults(func=cmd_partition)
 
-    s = sub.add_parser("tune-moe", parents=[runtime_options()], help="tune an MoE component: routers only (frozen) or experts + routers (full)")
+    s = sub.add_parser("tune-moe", aliases=["tune"], parents=[runtime_options()],
+                       help="tune a component on the flow loss: routers only (frozen, MoE) or its whole MLPs / MoE "
+                            "blocks (full; on a dense or width-cut component: the tuned controls)")
     s.add_argument("model_dir")
     s.add_argument("--component", default="gen", choices=COMPONENTS)
     s.add_argument("--mode", required=True, choices=MODES)

@@ -57,10 +57,12 @@ def _check_model(model: dict) -> None:
 
 def _check_depth(config: dict, layers: int) -> None:
     for i, sweep in enumerate(config.get("depth", {}).get("sweeps", [])):
+        # a component has `layers` blocks, attention or MLP sublayers, and twice that many sublayers
+        limit = 2 * layers if _as_list(sweep["granularity"]) == ["sublayer"] else layers
         for drop in _as_list(sweep["drop"]):
-            if drop > layers:
+            if drop > limit:
                 raise ConfigError(f"depth.sweeps[{i}].drop: cannot drop {drop} sublayers of a model with "
-                                  f"model.num_hidden_layers={layers}")
+                                  f"model.num_hidden_layers={layers} (granularity {sweep['granularity']})")
 
 
 def _check_moe(config: dict, layers: int) -> None:
@@ -88,6 +90,9 @@ def _check_moe(config: dict, layers: int) -> None:
         if tuning != "none" and tuning not in moe.get("tune", {}):
             raise ConfigError(f"moe.tune.{tuning}: missing, but moe.tunings lists {tuning!r} (give its settings, "
                               f"e.g. `{tuning}: {{steps: 100}}`)")
+    if moe.get("controls") and "full" not in moe.get("tune", {}):
+        raise ConfigError(f"moe.tune.full: missing, but moe.controls lists {moe['controls']} (the controls get the "
+                          "MoE's full tuning; give its settings, e.g. `full: {steps: 100}`)")
     if "full" in moe["tunings"] and moe.get("full_init", "frozen") == "frozen" and "frozen" not in moe["tunings"]:
         raise ConfigError("moe.full_init: 'frozen' (full tuning starts from the router-tuned model) needs 'frozen' "
                           "in moe.tunings")

@@ -1,4 +1,5 @@
-"""Aggregate metrics JSON files into one tidy CSV: a row per variant x task x metric."""
+"""Aggregate metrics JSON files into one tidy CSV: a row per variant x task x metric, with the
+score's standard error (NaN for metrics files written before scores carried one)."""
 from __future__ import annotations
 
 
@@ -22,10 +23,12 @@ def rows_of(metrics: dict) -> list[dict]:
     extra = {f"load_{k}": v for k, v in metrics.get("expert_load", {}).items()}
     rows = []
     for task, bench in TASK_KEYS.items():
+        se = metrics[task].get("se", {})
         for metric, value in metrics[task].items():
-            if metric.startswith("n_"):
+            if metric.startswith("n_") or metric == "se":
                 continue
-            rows.append({**variant, "task": task, "benchmark": bench, "metric": metric, "value": value, **cost, **extra})
+            rows.append({**variant, "task": task, "benchmark": bench, "metric": metric, "value": value,
+                         "se": se.get(metric, float("nan")), **cost, **extra})
     return rows
 
 
@@ -39,7 +42,7 @@ def aggregate(metric_files: list, out_csv) -> pd.DataFrame:
     # grid coordinates first, then the measurement, then cost columns
     cost_prefixes = ("params_", "flops_", "latency_", "load_")
     front = [c for c in ("stage", "variant_id") if c in df.columns]
-    measure = ["task", "benchmark", "metric", "value"]
+    measure = ["task", "benchmark", "metric", "value", "se"]
     cost = [c for c in df.columns if c.startswith(cost_prefixes)]
     grid = sorted(c for c in df.columns if c not in front + measure + cost)
     df = df[front + grid + measure + cost]

@@ -1,4 +1,5 @@
 """MoE tuning on the rectified-flow loss: expert-frozen (routers only) or full (experts + routers).
+The same full tuning of a dense or width-cut component gives the tuned controls.
 
 Only the MoE component's MLP blocks ever train; everything else (understanding tower included)
 stays frozen. The loop, checkpoints and resumption are the one training loop's (``trainloop``): a
@@ -29,14 +30,23 @@ ROUTER_PREFIXES = ("gate.", "shared_expert_gate.")
 
 
 def trainable_names(model, component: str, mode: str) -> list[str]:
-    """Parameters tuned in ``mode``: routers only (frozen) or the whole MoE blocks (full)."""
+    """Parameters tuned in ``mode``: routers only (frozen) or the whole MoE blocks (full).
+
+    On a component without experts, ``full`` tunes every (remaining) MLP of the component: the tuned
+    controls (a dense or statically cut model given the MoE's loss, data, steps and learning rate), so
+    a recovery can be told apart from what any fine-tuning buys."""
     check_component(component)
     if mode not in MODES:
         raise ValueError(f"unknown tuning mode {mode!r}; expected one of {MODES}")
     spec = model.config.moe.get(component)
-    if not spec:
-        raise ValueError(f"the {component} component has no MoE layers to tune; run `unisparse partition` first")
-    prefixes = [f"language_model.model.layers.{i}.mlp{SUFFIX[component]}." for i in spec["layers"]]
+    if spec:
+        layers = spec["layers"]
+    elif mode == "full":
+        layers = [i for i in range(model.config.num_hidden_layers) if model.mlp(i, component) is not None]
+    else:
+        raise ValueError(f"the {component} component has no routers to tune (mode 'frozen'); "
+                         "run `unisparse partition` first, or tune its MLPs with mode 'full'")
+    prefixes = [f"language_model.model.layers.{i}.mlp{SUFFIX[component]}." for i in layers]
     names = []
     for name, _ in model.named_parameters():
         for prefix in prefixes:
@@ -44,6 +54,8 @@ def trainable_names(model, component: str, mode: str) -> list[str]:
                 local = name[len(prefix):]
                 if mode == "full" or local.startswith(ROUTER_PREFIXES):
                     names.append(name)
+    if not names:
+        raise ValueError(f"the {component} component has no MLP parameters left to tune")
     return names
 
 

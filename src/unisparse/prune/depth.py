@@ -1,7 +1,9 @@
 """Depth pruning: drop the sublayers whose output changes the residual stream least.
 
 Scores are mean cosine similarities from calibration (high = the sublayer barely changes the
-stream). One-shot drops the n highest at once; iterative drops one, recalibrates, and repeats.
+stream). Granularities: whole blocks, attention sublayers, MLP sublayers, or ``sublayer`` (attention
+and MLP sublayers ranked together on one scale, so a small model still gives a curve of 2L points).
+One-shot drops the n highest at once; iterative drops one, recalibrates, and repeats.
 A dropped sublayer is recorded in the config, its weights are not stored, and it is not computed.
 """
 from __future__ import annotations
@@ -15,15 +17,15 @@ from .common import derived_config, restructure
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES = ("block", "attn", "mlp")
+GRANULARITIES = ("block", "attn", "mlp", "sublayer")
 SCORE_DEFINITIONS = ("ld", "bagel")
 
 
 def drop_scores(calibration, component: str, granularity: str, score: str = "ld") -> torch.Tensor:
     """Per-layer cosine used to rank layers for dropping (NaN where the sublayer is already gone)."""
     check_component(component)
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+    if granularity not in GRANULARITIES or granularity == "sublayer":
+        raise ValueError(f"unknown per-layer granularity {granularity!r}; expected one of {GRANULARITIES[:3]}")
     if score not in SCORE_DEFINITIONS:
         raise ValueError(f"unknown score definition {score!r}; expected one of {SCORE_DEFINITIONS}")
     name = "attn" if granularity == "attn" else f"{granularity}_{score}"
@@ -44,12 +46,29 @@ def choose_layers(scores: torch.Tensor, n: int) -> list[int]:
     return sorted(order[:n])
 
 
-def apply_drop(model, component: str, granularity: str, layers: list[int], skipped_attention_kv: str | None = None):
-    """A new model with ``layers`` of that component's sublayers dropped."""
+def choose_sublayers(calibration, component: str, granularity: str, n: int, score: str = "ld") -> dict:
+    """``{sublayer: [layers]}`` of the n sublayers to drop. ``sublayer`` ranks attention
+    (``cos(h, h + attn)``) and MLP (``cos(h, h + mlp)``) sublayers together: only the ``ld``
+    definition puts both on one scale. Ties go to the lower layer, then attention."""
+    if granularity != "sublayer":
+        layers = choose_layers(drop_scores(calibration, component, granularity, score), n)
+        return {sub: layers for sub in (("attn", "mlp") if granularity == "block" else (granularity,))}
+    if score != "ld":
+        raise ValueError(f"granularity 'sublayer' ranks attention and MLP sublayers on one scale, which only "
+                         f"the 'ld' score definition gives (got {score!r})")
+    per_sub = {sub: drop_scores(calibration, component, sub, score) for sub in ("attn", "mlp")}
+    available = [(sub, i) for sub, scores in per_sub.items() for i in range(len(scores)) if not torch.isnan(scores[i])]
+    if n > len(available):
+        raise ValueError(f"cannot drop {n} sublayers: only {len(available)} remain")
+    order = sorted(available, key=lambda si: (-float(per_sub[si[0]][si[1]]), si[1], si[0]))
+    return {sub: sorted(i for s, i in order[:n] if s == sub) for sub in per_sub}
+
+
+def apply_drop(model, component: str, sublayers: dict, skipped_attention_kv: str | None = None):
+    """A new model with the ``{sublayer: [layers]}`` of that component dropped."""
     skip = {c: {s: list(v) for s, v in subs.items()} for c, subs in model.config.skip.items()}
-    subs = ("attn", "mlp") if granularity == "block" else (granularity,)
     comp_skip = skip.setdefault(component, {})
-    for sub in subs:
+    for sub, layers in sublayers.items():
         comp_skip[sub] = sorted(set(comp_skip.get(sub, [])) | set(layers))
     kv = skipped_attention_kv or model.config.skipped_attention_kv
     return restructure(model, derived_config(model, skip=skip, skipped_attention_kv=kv))
@@ -64,15 +83,15 @@ def prune_depth(model, calibration, component: str, granularity: str, n_drop: in
     if n_drop == 0:
         return restructure(model, derived_config(model, skipped_attention_kv=skipped_attention_kv))
     if not iterative:
-        layers = choose_layers(drop_scores(calibration, component, granularity, score), n_drop)
-        log.info("dropping %s %s sublayers %s", component, granularity, layers)
-        return apply_drop(model, component, granularity, layers, skipped_attention_kv)
+        chosen = choose_sublayers(calibration, component, granularity, n_drop, score)
+        log.info("dropping %s %s sublayers %s", component, granularity, chosen)
+        return apply_drop(model, component, chosen, skipped_attention_kv)
     if recalibrate is None:
         raise ValueError("iterative depth pruning needs a recalibrate function")
     for step in range(n_drop):
         if step > 0:
             calibration = recalibrate(model)
-        layers = choose_layers(drop_scores(calibration, component, granularity, score), 1)
-        log.info("iterative step %d: dropping %s %s sublayer %s", step, component, granularity, layers)
-        model = apply_drop(model, component, granularity, layers, skipped_attention_kv)
+        chosen = choose_sublayers(calibration, component, granularity, 1, score)
+        log.info("iterative step %d: dropping %s %s sublayer %s", step, component, granularity, chosen)
+        model = apply_drop(model, component, chosen, skipped_attention_kv)
     return model

@@ -30,10 +30,11 @@ Design choices (read these before relying on details):
 * Boxes are continuous coordinates ``(y0, x0, y1, x1)`` with exclusive ends
   (pixel ``i`` covers ``[i, i+1)``), so extents are pixel counts (6 for a full
   object) and centres are box centres, as in GenEval.
-* Splits of the hashed tags rank prompts by hash inside each tag and cut with
-  fixed quotas (about 60/15/25, at least 4 per split), because a plain hash
-  threshold cannot guarantee 4 prompts per split for the 12 two-object
-  prompts (they split exactly 4/4/4).
+* Generation splits are disjoint in every tag: prompts are ranked by hash
+  inside each tag and cut with fixed quotas (about 60/15/25), because a plain
+  hash threshold cannot guarantee evaluation prompts for a small tag. A tag
+  too small to spare calibration prompts (single objects) has none: no
+  calibration prompt is ever an evaluation or training prompt.
 * The plural of "cross" is "crosses" (others add "s").
 """
 
@@ -96,7 +97,6 @@ ALL_COLOURS = {**COLOURS, DEFAULT_COLOUR: DEFAULT_RGB}
 NUMBERS = ("zero", "one", "two", "three", "four")
 RELATIONS = ("left of", "right of", "above", "below")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-HASHED_TAGS = ("two_object", "position", "color_attr")
 SPLITS = ("train", "calib", "eval")
 QA_TYPES = ("colour", "shape", "count", "relation")
 
@@ -318,36 +318,44 @@ def all_gen_prompts() -> list:
     return list(_GEN_PROMPTS)
 
 
+#: split quotas per tag (of the tag's prompts, rounded): evaluation, then calibration
+EVAL_FRACTION = 0.25
+CALIB_FRACTION = 0.15
+#: a tag needs this many prompts to give some to calibration; smaller tags (single objects) go to
+#: training and evaluation only and are calibrated through the other tags' prompts
+MIN_PROMPTS_FOR_CALIB = 12
+
+
+def _split_sizes(n: int) -> tuple:
+    """(train, calib, eval) prompt counts of a tag with ``n`` prompts."""
+    n_eval = max(1, round(EVAL_FRACTION * n))
+    n_calib = max(1, round(CALIB_FRACTION * n)) if n >= MIN_PROMPTS_FOR_CALIB else 0
+    n_train = n - n_eval - n_calib
+    if n_train < 1:
+        raise AssertionError(f"a tag with {n} prompts cannot be split")
+    return n_train, n_calib, n_eval
+
+
 @lru_cache(maxsize=None)
 def _split_table() -> dict:
-    """Prompt text -> split.
+    """Prompt text -> split; the three splits are disjoint in every tag.
 
-    Hashed tags: prompts are ranked by a sha256 of their text and cut by
-    quotas (15% calib, 25% eval, rest train; at least 4 each), so the split is
-    stable, roughly 60/15/25, and never leaves a split empty for a tag.
+    Each tag's prompts are ranked by a sha256 of their text and cut by quotas
+    (``_split_sizes``), so the split is stable, never leaves evaluation empty
+    for a tag, and evaluation prompts are combinations unseen in training.
     """
     table = {}
     for tag in TAGS:
         prompts = [p for p in _GEN_PROMPTS if p.tag == tag]
-        if tag not in HASHED_TAGS:
-            table.update({p.text: "all" for p in prompts})
-            continue
         ranked = sorted(prompts, key=lambda p: (_stable_unit("gen-split|" + p.text), p.text))
-        n = len(ranked)
-        n_calib = max(4, round(0.15 * n))
-        n_eval = max(4, round(0.25 * n))
-        n_train = n - n_calib - n_eval
-        if n_train < 4:
-            raise AssertionError(f"tag {tag} has too few prompts to split ({n})")
+        n_train, n_calib, _ = _split_sizes(len(ranked))
         for i, p in enumerate(ranked):
-            table[p.text] = (
-                "train" if i < n_train else "calib" if i < n_train + n_calib else "eval"
-            )
+            table[p.text] = "train" if i < n_train else "calib" if i < n_train + n_calib else "eval"
     return table
 
 
 def gen_split(prompt: GenPrompt) -> str:
-    """"train", "calib" or "eval" for hashed tags; "all" for small tags."""
+    """"train", "calib" or "eval": every prompt is in exactly one split."""
     return _split_table()[prompt.text]
 
 
@@ -357,9 +365,9 @@ def _check_split(split: str) -> None:
 
 
 def gen_prompts(split: str) -> list:
-    """Prompts usable in ``split``: its own hashed prompts plus the "all" ones."""
+    """The prompts of ``split``, in ``all_gen_prompts`` order."""
     _check_split(split)
-    return [p for p in _GEN_PROMPTS if gen_split(p) in (split, "all")]
+    return [p for p in _GEN_PROMPTS if gen_split(p) == split]
 
 
 def geneval_set(
@@ -567,22 +575,47 @@ def judge(image: np.ndarray, prompt: GenPrompt, detections: Optional[list] = Non
     return ok
 
 
+def _binomial_se(correct: Sequence[bool]) -> float:
+    """Standard error of an accuracy over independent trials."""
+    p = float(np.mean(correct))
+    return float(np.sqrt(p * (1.0 - p) / len(correct)))
+
+
+def _clustered_se(by_prompt: dict) -> float:
+    """Standard error of an accuracy over prompts and their samples.
+
+    The samples of one prompt are not independent (a model that cannot draw
+    "two crosses" fails every seed), so the prompt is the unit: the standard
+    deviation of the per-prompt accuracies over sqrt(number of prompts). With
+    a single prompt only the samples vary, and the binomial error is used.
+    """
+    if len(by_prompt) < 2:
+        return _binomial_se([c for v in by_prompt.values() for c in v])
+    means = np.array([np.mean(v) for v in by_prompt.values()])
+    return float(means.std(ddof=1) / np.sqrt(len(means)))
+
+
 def geneval_scores(results: Iterable) -> dict:
-    """Per-tag accuracy over images and "overall" = unweighted mean of tags.
+    """Per-tag accuracy over images, "overall" = unweighted mean of tags, and
+    their standard errors under "se" (per tag over prompts and samples; the
+    overall one combines the tags' as independent estimates).
 
     The unweighted mean matches GenEval's headline number, so tags with many
     prompts (color_attr) do not dominate.
     """
-    per_tag = {t: [] for t in TAGS}
+    per_tag = {t: {} for t in TAGS}
     n = 0
     for prompt, correct in results:
-        per_tag[prompt.tag].append(bool(correct))
+        per_tag[prompt.tag].setdefault(prompt.text, []).append(bool(correct))
         n += 1
     missing = [t for t, v in per_tag.items() if not v]
     if missing:
         raise ValueError(f"no results for tags {missing}")
-    out = {t: float(np.mean(v)) for t, v in per_tag.items()}
+    out = {t: float(np.mean([c for v in per_tag[t].values() for c in v])) for t in TAGS}
     out["overall"] = float(np.mean([out[t] for t in TAGS]))
+    se = {t: _clustered_se(per_tag[t]) for t in TAGS}
+    se["overall"] = float(np.sqrt(sum(se[t] ** 2 for t in TAGS)) / len(TAGS))
+    out["se"] = se
     out["n_images"] = n
     return out
 
@@ -714,15 +747,18 @@ def qa_set(split: str, n: int, seed: int) -> list:
 
 
 def qa_scores(results: Iterable) -> dict:
-    """Accuracy per qtype present, "overall" over all items, and "n_items"."""
+    """Accuracy per qtype present, "overall" over all items, their binomial
+    standard errors under "se" (one sample per item), and "n_items"."""
     per = {}
     for item, correct in results:
         per.setdefault(item.qtype, []).append(bool(correct))
     if not per:
         raise ValueError("no QA results")
     out = {q: float(np.mean(per[q])) for q in QA_TYPES if q in per}
-    out["overall"] = float(np.mean([c for v in per.values() for c in v]))
-    out["n_items"] = sum(len(v) for v in per.values())
+    every = [c for v in per.values() for c in v]
+    out["overall"] = float(np.mean(every))
+    out["se"] = {**{q: _binomial_se(per[q]) for q in QA_TYPES if q in per}, "overall": _binomial_se(every)}
+    out["n_items"] = len(every)
     return out
 
 
