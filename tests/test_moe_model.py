@@ -78,6 +78,20 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, dense_and_cal):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_full_tuning_of_a_dense_component_changes_only_its_mlps(dense_and_cal):
+    """The tuned controls: `full` on a component without experts trains exactly its MLPs."""
+    import copy
+    dense, _ = dense_and_cal
+    model = copy.deepcopy(dense)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = set(trainable_names(model, "gen", "full"))
+    assert names and all(".mlp_moe_gen." in n for n in names)
+    assert len(names) == 3 * model.config.num_hidden_layers
+    tune_moe(model, "gen", "full", TUNE, progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= names
+
+
 def test_bad_moe_requests_fail_before_work(dense_and_cal):
     dense, cal = dense_and_cal
     with pytest.raises(ValueError, match="does not divide"):
@@ -86,5 +100,5 @@ def test_bad_moe_requests_fail_before_work(dense_and_cal):
         convert_to_moe(dense, "gen", 8, 9, calibration=cal)
     with pytest.raises(ValueError, match="component"):
         convert_to_moe(dense, "vision", 8, 4, calibration=cal)
-    with pytest.raises(ValueError, match="no MoE"):
-        tune_moe(dense, "gen", "full", TUNE, progress=False)
+    with pytest.raises(ValueError, match="no routers to tune"):
+        tune_moe(dense, "gen", "frozen", TUNE, progress=False)

@@ -63,13 +63,14 @@ def test_detect_exact_on_clean_render():
 def test_prompt_counts_and_tags():
     ps = S.all_gen_prompts()
     counts = Counter(p.tag for p in ps)
+    n, c = len(S.SHAPES), len(S.COLOURS)
     assert counts == {
-        "single_object": 4,
-        "two_object": 12,
-        "counting": 12,
-        "colors": 24,
-        "position": 48,
-        "color_attr": 360,
+        "single_object": n,
+        "two_object": n * (n - 1),
+        "counting": 3 * n,
+        "colors": c * n,
+        "position": 4 * n * (n - 1),
+        "color_attr": n * (n - 1) * c * (c - 1),
     }
     assert len({p.text for p in ps}) == len(ps)
     assert [p.tag for p in ps] == sorted((p.tag for p in ps), key=S.TAGS.index)
@@ -79,6 +80,9 @@ def test_prompt_counts_and_tags():
 def test_judge_passes_canonical_scenes(split):
     for p in S.gen_prompts(split):
         assert S.judge(S.render(S.canonical_scene(p)), p), p.text
+    texts = [p.text for p in ps]
+    assert "an orange ring" in texts and "a red ring and an azure tee" in texts
+    assert not [t for t in texts if any(f"a {w}" in t for w in ("orange", "azure"))]
 
 
 def test_canonical_positions():
@@ -205,7 +209,14 @@ def test_sample_gen_example():
     for _ in range(300):
         p, img = S.sample_gen_example(rng)
         assert p.text in train
-        assert np.array_equal(img, S.render(S.canonical_scene(p)))
+        assert S.judge(img, p), p.text
+        # the canonical placement; colours the prompt names kept, open ones drawn from COLOURS
+        dets = {d.centre: d for d in S.detect(img)}
+        ref = {d.centre: d for d in S.detect(S.render(S.canonical_scene(p)))}
+        assert {c: d.shape for c, d in dets.items()} == {c: d.shape for c, d in ref.items()}
+        for centre, d in dets.items():
+            assert d.colour in S.COLOURS
+            assert ref[centre].colour in (d.colour, S.DEFAULT_COLOUR)
         tags[p.tag] += 1
     assert set(tags) == set(S.TAGS) and min(tags.values()) > 25
 

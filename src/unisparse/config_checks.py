@@ -70,6 +70,8 @@ def _check_moe(config: dict, layers: int) -> None:
     if not moe:
         return
     width = config["model"]["intermediate_size"]
+    if moe.get("component") == "gen":
+        width = config["model"].get("gen_intermediate_size", width)
     for i, part in enumerate(moe["partitions"]):
         E, k, shared = part["num_experts"], part["top_k"], part.get("shared_size", 0)
         if k > E:

@@ -18,10 +18,10 @@ def qa_batch(items):
     return images, questions, answers
 
 
-def gen_batch(prompts):
-    """Prompt token ids and canonical target images for a list of ``GenPrompt``."""
-    ids = [shapes.encode(p.text) for p in prompts]
-    images = torch.from_numpy(np.stack([shapes.render(shapes.canonical_scene(p)) for p in prompts]))
+def gen_batch(examples):
+    """Prompt token ids and target images for a list of (``GenPrompt``, image) examples."""
+    ids = [shapes.encode(p.text) for p, _ in examples]
+    images = torch.from_numpy(np.stack([image for _, image in examples]))
     return ids, images
 
 
@@ -40,13 +40,15 @@ def model_config_kwargs() -> dict:
     )
 
 
-def gen_batch_loss(model, prompts, cond_dropout: float, gen, world, observer=None):
-    """Flow loss on this process's slice of a global generation batch. Dropout mask, noise and t are
-    drawn for the whole batch from the CPU generator (in that order), then sliced."""
-    ids, images = gen_batch(prompts)
-    keep = torch.rand(len(prompts), generator=gen) >= cond_dropout
+def gen_batch_loss(model, examples, cond_dropout: float, gen, world, observer=None):
+    """Flow loss on this process's slice of a global generation batch of (prompt, image) examples.
+    Dropout mask, noise and t are drawn for the whole batch from the CPU generator (in that order),
+    then sliced."""
+    ids, images = gen_batch(examples)
+    n = len(examples)
+    keep = torch.rand(n, generator=gen) >= cond_dropout
     c = model.config
-    noise = torch.randn(len(prompts), c.num_latent_tokens, c.latent_dim, generator=gen)
-    t = torch.sigmoid(torch.randn(len(prompts), generator=gen))
-    mine = world.slice(len(prompts))
+    noise = torch.randn(n, c.num_latent_tokens, c.latent_dim, generator=gen)
+    t = torch.sigmoid(torch.randn(n, generator=gen))
+    mine = world.slice(n)
     return model.flow_loss(ids[mine], images[mine], cond_keep=keep[mine], noise=noise[mine], t=t[mine], observer=observer)

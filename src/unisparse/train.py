@@ -38,7 +38,7 @@ TRAIN_DEFAULTS = dict(
 
 
 #: model sizes a training run may set (the rest is fixed by the world or by pruning)
-MODEL_SPEC_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+MODEL_SPEC_KEYS = ("hidden_size", "intermediate_size", "gen_intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "vit_patch_size",
                    "vit_hidden_size", "latent_patch_size", "time_embed_dim", "timestep_shift")
 
@@ -52,7 +52,11 @@ def check_model_spec(model_spec: dict) -> MoTConfig:
     bad = [f"{k}={v!r}" for k, v in model_spec.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
     if bad:
         raise ValueError(f"model sizes must be positive numbers: {', '.join(bad)}")
-    return MoTConfig(**{**model_spec, **tasks.model_config_kwargs()})
+    sizes = dict(model_spec)
+    gen_width = sizes.pop("gen_intermediate_size", None)
+    if gen_width is not None:  # a generation tower with its own MLP width (BAGEL's towers share one)
+        sizes["mlp_widths"] = {"gen": [int(gen_width)] * int(sizes.get("num_hidden_layers", 4))}
+    return MoTConfig(**{**sizes, **tasks.model_config_kwargs()})
 
 
 def build_model(model_spec: dict, seed: int, device="cpu", dtype=torch.float32) -> MoTForUnifiedModel:
@@ -77,8 +81,8 @@ def train_tiny(model_spec: dict, train_spec: dict, out_dir: str | None = None, p
         mine = world.slice(len(qa))
         logits = m.understanding_logits(images[mine], questions[mine])
         ce = F.cross_entropy(logits, answers[mine].to(logits.device))
-        prompts = [shapes.sample_gen_example(rng, "train")[0] for _ in range(cfg["batch_gen"])]
-        mse = tasks.gen_batch_loss(m, prompts, cfg["cond_dropout"], gen, world)
+        examples = [shapes.sample_gen_example(rng, "train") for _ in range(cfg["batch_gen"])]
+        mse = tasks.gen_batch_loss(m, examples, cfg["cond_dropout"], gen, world)
         return ce + mse, {"ce": ce, "mse": mse}
 
     run = run_training(model, [n for n, _ in model.named_parameters()], cfg, batch_loss, what="train-tiny",

@@ -79,12 +79,12 @@ def tune_moe(model, component: str, mode: str, spec: dict | None = None, checkpo
     cfg = merge_spec(TUNE_DEFAULTS, spec, "tuning")
     torch.set_num_threads(int(cfg["threads"]))
     names = trainable_names(model, component, mode)
-    router_spec = model.config.moe[component]
+    router_spec = model.config.moe.get(component)  # None for a dense or width-cut control
 
     def batch_loss(m, rng, gen, world):
-        prompts = [shapes.sample_gen_example(rng, "train")[0] for _ in range(cfg["batch_gen"])]
-        collector = RouterCollector() if cfg["balance_coef"] else None
-        loss = tasks.gen_batch_loss(m, prompts, cfg["cond_dropout"], gen, world, observer=collector)
+        examples = [shapes.sample_gen_example(rng, "train") for _ in range(cfg["batch_gen"])]
+        collector = RouterCollector() if cfg["balance_coef"] and router_spec else None
+        loss = tasks.gen_batch_loss(m, examples, cfg["cond_dropout"], gen, world, observer=collector)
         if collector is not None:
             bal = sum(load_balancing_loss(a["router_logits"], a["expert_idx"], router_spec["num_experts"])
                       for _, _, a in collector.aux)

@@ -16,13 +16,19 @@ Everything is a pure function of its inputs and seeds; all hashing uses
 
 Design choices (read these before relying on details):
 
-* Unspecified colours. Prompts that name no colour are rendered (the canonical
-  training target) in ``DEFAULT_COLOUR`` = "white". One fixed colour makes the
-  target image a function of the prompt, i.e. a plain regression target rather
-  than a multi-modal distribution that a tiny model would blur. White never
-  appears in a prompt, so it cannot be confused with a colour requirement,
-  and the judge ignores colour where the prompt gives none, so a generator
-  using any colour for such objects still passes.
+* Unspecified colours. A training image draws every colour its prompt leaves
+  open uniformly from ``COLOURS`` (``training_scene``), so a prompt names a
+  distribution of images, not one target: the generator has to commit to one
+  colour per object from the noise, as a real text-to-image model commits to
+  details the prompt leaves open. (An earlier world drew them all white,
+  which made generation a lookup table that a quarter of the generation MLP
+  could still serve.) The judge ignores colour where the prompt gives none,
+  as GenEval does. ``canonical_scene`` keeps white for uncoloured objects: a
+  reference rendering for tests and exports, never a training target.
+* Richness. Eight shapes and a twelve-step hue wheel (neighbouring colours
+  differ by 0.5 in one channel) give 7,800 prompts, and the colour judge
+  needs a generator precise to a quarter of the colour range: enough work
+  for the generation MLPs that cutting their width shows (see the README).
 * Circle template. A 6x6 disc with single-pixel corners cut has IoU 0.89 with
   the square, and the 24-pixel octagon contains the cross (IoU 0.83). To keep
   every pair of templates at IoU <= 0.8 the circle is a 28-pixel disc cut two
@@ -57,7 +63,7 @@ OBJ = 6  # objects are OBJ x OBJ templates ...
 OBJ_OFFSET = 1  # ... placed at (1, 1) inside their slot: >= 2 px gaps
 N_SLOTS = 4
 
-SHAPES = ("square", "circle", "triangle", "cross")
+SHAPES = ("square", "circle", "triangle", "cross", "ring", "tee", "hook", "spool")
 
 
 def _template(rows: Sequence[str]) -> np.ndarray:
@@ -79,15 +85,25 @@ TEMPLATES = {
     "cross": _template(
         ["..##..", "..##..", "######", "######", "..##..", "..##.."]
     ),
+    "ring": _template(["######", "#....#", "#....#", "#....#", "#....#", "######"]),
+    "tee": _template(["######", "######", "..##..", "..##..", "..##..", "..##.."]),
+    "hook": _template(["##....", "##....", "##....", "##....", "######", "######"]),
+    "spool": _template(["######", ".####.", "..##..", "..##..", ".####.", "######"]),
 }
 
-COLOURS = {
+COLOURS = {  # a twelve-step hue wheel: neighbours differ by 0.5 in one channel
     "red": (1.0, 0.0, 0.0),
-    "green": (0.0, 1.0, 0.0),
-    "blue": (0.0, 0.0, 1.0),
+    "orange": (1.0, 0.5, 0.0),
     "yellow": (1.0, 1.0, 0.0),
-    "purple": (1.0, 0.0, 1.0),
+    "lime": (0.5, 1.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "mint": (0.0, 1.0, 0.5),
     "cyan": (0.0, 1.0, 1.0),
+    "azure": (0.0, 0.5, 1.0),
+    "blue": (0.0, 0.0, 1.0),
+    "violet": (0.5, 0.0, 1.0),
+    "purple": (1.0, 0.0, 1.0),
+    "pink": (1.0, 0.0, 0.5),
 }
 DEFAULT_COLOUR = "white"
 DEFAULT_RGB = (1.0, 1.0, 1.0)
@@ -104,6 +120,11 @@ POSITION_THRESHOLD = 0.1  # GenEval's box-size margin for relations
 FG_THRESHOLD = 0.5  # a pixel is foreground if its max channel exceeds this
 MIN_COMPONENT = 4  # smaller components are noise, not objects
 MIN_IOU = 0.5  # components matching no template this well are not objects
+
+
+def article(word: str) -> str:
+    """The indefinite article before ``word`` ("an orange", "a ring")."""
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def plural(shape: str) -> str:
@@ -255,14 +276,14 @@ def _build_gen_prompts() -> tuple:
     """Enumerate every prompt of every tag in a fixed order."""
     out = []
     for s in SHAPES:
-        out.append(GenPrompt("single_object", f"a {s}", (Requirement(s, 1),)))
+        out.append(GenPrompt("single_object", f"{article(s)} {s}", (Requirement(s, 1),)))
     for a in SHAPES:
         for b in SHAPES:
             if a != b:
                 out.append(
                     GenPrompt(
                         "two_object",
-                        f"a {a} and a {b}",
+                        f"{article(a)} {a} and {article(b)} {b}",
                         (Requirement(a, 1), Requirement(b, 1)),
                     )
                 )
@@ -278,7 +299,7 @@ def _build_gen_prompts() -> tuple:
             )
     for c in COLOURS:
         for s in SHAPES:
-            out.append(GenPrompt("colors", f"a {c} {s}", (Requirement(s, 1, colour=c),)))
+            out.append(GenPrompt("colors", f"{article(c)} {c} {s}", (Requirement(s, 1, colour=c),)))
     for rel in RELATIONS:
         for a in SHAPES:
             for b in SHAPES:
@@ -286,7 +307,7 @@ def _build_gen_prompts() -> tuple:
                     out.append(
                         GenPrompt(
                             "position",
-                            f"a {b} {rel} a {a}",
+                            f"{article(b)} {b} {rel} {article(a)} {a}",
                             (Requirement(a, 1), Requirement(b, 1, position=(rel, 0))),
                         )
                     )
@@ -300,7 +321,7 @@ def _build_gen_prompts() -> tuple:
                         out.append(
                             GenPrompt(
                                 "color_attr",
-                                f"a {c1} {s1} and a {c2} {s2}",
+                                f"{article(c1)} {c1} {s1} and {article(c2)} {c2} {s2}",
                                 (
                                     Requirement(s1, 1, colour=c1),
                                     Requirement(s2, 1, colour=c2),
@@ -409,7 +430,7 @@ _POSITION_SLOTS = {  # relation -> (slot of A, slot of B) for "a B <rel> a A"
 
 
 def canonical_scene(prompt: GenPrompt) -> Scene:
-    """The fixed training target for a prompt (fixed slots, white if uncoloured)."""
+    """The reference rendering of a prompt: its fixed slots, white where it names no colour."""
     inc = prompt.include
     colour = lambda r: r.colour or DEFAULT_COLOUR  # noqa: E731
     if prompt.tag in ("single_object", "colors"):
@@ -424,16 +445,25 @@ def canonical_scene(prompt: GenPrompt) -> Scene:
     raise ValueError(f"unknown tag {prompt.tag!r}")
 
 
-def sample_gen_example(rng: np.random.Generator, split: str = "train") -> tuple:
-    """(prompt, target image) for training: uniform over tags, then prompts.
+def training_scene(prompt: GenPrompt, rng: np.random.Generator) -> Scene:
+    """A training target for ``prompt``: its canonical placement, with every colour the prompt
+    leaves open drawn uniformly from ``COLOURS`` (one draw per such object, in slot order)."""
+    names = list(COLOURS)
+    return Scene(tuple(
+        Obj(o.shape, names[int(rng.integers(len(names)))] if o.colour == DEFAULT_COLOUR else o.colour, o.slot)
+        for o in canonical_scene(prompt).objects))
 
-    Sampling tags first stops color_attr (hundreds of prompts) from swamping
+
+def sample_gen_example(rng: np.random.Generator, split: str = "train") -> tuple:
+    """(prompt, target image) for training: uniform over tags, then prompts, then open colours.
+
+    Sampling tags first stops color_attr (thousands of prompts) from swamping
     the few single-object and counting prompts.
     """
     tag = TAGS[int(rng.integers(len(TAGS)))]
     prompts = _prompts_by_tag(split)[tag]
     prompt = prompts[int(rng.integers(len(prompts)))]
-    return prompt, render(canonical_scene(prompt))
+    return prompt, render(training_scene(prompt, rng))
 
 
 @lru_cache(maxsize=None)
