@@ -10,7 +10,7 @@ MICRO_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 
                "num_key_value_heads": 1, "vit_patch_size": 8}
 #: enough training that the scores are not all zero, so a dtype or device change could move them
 TRAIN = {"steps": 300, "batch_und": 16, "batch_gen": 16, "threads": 2}
-EVAL = {"qa_items": 256, "samples_per_prompt": 2, "num_steps": 8, "latency_repeats": 1, "threads": 2}
+EVAL = {"qa_items": 256, "samples_per_prompt": 2, "max_prompts_per_tag": 16, "num_steps": 8, "latency_repeats": 1, "threads": 2}
 CALIB = {"qa_items": 32, "samples_per_prompt": 1, "max_prompts_per_tag": 2, "num_steps": 4, "threads": 2}
 TUNE = {"steps": 6, "batch_gen": 4, "checkpoint_every": 3, "threads": 2}
 SCORES = ("understanding", "generation")

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 TASKS = ("und", "gen")
 COSINES = ("block_ld", "block_bagel", "attn", "mlp_ld", "mlp_bagel")
-CALIB_DEFAULTS = dict(qa_items=512, qa_seed=2, samples_per_prompt=2, max_prompts_per_tag=None, gen_seed=3,
+CALIB_DEFAULTS = dict(qa_items=512, qa_seed=2, samples_per_prompt=2, max_prompts_per_tag=16, gen_seed=3,
                       num_steps=20, cfg_scale=3.0, batch_size=128, coactivation=False, threads=1)
 
 
