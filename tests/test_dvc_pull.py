@@ -167,10 +167,11 @@ def test_fetch_into_fresh_clone(tmp_path):
     assert expected["width"]["prune_width"] == 2  # the two components at the new keep ratio
     assert {"probes_table", "all"} <= expected["width"].keys()
     assert not expected["width"].keys() & (upstream | {"evaluate", "prune_depth", "partition"})
-    assert expected["steps"]["evaluate"] == 1 and expected["steps"]["prune_depth"] == 2
+    depth_jobs = 3  # micro.yaml: blocks of und and gen, and two sublayers of gen
+    assert expected["steps"]["evaluate"] == 1 and expected["steps"]["prune_depth"] == depth_jobs
     assert expected["steps"]["prune_width"] == 2 and not expected["steps"].keys() & upstream
     assert expected["code"]["evaluate"] == 1 and not expected["code"].keys() & (upstream | {"prune_width", "prune_depth"})
-    assert expected["artifact"]["prune_width"] == 2 and expected["artifact"]["prune_depth"] == 2
+    assert expected["artifact"]["prune_width"] == 2 and expected["artifact"]["prune_depth"] == depth_jobs
     assert not expected["artifact"].keys() & (upstream | {"evaluate"})
 
     # a clone whose config differs from the recorded artifacts before it fetches: the fetched

@@ -318,3 +318,36 @@ def test_concurrent_writers_of_one_model_leave_one_complete_model(tmp_path):
     digests = {seed: make_model(seed).state_dict() for seed in (0, 1)}
     assert any(all(torch.equal(v, d[k]) for k, v in model.state_dict().items()) for d in digests.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "temporary or trash directories left behind"
+
+
+def test_interrupted_directory_replacement_keeps_the_previous_copy(tmp_path, monkeypatch):
+    """A run stopped between moving the old checkpoint aside and putting the new one in place loses
+    nothing: the old copy stays complete under its aside name, and tuning resumes from it."""
+    from unisparse import io as io_mod
+    from unisparse.trainloop import Checkpoint
+
+    final = tmp_path / "last"
+    with io_mod.atomic_path(final, is_dir=True) as tmp:
+        (tmp / "meta.json").write_text('{"step": 1}')
+    real_rename = os.rename
+    tries = []
+
+    def interrupted(src, dst):
+        if Path(src).name.startswith(".last.tmp-"):
+            tries.append(src)
+            if len(tries) == 2:  # the old copy was moved aside; the new one never lands
+                raise KeyboardInterrupt
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(io_mod.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with io_mod.atomic_path(final, is_dir=True) as tmp:
+            (tmp / "meta.json").write_text('{"step": 2}')
+    monkeypatch.setattr(io_mod.os, "rename", real_rename)
+    assert not final.exists()
+    (aside,) = io_mod.aside_copies(final)
+    assert json.loads((aside / "meta.json").read_text()) == {"step": 1}
+    ckpt = Checkpoint(tmp_path, {"input_model_sha256": "x", "data_sha256": "y", "spec": {}, "names": []})
+    meta, why_not = ckpt.resumable()
+    assert ckpt.source == aside and ckpt.path == final  # resumed from the copy, saved to `last` again
+    assert meta is None and "another input model" in why_not  # (this meta has no provenance)

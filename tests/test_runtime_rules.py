@@ -22,7 +22,7 @@ from unisparse import runtime
 BIN = Path(sys.executable).parent
 #: the rules that call a `unisparse` verb other than `aggregate`, and that verb
 VERBS = {"train_tiny": "train-tiny", "calibrate": "calibrate", "evaluate": "evaluate", "prune_depth": "prune-depth",
-         "prune_width": "prune-width", "partition": "partition", "tune_moe": "tune-moe"}
+         "prune_width": "prune-width", "partition": "partition", "tune_moe": "tune-moe", "tune_control": "tune"}
 TABLES = {"probes_table", "moe_table"}
 TARGETS = ["results/tables/probes.csv", "results/tables/moe.csv"]  # everything but the figures (papermill)
 
@@ -131,11 +131,12 @@ def test_gpu_kinds_run_on_cuda_and_only_training_verbs_use_several_processes(wor
     jobs = commands(workdir, write_config(workdir, edit))
     device = {rule: {options(argv, verb)["--device"] for argv in jobs[rule]} for rule, verb in VERBS.items()}
     assert device == {"train_tiny": {"cuda"}, "calibrate": {"auto"}, "evaluate": {"cuda"}, "prune_depth": {"cuda"},
-                      "prune_width": {"cuda"}, "partition": {"cuda"}, "tune_moe": {"cuda"}}
-    for argv in jobs["tune_moe"]:  # 2 GPUs: one process each
-        assert argv[:8] == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "unisparse", "--no-progress",
-                            "tune-moe"], argv[:8]
-        assert options(argv, "tune-moe") == {"--device": "cuda", "--dtype": "bfloat16"}
+                      "prune_width": {"cuda"}, "partition": {"cuda"}, "tune_moe": {"cuda"}, "tune_control": {"cuda"}}
+    for rule in ("tune_moe", "tune_control"):
+        for argv in jobs[rule]:  # 2 GPUs: one process each
+            assert argv[:8] == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "unisparse", "--no-progress",
+                                VERBS[rule]], argv[:8]
+            assert options(argv, VERBS[rule]) == {"--device": "cuda", "--dtype": "bfloat16"}
     # one GPU (train) or a single-process verb on 4 GPUs (prune kind): plain unisparse
     for rule in ("train_tiny", "prune_depth", "prune_width", "partition", "evaluate", "calibrate"):
         assert all(argv[0] == "unisparse" for argv in jobs[rule]), rule
@@ -213,8 +214,9 @@ def test_changing_a_runtime_value_reruns_every_job_that_uses_it(recorded, sectio
 
 
 def test_gpus_of_one_kind_rerun_only_its_jobs(recorded):
-    """auto becomes cuda on the tuning kind only: tuning reruns (and the MoE table after it), nothing else."""
+    """auto becomes cuda on the tuning kind only: tuning and the tuned controls rerun (and the MoE table
+    after them), nothing else."""
     config = write_config(recorded, lambda c: c["resources"].update(tune={"gpus": 1}), "tune-gpu.yaml")
     changed, _, planned = changes(recorded, config)
-    assert changed == {"tune_moe"}
-    assert planned == {"tune_moe": 2, "moe_table": 1}
+    assert changed == {"tune_moe", "tune_control"}
+    assert planned == {"tune_moe": 2, "tune_control": 2, "moe_table": 1}

@@ -76,21 +76,35 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False):
 def _replace_dir(target: Path, final: Path, trash: Path, attempts: int = 100) -> None:
     """Rename directory ``target`` to ``final``, moving an existing ``final`` aside first. Another
     writer may put its own ``final`` in place between the two renames: then move that aside too and
-    retry, so concurrent writers end with one complete directory (the last one's) and no error."""
-    for _ in range(attempts):
+    retry, so concurrent writers end with one complete directory (the last one's) and no error.
+    What was moved aside is deleted only once ``target`` is in place, so an interrupt between the two
+    renames leaves the previous directory complete under its ``trash`` name (see ``aside_copies``)."""
+    moved = []
+    for i in range(attempts):
         try:
             os.rename(target, final)  # fails while a non-empty ``final`` exists
             break
         except OSError:
             if not final.exists():
                 raise
+        aside = trash.with_name(f"{trash.name}-{i}")
         try:
-            os.rename(final, trash)
+            os.rename(final, aside)
+            moved.append(aside)
         except FileNotFoundError:
             continue  # another writer moved it: retry
-        shutil.rmtree(trash, ignore_errors=True)
     else:
         raise OSError(f"could not replace {final}: other writers kept replacing it")
+    for aside in moved:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def aside_copies(final: str | os.PathLike) -> list[Path]:
+    """Earlier versions of directory ``final`` that an interrupted ``atomic_path`` left moved aside,
+    newest first: the fallback when ``final`` itself is missing."""
+    final = Path(final)
+    copies = [p for p in final.parent.glob(f".{final.name}.old-*") if p.is_dir()]
+    return sorted(copies, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def write_json(path, obj) -> None:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import distributed
-from .io import atomic_path, sha256_file, state_digest
+from .io import aside_copies, atomic_path, sha256_file, state_digest
 from .worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Checkpoint:
 
     def __init__(self, directory, provenance: dict):
         self.path = Path(directory) / "last"
+        self.source = self.path  # where ``resumable`` found the checkpoint to resume
         self.provenance = provenance
 
     def save(self, step: int, params: dict, names, opt, rng, gen, history: list, world) -> None:
@@ -75,22 +76,30 @@ class Checkpoint:
         world.barrier()
 
     def resumable(self) -> tuple[dict | None, str]:
-        """The checkpoint's meta if it may be resumed, else None and why not."""
+        """The checkpoint's meta if it may be resumed, else None and why not. A run interrupted while
+        it replaced ``last`` leaves the previous checkpoint moved aside: that one is resumed then."""
+        self.source = self.path
+        if not self.path.exists():
+            for aside in aside_copies(self.path):
+                if (aside / "meta.json").is_file():
+                    log.info("resuming from %s: %s was being replaced when the run stopped", aside, self.path)
+                    self.source = aside
+                    break
         try:
-            meta = json.loads((self.path / "meta.json").read_text())
+            meta = json.loads((self.source / "meta.json").read_text())
         except (OSError, ValueError) as e:
             return None, f"its meta.json is unreadable ({e})"
         for key, what in (("input_model_sha256", "another input model"), ("data_sha256", "other training data"),
                           ("spec", "other settings"), ("names", "other trainable parameters")):
             if meta.get(key) != self.provenance[key]:
                 return None, f"it was made from {what}"
-        state = self.path / "state.safetensors"
+        state = self.source / "state.safetensors"
         if not state.is_file() or sha256_file(state) != meta.get("state_sha256"):
             return None, "its state.safetensors is missing or corrupted"
         return meta, ""
 
     def load(self, meta: dict, params: dict, names, opt, rng, gen) -> None:
-        tensors = load_file(str(self.path / "state.safetensors"))
+        tensors = load_file(str(self.source / "state.safetensors"))
         with torch.no_grad():
             for n in names:
                 params[n].copy_(distributed.shard_like(tensors[f"param.{n}"], params[n]))
