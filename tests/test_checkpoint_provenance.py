@@ -32,11 +32,19 @@ def write_config(workdir: Path, train_steps: int) -> str:
     return str(path.relative_to(workdir))
 
 
+def interruptible() -> None:
+    """Child-process setup: SIGINT handled by default again. A shell starts background jobs with SIGINT
+    ignored, and an ignored signal is inherited: under such a job (CI in the background) the Ctrl-C
+    these tests send would reach a Snakemake that ignores it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_when_checkpointed(workdir: Path, config: str, timeout: float = 300) -> None:
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen([str(bindir / "snakemake"), TARGET, "--configfile", config, "--cores", "2"], cwd=workdir,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=interruptible)
     deadline = time.time() + timeout
     try:
         while not (workdir / CHECKPOINT).exists():

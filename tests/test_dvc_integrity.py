@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from test_checkpoint_provenance import interruptible
 from test_dvc_pull import CONFIG, copy_worktree, env, files, pytestmark, sh  # noqa: F401 (pytestmark: same skip)
 
 RECORD = "workflow/scripts/record_artifacts.sh"
@@ -92,15 +93,10 @@ def test_record_refuses_unfinished_runs(recorded):
     # a real run in progress, then interrupted as by Ctrl-C: Snakemake stops the job and releases its
     # locks, and keeps the job's marker in .snakemake/incomplete
     locks, markers = producer / ".snakemake/locks", producer / ".snakemake/incomplete"
-    # a longer evaluation (only this job's params differ), so that the job is still running when the
-    # refusal below has been checked and Ctrl-C comes: the micro evaluation ends in a few seconds
-    slow = yaml.safe_load((producer / CONFIG).read_text())
-    slow["evaluate"].update(samples_per_prompt=64, max_prompts_per_tag=64, num_steps=20)
-    slow_config = recorded.root / "slow-evaluation.yaml"
-    slow_config.write_text(yaml.safe_dump(slow))
     with open(recorded.root / "background.log", "w") as log:
-        run = subprocess.Popen(["snakemake", NEXT, "--cores", "1", "--configfile", str(slow_config)], cwd=producer,
-                               env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        run = subprocess.Popen(["snakemake", NEXT, "--cores", "1", "--configfile", CONFIG], cwd=producer,
+                               env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 180
         while not (list(locks.glob("*.lock")) and list(markers.glob("*"))):  # locked, and the job started
