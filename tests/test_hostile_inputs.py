@@ -118,21 +118,16 @@ def test_partition_dense_layer_beyond_the_model_is_refused(artifacts, tmp_path, 
 # --- item 6: every argument checked before the work -------------------------------------------------
 
 
+#: a data-free width cut, the verb the evaluation and meta options are tried on
+WIDTH_CUT = ["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5", "--score", "weight"]
 BAD_ARGS = {
-    "eval-spec unknown key": (["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5", "--score", "weight",
-                               "--metrics", "{m}", "--eval-spec", '{{"qa_itemz": 1}}'], "qa_itemz"),
-    "eval-spec wrong type": (["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5", "--score", "weight",
-                              "--metrics", "{m}", "--eval-spec", '{{"num_steps": "many"}}'], "num_steps"),
-    "eval-spec not a mapping": (["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5", "--score", "weight",
-                                 "--metrics", "{m}", "--eval-spec", "[1, 2]"], "--eval-spec"),
-    "eval-spec unparsable": (["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5", "--score", "weight",
-                              "--metrics", "{m}", "--eval-spec", '{{"a": [}}'], "--eval-spec"),
-    "eval-spec missing file": (["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5", "--score", "weight",
-                                "--metrics", "{m}", "--eval-spec", "@/nonexistent.yaml"], "--eval-spec"),
-    "meta not a mapping": (["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5", "--score", "weight",
-                            "--metrics", "{m}", "--meta", "3"], "--meta"),
-    "eval-spec without metrics": (["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5", "--score", "weight",
-                                   "--eval-spec", "{{}}"], "--metrics"),
+    "eval-spec unknown key": ([*WIDTH_CUT, "--metrics", "{m}", "--eval-spec", '{{"qa_itemz": 1}}'], "qa_itemz"),
+    "eval-spec wrong type": ([*WIDTH_CUT, "--metrics", "{m}", "--eval-spec", '{{"num_steps": "many"}}'], "num_steps"),
+    "eval-spec not a mapping": ([*WIDTH_CUT, "--metrics", "{m}", "--eval-spec", "[1, 2]"], "--eval-spec"),
+    "eval-spec unparsable": ([*WIDTH_CUT, "--metrics", "{m}", "--eval-spec", '{{"a": [}}'], "--eval-spec"),
+    "eval-spec missing file": ([*WIDTH_CUT, "--metrics", "{m}", "--eval-spec", "@/nonexistent.yaml"], "--eval-spec"),
+    "meta not a mapping": ([*WIDTH_CUT, "--metrics", "{m}", "--meta", "3"], "--meta"),
+    "eval-spec without metrics": ([*WIDTH_CUT, "--eval-spec", "{{}}"], "--metrics"),
     "act_norm without calibration": (["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5"], "--calibration"),
     "drop beyond the layers": (["prune-depth", "{a}", "--calibration", "{cal}", "--component", "und", "--drop", "5"], "--drop"),
     "calib-spec unknown key": (["prune-depth", "{a}", "--calibration", "{cal}", "--component", "und", "--drop", "1",
