@@ -26,3 +26,36 @@ rule train_tiny:
     shell:
         "{params.launch:q} --no-progress train-tiny {params.runtime:q} --model {params.model:q} --train {params.train:q}"
         " --checkpoint-dir {params.checkpoints:q} --out {output.model:q} --summary {output.summary:q} 2> {log:q}"
+
+
+# The real checkpoint (config `checkpoint: {source: huggingface, lock: data/<name>.lock.json}`): the
+# Hub repository the lock names, at the lock's commit, every file checked against the lock's sha256.
+# Only the lock is an input (its path and content decide the job; no params, which --lint would flag as a
+# hard-coded input path): a library edit must not re-download 30 GB. Offline with HF_HUB_OFFLINE=1
+# (the HF cache, HF_HUB_CACHE or HF_HOME, must then hold the locked commit).
+CHECKPOINT = config.get("checkpoint", {"source": "train"})
+
+if CHECKPOINT["source"] == "huggingface":
+    from unisparse.hub import checkpoint_name, read_lock
+
+    try:
+        CHECKPOINT_NAME = checkpoint_name(read_lock(CHECKPOINT["lock"], complete=False)["repo_id"])
+    except (OSError, ValueError) as e:
+        raise WorkflowError(f"invalid config: checkpoint.lock: {e}") from None
+
+    rule download_checkpoint:
+        input:
+            lock=CHECKPOINT["lock"],
+        output:
+            checkpoint=directory(f"{R}/checkpoints/{CHECKPOINT_NAME}"),
+        threads: res("download", "threads")
+        resources:
+            **resources_for("download"),
+        log:
+            f"{LOGS}/download_checkpoint.log",
+        benchmark:
+            f"{LOGS}/benchmarks/download_checkpoint.tsv"
+        conda:
+            "../environment.yml"
+        shell:
+            "unisparse --no-progress fetch-checkpoint --lock {input.lock:q} --out {output.checkpoint:q} 2> {log:q}"

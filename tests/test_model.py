@@ -1,9 +1,12 @@
+import pytest
 import torch
 
 from unisparse import tasks
 from unisparse.io import load_model, save_model
 from unisparse.models import COMPONENTS, SUFFIX
 from unisparse.worlds import shapes
+
+from conftest import make_model
 
 
 def _qa_inputs(n=6):
@@ -45,26 +48,31 @@ def test_towers_are_routed_by_token_type(tiny_model):
     assert torch.equal(tiny_model.understanding_logits(images, questions), base)
 
 
-def test_cached_sampling_equals_full_sequence_forward(tiny_model):
-    """The KV-cached prompt + latent pass equals one forward over prompt and latents together."""
+@pytest.mark.parametrize("prompt_format", ["compact", "bagel"])
+def test_cached_sampling_equals_full_sequence_forward(prompt_format):
+    """The KV-cached prompt + image-block pass equals one forward over prompt and block together (in
+    both token layouts; BAGEL's block carries <vision_start>/<vision_end> through the understanding tower)."""
+    model = make_model(prompt_format=prompt_format)
     prompts = _prompts(3)
-    x = torch.randn(3, tiny_model.config.num_latent_tokens, tiny_model.config.latent_dim)
+    x = torch.randn(3, model.config.num_latent_tokens, model.config.latent_dim)
     t = torch.full((3,), 0.7)
-    presents, ppos, plen = tiny_model.prefill(prompts)
-    L = tiny_model.config.num_latent_tokens
-    lpos = plen[:, None].expand(3, L)
+    presents, ppos, plen = model.prefill(prompts)
+    block, types = model.latent_block(x, t)
+    Lb = block.shape[1]
+    assert Lb == model.config.num_latent_tokens + (2 if prompt_format == "bagel" else 0)
+    lpos = plen[:, None].expand(3, Lb)
     Tp = ppos.shape[1]
-    mask = tiny_model.causal_mask(lpos, torch.cat([ppos, lpos], 1), torch.ones(3, Tp + L, dtype=torch.bool))
-    h, _ = tiny_model.run_layers(tiny_model.embed_latents(x, t), torch.ones(3, L, dtype=torch.long), lpos, mask, past=presents)
-    v_cached = tiny_model.velocity(h)
+    mask = model.causal_mask(lpos, torch.cat([ppos, lpos], 1), torch.ones(3, Tp + Lb, dtype=torch.bool))
+    h, _ = model.run_layers(block, types, lpos, mask, past=presents)
+    v_cached = model.velocity(h)
     # full sequence
-    ids, pvalid, ppos2, plen2 = tiny_model.prompt_inputs(prompts)
-    hfull = torch.cat([tiny_model.language_model.model.embed_tokens(ids), tiny_model.embed_latents(x, t)], 1)
+    ids, pvalid, ppos2, plen2 = model.prompt_inputs(prompts)
+    hfull = torch.cat([model.language_model.model.embed_tokens(ids), block], 1)
     pos = torch.cat([ppos2, lpos], 1)
-    valid = torch.cat([pvalid, torch.ones(3, L, dtype=torch.bool)], 1)
-    types = torch.cat([torch.where(pvalid, 0, -1), torch.ones(3, L, dtype=torch.long)], 1)
-    hf, _ = tiny_model.run_layers(hfull, types, pos, tiny_model.causal_mask(pos, pos, valid))
-    torch.testing.assert_close(tiny_model.velocity(hf[:, Tp:]), v_cached, atol=1e-5, rtol=1e-5)
+    valid = torch.cat([pvalid, torch.ones(3, Lb, dtype=torch.bool)], 1)
+    all_types = torch.cat([torch.where(pvalid, 0, -1), types], 1)
+    hf, _ = model.run_layers(hfull, all_types, pos, model.causal_mask(pos, pos, valid))
+    torch.testing.assert_close(model.velocity(hf[:, Tp:]), v_cached, atol=1e-5, rtol=1e-5)
 
 
 def test_generation_is_batch_independent(tiny_model):

@@ -208,8 +208,13 @@ def cmd_calibrate(args) -> None:
 
     spec = _settings(args, args.spec, "--spec", CALIB_DEFAULTS, "calibration")
     model, digest = _load(args)
+    meta = {"model_dir": str(args.model_dir)}
+    if digest is None:  # no SHA256SUMS to hash: record the weights' own hash instead (see io.state_digest)
+        from .io import state_digest
+
+        meta["model_state_sha256"] = state_digest(model)
     stats = run_calibration(model, args.task, spec, progress=not args.no_progress)
-    save_stats(stats, args.task, args.out, meta={"model_dir": str(args.model_dir)}, model_sha256=digest)
+    save_stats(stats, args.task, args.out, meta=meta, model_sha256=digest)
 
 
 def cmd_prune_depth(args) -> None:
@@ -389,7 +394,97 @@ def _register_data(sub) -> None:
     s.set_defaults(func=cmd_export_benchmarks)
 
 
-COMMANDS = {"probes": _register_probes, "moe": _register_moe, "data": _register_data}
+def cmd_fetch_checkpoint(args) -> None:
+    from .hub import fetch_checkpoint
+
+    print(fetch_checkpoint(args.lock, args.out, cache_dir=args.cache_dir, progress=not args.no_progress))
+
+
+def cmd_lock_checkpoint(args) -> None:
+    from .hub import lock_checkpoint, lock_files, read_lock
+
+    existing = Path(args.out).is_file()
+    files = args.file or (lock_files(args.out) if existing else None)
+    repo_id = args.repo_id or (read_lock(args.out, complete=False)["repo_id"] if existing else None)
+    if not files or not repo_id:
+        raise UsageError(f"{args.out} does not exist: name the repository (--repo-id) and every file to lock (--file)")
+    lock = lock_checkpoint(repo_id, args.revision, files, args.out, cache_dir=args.cache_dir,
+                           progress=not args.no_progress)
+    print(f"{lock['repo_id']}@{lock['revision']}: {len(lock['files'])} files -> {args.out}")
+
+
+def _register_checkpoint(sub) -> None:
+    s = sub.add_parser("fetch-checkpoint", help="download a Hub checkpoint at its locked commit, every file checked "
+                                                "against the lock's sha256 (offline from the HF cache with HF_HUB_OFFLINE=1)")
+    s.add_argument("--lock", required=True, help="lock file, e.g. data/bagel-7b-mot.lock.json")
+    s.add_argument("--out", required=True, help="directory to write (appears complete and verified, or not at all)")
+    s.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE, else HF_HOME/hub)")
+    s.set_defaults(func=cmd_fetch_checkpoint)
+
+    s = sub.add_parser("lock-checkpoint", help="(re)write a lock file from a trusted download: the commit a revision "
+                                               "resolves to, each file's sha256 and size")
+    s.add_argument("--repo-id", help="e.g. ByteDance-Seed/BAGEL-7B-MoT (default: the existing lock's)")
+    s.add_argument("--revision", default="main", help="branch, tag or commit to lock (default: main)")
+    s.add_argument("--file", action="append", help="a file to lock, repeatable (default: the existing lock's files)")
+    s.add_argument("--out", required=True, help="lock file to write, e.g. data/bagel-7b-mot.lock.json")
+    s.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE, else HF_HOME/hub)")
+    s.set_defaults(func=cmd_lock_checkpoint)
+
+
+def cmd_import_bagel(args) -> None:
+    from .io import save_model
+    from .models.bagel import TOKENIZER_FILES, load_bagel
+
+    device, dtype = _runtime(args)
+    model = load_bagel(args.src, device=device, dtype=dtype, image_size=args.image_size,
+                       vit_image_size=args.vit_image_size)
+    # the prompts of real benchmarks are tokenised with BAGEL's own tokenizer: it travels with the weights
+    tokenizer = [Path(args.src) / n for n in TOKENIZER_FILES if (Path(args.src) / n).is_file()]
+    save_model(model, args.out, extra_files=tokenizer)
+    log.info("imported %s -> %s (%s, %s)", args.src, args.out, device, dtype)
+
+
+def cmd_count_params(args) -> None:
+    """Parameter counts per top-level module, on the meta device (nothing is allocated)."""
+    import torch
+
+    from .models import MoTConfig, MoTForUnifiedModel
+    from .models.bagel import config_from_bagel, published_config
+
+    if args.published:
+        config = published_config()
+    elif args.bagel:
+        config = config_from_bagel(args.bagel)
+    elif args.model_dir:
+        config = MoTConfig.from_pretrained(args.model_dir)
+    else:
+        raise UsageError("name a model directory, --bagel DIR or --published")
+    with torch.device("meta"):
+        model = MoTForUnifiedModel(config)
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
+    counts["total"] = sum(counts.values())
+    print(json.dumps(counts, indent=2))
+
+
+def _register_models(sub) -> None:
+    s = sub.add_parser("import-bagel", parents=[runtime_options()],
+                       help="load a BAGEL-7B-MoT directory strictly and write it as a unisparse model directory")
+    s.add_argument("--src", required=True, help="BAGEL directory (llm_config.json, vit_config.json, ema.safetensors, "
+                                                "ae.safetensors, tokenizer files)")
+    s.add_argument("--out", required=True, help="model directory to write")
+    s.add_argument("--image-size", type=_positive, default=1024, help="side of generated images (default 1024)")
+    s.add_argument("--vit-image-size", type=_positive, default=980, help="side of understood images (default 980)")
+    s.set_defaults(func=cmd_import_bagel)
+
+    s = sub.add_parser("count-params", help="parameter counts per top-level module (meta device: no memory)")
+    s.add_argument("model_dir", nargs="?", help="a unisparse model directory")
+    s.add_argument("--bagel", help="a BAGEL directory (reads its config files and ae.safetensors' header)")
+    s.add_argument("--published", action="store_true", help="BAGEL-7B-MoT's published sizes")
+    s.set_defaults(func=cmd_count_params)
+
+
+COMMANDS = {"probes": _register_probes, "moe": _register_moe, "data": _register_data, "checkpoint": _register_checkpoint,
+            "models": _register_models}
 
 
 def runtime_options() -> argparse.ArgumentParser:

@@ -172,10 +172,13 @@ def state_digest(model) -> str:
     return h.hexdigest()
 
 
-def save_model(model, out_dir) -> None:
-    """``save_pretrained`` (safetensors) plus ``SHA256SUMS`` into a temporary directory, then rename."""
+def save_model(model, out_dir, extra_files=()) -> None:
+    """``save_pretrained`` (safetensors) plus ``SHA256SUMS`` into a temporary directory, then rename.
+    ``extra_files`` (e.g. tokenizer files) are copied in and recorded in the manifest too."""
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        for path in extra_files:
+            shutil.copyfile(path, Path(tmp) / Path(path).name)
         write_manifest(tmp)
 
 
@@ -192,6 +195,14 @@ def check_weights_match(model_dir, model) -> None:
                     raise IntegrityError(f"{model_dir}: tensor {key} is stored twice")
                 stored[key] = tuple(f.get_slice(key).get_shape())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = weight_mismatches(stored, expected)
+    if problems:
+        raise IntegrityError(f"{model_dir}: weights do not match config.json: " + "; ".join(problems))
+
+
+def weight_mismatches(stored: dict, expected: dict) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors between ``stored`` and ``expected`` ({name: shape}),
+    each a message listing the keys (empty when every stored tensor fills exactly one parameter)."""
     problems = []
     for what, keys in (("missing", sorted(set(expected) - set(stored))), ("unexpected", sorted(set(stored) - set(expected)))):
         if keys:
@@ -200,8 +211,7 @@ def check_weights_match(model_dir, model) -> None:
               if stored[k] != expected[k]]
     if shapes:
         problems.append(f"{len(shapes)} mis-shaped tensor(s): {_listing(shapes)}")
-    if problems:
-        raise IntegrityError(f"{model_dir}: weights do not match config.json: " + "; ".join(problems))
+    return problems
 
 
 def _listing(items, limit: int = 8) -> str:

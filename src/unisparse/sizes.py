@@ -10,15 +10,18 @@ GEOMETRY_DEFAULTS = dict(vit_patch_size=4, latent_patch_size=4, latent_downsampl
 
 
 def check_model_sizes(num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
-                      image_size: int, vit_patch_size: int, latent_patch_size: int, latent_downsample: int) -> None:
-    """Raise ValueError, naming the field, for sizes no MoT can have."""
+                      image_size: int, vit_patch_size: int, latent_patch_size: int, latent_downsample: int,
+                      vit_image_size: int | None = None) -> None:
+    """Raise ValueError, naming the field, for sizes no MoT can have. ``vit_image_size``: the side of an
+    understanding image when it differs from a generated one (BAGEL: 980 for the ViT, 1024 generated)."""
     if num_hidden_layers < 1:
         raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
     if num_key_value_heads < 1 or num_attention_heads % num_key_value_heads:
         raise ValueError(f"num_attention_heads={num_attention_heads} must be a multiple of "
                          f"num_key_value_heads={num_key_value_heads}")
-    if image_size % vit_patch_size:
-        raise ValueError(f"image_size={image_size} must be divisible by vit_patch_size={vit_patch_size}")
+    if (vit_image_size or image_size) % vit_patch_size:
+        name = "vit_image_size" if vit_image_size else "image_size"
+        raise ValueError(f"{name}={vit_image_size or image_size} must be divisible by vit_patch_size={vit_patch_size}")
     if image_size % (latent_downsample * latent_patch_size):
         raise ValueError(f"image_size={image_size} must be divisible by latent_downsample * latent_patch_size="
                          f"{latent_downsample * latent_patch_size}")

@@ -85,7 +85,7 @@ def train_tiny(model_spec: dict, train_spec: dict, out_dir: str | None = None, p
         mse = tasks.gen_batch_loss(m, examples, cfg["cond_dropout"], gen, world)
         return ce + mse, {"ce": ce, "mse": mse}
 
-    run = run_training(model, [n for n, _ in model.named_parameters()], cfg, batch_loss, what="train-tiny",
+    run = run_training(model, [n for n, p in model.named_parameters() if p.requires_grad], cfg, batch_loss, what="train-tiny",
                        checkpoint_dir=checkpoint_dir, progress=progress, stop_after=stop_after, log_every=100)
     if out_dir is not None and run["is_main"]:
         save_model(model, out_dir)

@@ -128,6 +128,7 @@ def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, wh
                   "spec": json.loads(json.dumps(cfg)), "names": list(names)}
     trained = distributed.sharded_twin(model, set(names), model.device) if w.sharded else model
     params = dict(trained.named_parameters())
+    frozen_by_design = {n for n, p in model.named_parameters() if not p.requires_grad}  # e.g. sin-cos tables
     for n, p in params.items():
         p.requires_grad_(n in names)
     opt = torch.optim.AdamW([params[n] for n in names], lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
@@ -171,8 +172,8 @@ def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, wh
     if w.sharded:
         distributed.copy_back(trained, model, w)
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen_by_design)
     return {"history": history, "seconds": time.time() - t0, "resumed_from": start, "processes": w.size,
             "is_main": w.is_main}
 

@@ -15,6 +15,13 @@ SUBLAYERS = ("attn", "mlp")
 SUFFIX = {"und": "", "gen": "_moe_gen"}
 #: what a dropped understanding attention sublayer still provides to generation tokens
 SKIPPED_ATTENTION_KV = ("keep", "none")
+#: the vision tower: a linear patch encoder (the tiny default) or BAGEL's SigLIP NaViT
+VISIONS = ("patch", "siglip_navit")
+#: the image <-> latent codec: identity patchify (tiny) or the FLUX autoencoder (BAGEL)
+CODECS = ("identity", "flux")
+#: token layout of both tasks: ``compact`` (the tiny default: ``<bos> prompt <eos> <img> latents``) or
+#: ``bagel`` (BAGEL's: ``<bos> prompt <eos>`` then ``<vision_start> latents <vision_end>`` in one block)
+PROMPT_FORMATS = ("compact", "bagel")
 
 
 def check_component(name: str) -> str:
@@ -51,14 +58,23 @@ class MoTConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
         image_size: int = 16,
+        vit_image_size: int | None = None,
         num_channels: int = 3,
         vit_patch_size: int = GEOMETRY_DEFAULTS["vit_patch_size"],
         vit_hidden_size: int = 64,
+        vision: str = "patch",
+        vit_config: dict | None = None,
+        vit_max_num_patch_per_side: int | None = None,
         codec: str = "identity",
+        codec_config: dict | None = None,
         latent_patch_size: int = GEOMETRY_DEFAULTS["latent_patch_size"],
         latent_channels: int = 3,
         latent_downsample: int = GEOMETRY_DEFAULTS["latent_downsample"],
         time_embed_dim: int = 64,
+        timestep_scale: float = 1000.0,
+        max_latent_size: int | None = None,
+        latent_pos_embed: str = "learned",
+        prompt_format: str = "compact",
         pad_token_id: int = 0,
         bos_token_id: int = 1,
         eos_token_id: int = 2,
@@ -84,11 +100,20 @@ class MoTConfig(PretrainedConfig):
         self.num_channels = num_channels
         self.vit_patch_size = vit_patch_size
         self.vit_hidden_size = vit_hidden_size
+        self.vit_image_size = vit_image_size or image_size
+        self.vision = vision
+        self.vit_config = dict(vit_config or {})
+        self.vit_max_num_patch_per_side = vit_max_num_patch_per_side or self.vit_image_size // vit_patch_size
         self.codec = codec
+        self.codec_config = dict(codec_config or {})
         self.latent_patch_size = latent_patch_size
         self.latent_channels = latent_channels
         self.latent_downsample = latent_downsample
         self.time_embed_dim = time_embed_dim
+        self.timestep_scale = timestep_scale
+        self.max_latent_size = max_latent_size or image_size // (latent_downsample * latent_patch_size)
+        self.latent_pos_embed = latent_pos_embed
+        self.prompt_format = prompt_format
         self.image_start_token_id = image_start_token_id
         self.image_end_token_id = image_end_token_id
         self.timestep_shift = timestep_shift
@@ -116,7 +141,8 @@ class MoTConfig(PretrainedConfig):
 
     @property
     def vit_grid(self) -> int:
-        return self.image_size // self.vit_patch_size
+        """Patches per side of an understanding image (``vit_image_size``; BAGEL: 980 / 14 = 70)."""
+        return self.vit_image_size // self.vit_patch_size
 
     @property
     def num_vit_tokens(self) -> int:
@@ -139,9 +165,17 @@ class MoTConfig(PretrainedConfig):
     def validate_structure(self) -> None:
         """Fail early on inconsistent sizes instead of at the first matmul."""
         check_model_sizes(self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads, self.image_size,
-                          self.vit_patch_size, self.latent_patch_size, self.latent_downsample)
-        if self.skipped_attention_kv not in SKIPPED_ATTENTION_KV:
-            raise ValueError(f"skipped_attention_kv must be one of {SKIPPED_ATTENTION_KV}")
+                          self.vit_patch_size, self.latent_patch_size, self.latent_downsample, self.vit_image_size)
+        for name, allowed in (("skipped_attention_kv", SKIPPED_ATTENTION_KV), ("vision", VISIONS), ("codec", CODECS),
+                              ("prompt_format", PROMPT_FORMATS), ("latent_pos_embed", ("learned", "sincos"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.max_latent_size < self.latent_grid:
+            raise ValueError(f"max_latent_size={self.max_latent_size} is smaller than the latent grid {self.latent_grid} "
+                             f"of {self.image_size}-pixel images")
+        if self.vit_max_num_patch_per_side < self.vit_grid:
+            raise ValueError(f"vit_max_num_patch_per_side={self.vit_max_num_patch_per_side} is smaller than the ViT grid "
+                             f"{self.vit_grid} of {self.vit_image_size}-pixel images")
         for comp, widths in self.mlp_widths.items():
             check_component(comp)
             if len(widths) != self.num_hidden_layers or min(widths) < 1:

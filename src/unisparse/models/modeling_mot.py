@@ -207,17 +207,19 @@ class MoTDecoderLayer(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoid of t (scaled by 1000, as in DiT) followed by Linear-SiLU-Linear."""
+    """Sinusoid of ``scale * t`` (cos half, then sin half) followed by Linear-SiLU-Linear, as in DiT.
+    BAGEL feeds t in [0, 1] unscaled (``timestep_scale`` 1); the tiny default scales it by 1000."""
 
-    def __init__(self, hidden_size: int, freq_dim: int):
+    def __init__(self, hidden_size: int, freq_dim: int, scale: float = 1000.0):
         super().__init__()
         self.freq_dim = freq_dim
+        self.scale = scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = (t.float() * 1000.0)[:, None] * freqs[None]
+        args = (t.float() * self.scale)[:, None] * freqs[None]
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
@@ -234,6 +236,46 @@ class PatchEncoder(nn.Module):
 
     def forward(self, patches):
         return F.gelu(self.patch_embedding(patches) + self.position_embedding)
+
+
+class MLPConnector(nn.Module):
+    """ViT features -> LLM width: ``fc2(gelu_tanh(fc1(x)))`` (BAGEL's ``connector``)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class PositionEmbedding(nn.Module):
+    """A table of ``max_side**2`` positions indexed ``row * max_side + col`` (BAGEL's ``vit_pos_embed`` and
+    ``latent_pos_embed``). ``learned``: trained (the tiny default's latent positions); ``sincos``: the
+    frozen 2-D sine-cosine table BAGEL stores in its checkpoint."""
+
+    def __init__(self, max_side: int, dim: int, learned: bool = False):
+        super().__init__()
+        self.max_side = max_side
+        self.learned = learned
+        self.pos_embed = nn.Parameter(torch.zeros(max_side * max_side, dim), requires_grad=learned)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            if self.learned:
+                nn.init.normal_(self.pos_embed, std=0.02)
+            else:
+                self.pos_embed.copy_(sincos_2d(self.max_side, self.pos_embed.shape[1], self.pos_embed.device))
+
+    def grid_ids(self, grid: int, device=None):
+        """Position ids of a square ``grid`` x ``grid`` image, row-major."""
+        r = torch.arange(grid, device=device)
+        return (r[:, None] * self.max_side + r[None, :]).reshape(-1)
+
+    def forward(self, position_ids):
+        return self.pos_embed[position_ids]
 
 
 class MoTLanguageModel(nn.Module):
@@ -255,19 +297,18 @@ class LanguageModelWrapper(nn.Module):
 
 
 def sincos_2d(grid: int, dim: int, device=None) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding [grid*grid, dim] (row half, column half), as BAGEL's
-    ``vit_pos_embed``: added after the connector at the LLM's scale, so where an image token sits is
-    as salient as what it shows."""
+    """Fixed 2-D sine-cosine table [grid*grid, dim] in BAGEL's (DiT's) layout: the first half encodes the
+    column, the second the row, each as [sin, cos] over ``dim / 4`` frequencies."""
     quarter = dim // 4
-    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / max(quarter, 1)))
-    pos = torch.arange(grid, dtype=torch.float32, device=device)
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / max(quarter, 1)))
+    pos = torch.arange(grid, dtype=torch.float64, device=device)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")
 
     def enc(p):
         out = p.reshape(-1, 1) * omega[None]
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    emb = torch.cat([enc(rows), enc(cols)], dim=1)
+    emb = torch.cat([enc(cols), enc(rows)], dim=1).float()
     return F.pad(emb, (0, dim - emb.shape[1]))
 
 
@@ -299,7 +340,41 @@ class IdentityCodec:
         return ((img + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-CODECS = {"identity": IdentityCodec}
+def build_vision_tower(config: MoTConfig) -> nn.Module:
+    """``vit_model``: the tiny patch encoder or BAGEL's SigLIP NaViT (a pluggable part, same interface:
+    ``vision_features(model, images)`` below)."""
+    if config.vision == "siglip_navit":
+        from .siglip_navit import SiglipNaViT
+
+        return SiglipNaViT({**config.vit_config, "max_num_patch_per_side": config.vit_max_num_patch_per_side})
+    return PatchEncoder(config)
+
+
+def build_codec(config: MoTConfig):
+    """The image <-> latent-token codec; the FLUX autoencoder is a module (its weights are the model's
+    ``vae_model.*``), the identity codec holds no weights."""
+    if config.codec == "flux":
+        from .flux_autoencoder import FluxCodec
+
+        return FluxCodec(config)
+    return IdentityCodec(config)
+
+
+#: CFG renormalisation (BAGEL): scale the guided velocity down to the conditional one's norm, per sample
+#: over all its tokens (``global``) or per token (``channel``); ``none`` leaves it as is
+CFG_RENORM_TYPES = ("none", "global", "channel")
+
+
+def guided_velocity(v_c, v_u, scale: float, renorm: str = "none", renorm_min: float = 0.0):
+    """Classifier-free guidance ``v_u + s (v_c - v_u)``, optionally renormalised (``CFG_RENORM_TYPES``)."""
+    if renorm not in CFG_RENORM_TYPES:
+        raise ValueError(f"unknown cfg_renorm {renorm!r}; expected one of {CFG_RENORM_TYPES}")
+    v = v_u + scale * (v_c - v_u)
+    if renorm == "none":
+        return v
+    dims = (1, 2) if renorm == "global" else (2,)
+    ratio = v_c.norm(dim=dims, keepdim=True) / (v.norm(dim=dims, keepdim=True) + 1e-8)
+    return v * ratio.clamp(min=renorm_min, max=1.0)
 
 
 class MoTForUnifiedModel(PreTrainedModel):
@@ -314,16 +389,23 @@ class MoTForUnifiedModel(PreTrainedModel):
         super().__init__(config)
         h = config.hidden_size
         self.language_model = LanguageModelWrapper(config)
-        self.vit_model = PatchEncoder(config)
-        self.connector = nn.Sequential(nn.Linear(config.vit_hidden_size, h), nn.GELU(approximate="tanh"), nn.Linear(h, h))
+        self.vit_model = build_vision_tower(config)
+        self.connector = MLPConnector(config.vit_hidden_size, h)
+        self.vit_pos_embed = PositionEmbedding(config.vit_max_num_patch_per_side, h)
         self.vae2llm = nn.Linear(config.latent_dim, h)
         self.llm2vae = nn.Linear(h, config.latent_dim)
-        self.time_embedder = TimestepEmbedder(h, config.time_embed_dim)
-        self.latent_pos_embed = nn.Parameter(torch.zeros(config.num_latent_tokens, h))
-        if config.codec not in CODECS:
-            raise ValueError(f"unknown codec {config.codec!r}; available: {sorted(CODECS)}")
-        self.codec = CODECS[config.codec](config)
+        self.time_embedder = TimestepEmbedder(h, config.time_embed_dim, config.timestep_scale)
+        self.latent_pos_embed = PositionEmbedding(config.max_latent_size, h, learned=config.latent_pos_embed == "learned")
+        codec = build_codec(config)
+        if isinstance(codec, nn.Module):
+            self.vae_model = codec  # weights under vae_model.* (BAGEL keeps them in ae.safetensors)
+        else:
+            self._codec = codec
         self.post_init()
+
+    @property
+    def codec(self):
+        return self.vae_model if isinstance(getattr(self, "vae_model", None), nn.Module) else self._codec
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -334,8 +416,8 @@ class MoTForUnifiedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
-        elif isinstance(module, MoTForUnifiedModel):
-            nn.init.normal_(module.latent_pos_embed, std=0.02)
+        elif isinstance(module, PositionEmbedding):
+            module.reset_parameters()
         elif isinstance(module, PatchEncoder):
             nn.init.normal_(module.position_embedding, std=0.02)
 
@@ -369,32 +451,58 @@ class MoTForUnifiedModel(PreTrainedModel):
         return (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
 
     # ------------------------------------------------------------------ understanding
+    def vision_tokens(self, images):
+        """Images [B, H, W, C] in [0, 1] -> [B, n, hidden]: vision tower, connector, ``vit_pos_embed``."""
+        c = self.config
+        device = self.device
+        images = images.to(device=device, dtype=self.dtype)
+        B, n = images.shape[0], c.num_vit_tokens
+        ids = self.vit_pos_embed.grid_ids(c.vit_grid, device)
+        if c.vision == "siglip_navit":  # SigLIP sees [-1, 1] (mean = std = 0.5), packed images
+            patches = patchify(images * 2.0 - 1.0, c.vit_patch_size).reshape(B * n, -1)
+            seqlens = torch.full((B,), n, dtype=torch.long, device=device)
+            feats = self.vit_model(patches, ids.repeat(B), seqlens).reshape(B, n, -1)
+        else:
+            feats = self.vit_model(patchify(images, c.vit_patch_size))
+        return self.connector(feats) + self.vit_pos_embed(ids).to(feats.dtype)
+
     def understanding_inputs(self, images, question_ids: list[list[int]]):
-        """Sequence ``<bos> <img> [vit tokens] </img> question`` right-padded; returns the embeddings,
-        types, positions, validity and the index of each sample's last real token."""
+        """The understanding sequence, right-padded; returns the embeddings, types, positions, validity
+        and the index of each sample's last real token (whose logits answer).
+
+        ``compact``: ``<bos> <img> [vit] </img> question``; ``bagel``: ``<vision_start> [vit] <vision_end>``
+        at one position, then ``<bos> question <eos> <bos>`` (the answer starts after a new ``<bos>``)."""
         c = self.config
         device = self.device
         B = images.shape[0]
         n_img = c.num_vit_tokens
-        lq = max(len(q) for q in question_ids)
-        T = 3 + n_img + lq
+        bagel = c.prompt_format == "bagel"
+        off = 1 if bagel else 2  # index of the first ViT token
+        img = [c.image_start_token_id] + [c.pad_token_id] * n_img + [c.image_end_token_id]
+        seqs, positions = [], []
+        for q in question_ids:
+            if bagel:
+                text = [c.bos_token_id] + list(q) + [c.eos_token_id, c.bos_token_id]
+                seqs.append(img + text)
+                positions.append([0] * len(img) + list(range(1, 1 + len(text))))
+            else:
+                seqs.append([c.bos_token_id] + img + list(q))
+                positions.append([0, 1] + [2] * n_img + list(range(3, 3 + 1 + len(q))))
+        T = max(len(s) for s in seqs)
         # token layout is built on the host (Python lists), then moved once
         ids = torch.full((B, T), c.pad_token_id, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)
         pos = torch.zeros(B, T, dtype=torch.long)
         last = torch.zeros(B, dtype=torch.long)
-        for b, q in enumerate(question_ids):
-            toks = [c.bos_token_id, c.image_start_token_id] + [c.pad_token_id] * n_img + [c.image_end_token_id] + list(q)
+        for b, (toks, p) in enumerate(zip(seqs, positions)):
             ids[b, : len(toks)] = torch.tensor(toks)
             valid[b, : len(toks)] = True
-            p = [0, 1] + [2] * n_img + list(range(3, 3 + 1 + len(q)))
             pos[b, : len(p)] = torch.tensor(p)
             last[b] = len(toks) - 1
         ids, valid, pos, last = (x.to(device) for x in (ids, valid, pos, last))
         h = self.language_model.model.embed_tokens(ids)
-        img_tok = self.connector(self.vit_model(patchify(images.to(device=device, dtype=self.dtype), c.vit_patch_size)))
-        img_tok = img_tok + sincos_2d(c.vit_grid, c.hidden_size, device).to(img_tok.dtype)
-        h = torch.cat([h[:, :2], img_tok.to(h.dtype), h[:, 2 + n_img :]], dim=1)
+        img_tok = self.vision_tokens(images)
+        h = torch.cat([h[:, :off], img_tok.to(h.dtype), h[:, off + n_img :]], dim=1)
         types = torch.where(valid, UND, PAD)
         return h, types, pos, valid, last
 
@@ -408,9 +516,10 @@ class MoTForUnifiedModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ generation
     def prompt_inputs(self, prompt_ids: list[list[int]]):
-        """``<bos> prompt <eos> <img>`` right-padded (understanding tower)."""
+        """``<bos> prompt <eos>`` right-padded (understanding tower); ``compact`` appends ``<img>``."""
         c = self.config
-        seqs = [[c.bos_token_id] + list(p) + [c.eos_token_id, c.image_start_token_id] for p in prompt_ids]
+        tail = [c.eos_token_id] + ([] if c.prompt_format == "bagel" else [c.image_start_token_id])
+        seqs = [[c.bos_token_id] + list(p) + tail for p in prompt_ids]
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), c.pad_token_id, dtype=torch.long)
         valid = torch.zeros(len(seqs), T, dtype=torch.bool)
@@ -421,12 +530,33 @@ class MoTForUnifiedModel(PreTrainedModel):
         pos = torch.arange(T, device=self.device).expand(len(seqs), T) * valid
         return ids, valid, pos, valid.sum(1)
 
-    def embed_latents(self, x_t, t):
-        """Latent tokens in the model's dtype (``x_t`` and ``t`` may be fp32)."""
-        return self.vae2llm(x_t.to(self.dtype)) + self.time_embedder(t)[:, None] + self.latent_pos_embed[None]
+    @property
+    def latent_offset(self) -> int:
+        """Tokens before the latents in the image block (``bagel``: the ``<vision_start>`` marker)."""
+        return 1 if self.config.prompt_format == "bagel" else 0
 
-    def velocity(self, h_latents):
-        """The predicted velocity, in fp32 (the sampler integrates and the loss compares in fp32)."""
+    def latent_block(self, x_t, t):
+        """The image block of a generation forward: embeddings [B, Lb, H] and token types [B, Lb].
+        A latent token is ``vae2llm(x_t) + time_embedding(t) + latent_pos_embed`` (generation tower);
+        ``bagel`` wraps the latents in ``<vision_start>`` / ``<vision_end>`` (understanding tower)."""
+        c = self.config
+        B = x_t.shape[0]
+        ids = self.latent_pos_embed.grid_ids(c.latent_grid, self.device)
+        h = self.vae2llm(x_t.to(self.dtype)) + self.time_embedder(t)[:, None] + self.latent_pos_embed(ids)[None]
+        types = torch.full(h.shape[:2], GEN, device=self.device)
+        if c.prompt_format == "bagel":
+            markers = torch.tensor([c.image_start_token_id, c.image_end_token_id], device=self.device)
+            m = self.language_model.model.embed_tokens(markers).expand(B, 2, -1).to(h.dtype)
+            h = torch.cat([m[:, :1], h, m[:, 1:]], dim=1)
+            und = torch.full((B, 1), UND, device=self.device)
+            types = torch.cat([und, types, und], dim=1)
+        return h, types
+
+    def velocity(self, h_block):
+        """The predicted velocity of the block's latent tokens, in fp32 (the sampler integrates and the
+        loss compares in fp32)."""
+        off = self.latent_offset
+        h_latents = h_block[:, off : off + self.config.num_latent_tokens]
         return self.llm2vae(self.language_model.model.norm_moe_gen(h_latents)).float()
 
     def flow_loss(self, prompt_ids, images, cond_keep=None, generator=None, observer=None, need_aux=False,
@@ -437,7 +567,6 @@ class MoTForUnifiedModel(PreTrainedModel):
         noise / t: given by a caller that draws a larger batch and trains on a slice of it (several
         processes); otherwise drawn from ``generator`` (noise first, then t).
         """
-        c = self.config
         ids, pvalid, ppos, plen = self.prompt_inputs(prompt_ids)
         B, Tp = ids.shape
         x0 = self.codec.encode(images.to(device=self.device, dtype=torch.float32))
@@ -447,17 +576,17 @@ class MoTForUnifiedModel(PreTrainedModel):
             t = torch.sigmoid(torch.randn(B, generator=generator, device=_device_of(generator)))
         noise, t = noise.to(self.device, torch.float32), t.to(self.device, torch.float32)
         x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
-        h = torch.cat([self.language_model.model.embed_tokens(ids), self.embed_latents(x_t, t)], dim=1)
-        L = c.num_latent_tokens
-        lpos = plen[:, None].expand(B, L)
-        pos = torch.cat([ppos, lpos], dim=1)
+        block, block_types = self.latent_block(x_t, t)
+        h = torch.cat([self.language_model.model.embed_tokens(ids), block], dim=1)
+        Lb = block.shape[1]
+        pos = torch.cat([ppos, plen[:, None].expand(B, Lb)], dim=1)
         if cond_keep is None:
             cond_keep = torch.ones(B, dtype=torch.bool, device=self.device)
         cond_keep = cond_keep.to(self.device)
-        valid = torch.cat([pvalid, torch.ones(B, L, dtype=torch.bool, device=self.device)], dim=1)
+        valid = torch.cat([pvalid, torch.ones(B, Lb, dtype=torch.bool, device=self.device)], dim=1)
         mask = self.causal_mask(pos, pos, valid)
         mask[:, Tp:, :Tp] &= cond_keep[:, None, None]
-        types = torch.cat([torch.where(pvalid, UND, PAD), torch.full((B, L), GEN, device=self.device)], dim=1)
+        types = torch.cat([torch.where(pvalid, UND, PAD), block_types], dim=1)
         h, _ = self.run_layers(h, types, pos, mask, observer=observer, need_aux=need_aux)
         v = self.velocity(h[:, Tp:])
         return F.mse_loss(v, noise - x0)
@@ -476,42 +605,49 @@ class MoTForUnifiedModel(PreTrainedModel):
         return shift * t / (1 + (shift - 1) * t)
 
     @torch.no_grad()
-    def generate_images(self, prompt_ids, seeds, num_steps=20, cfg_scale=4.0, shift=None, observer=None):
-        """Euler sampling from t=1 (noise) to t=0 on the shifted schedule, with classifier-free
-        guidance (the unconditional pass sees no prompt). Each sample's noise comes from its own seed,
-        so an image does not depend on what else is in the batch. Returns [B, H, W, C] in [0, 1]."""
+    def generate_images(self, prompt_ids, seeds, num_steps=20, cfg_scale=4.0, shift=None, observer=None,
+                        cfg_interval=(0.0, 1.0), cfg_renorm="none", cfg_renorm_min=0.0):
+        """Euler sampling from t=1 (noise) to t=0 on the shifted schedule (``num_steps`` steps; BAGEL's
+        ``num_timesteps`` is ``num_steps + 1``), with classifier-free guidance where
+        ``cfg_interval[0] < t <= cfg_interval[1]`` (the unconditional pass sees no prompt) and optional
+        CFG renormalisation (``CFG_RENORM_TYPES``). Each sample's noise comes from its own seed, so an
+        image does not depend on what else is in the batch. Returns [B, H, W, C] in [0, 1]."""
         c = self.config
         shift = c.timestep_shift if shift is None else shift
         B, L = len(prompt_ids), c.num_latent_tokens
         # per-sample noise drawn on the CPU from the sample's seed: the same image on every device
         noise = torch.stack([torch.randn(L, c.latent_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        x = noise.to(self.device)  # the Euler state stays fp32; embed_latents casts to the model dtype
+        x = noise.to(self.device)  # the Euler state stays fp32; latent_block casts to the model dtype
         presents, ppos, plen = self.prefill(prompt_ids, observer=observer)
-        use_cfg = cfg_scale != 1.0
-        # conditional rows first, then unconditional rows that see no prompt
-        past = []
-        for k, v, valid in presents:
-            if use_cfg:
-                past.append((torch.cat([k, k]), torch.cat([v, v]), torch.cat([valid, torch.zeros_like(valid)])))
-            else:
-                past.append((k, v, valid))
-        reps = 2 if use_cfg else 1
-        lpos = plen.repeat(reps)[:, None].expand(B * reps, L)
         Tp = ppos.shape[1]
-        k_pos = torch.cat([ppos.repeat(reps, 1), lpos], dim=1)
-        k_valid = torch.ones(B * reps, Tp + L, dtype=torch.bool, device=self.device)
-        mask = self.causal_mask(lpos, k_pos, k_valid)
-        types = torch.full((B * reps, L), GEN, device=self.device)
+        Lb = L + 2 * self.latent_offset
+
+        def setting(reps: int):
+            """past KV, positions and mask for ``reps`` copies of the batch (2: + unconditional rows)."""
+            past = []
+            for k, v, valid in presents:
+                if reps == 2:  # unconditional rows keep the keys but see none of them
+                    past.append((torch.cat([k, k]), torch.cat([v, v]), torch.cat([valid, torch.zeros_like(valid)])))
+                else:
+                    past.append((k, v, valid))
+            lpos = plen.repeat(reps)[:, None].expand(B * reps, Lb)
+            k_pos = torch.cat([ppos.repeat(reps, 1), lpos], dim=1)
+            k_valid = torch.ones(B * reps, Tp + Lb, dtype=torch.bool, device=self.device)
+            return past, lpos, self.causal_mask(lpos, k_pos, k_valid)
+
+        settings = {1: setting(1)}
+        if cfg_scale != 1.0:
+            settings[2] = setting(2)
         ts = self.shifted_timesteps(num_steps, shift)
         for i in range(num_steps):
             t, t_next = float(ts[i]), float(ts[i + 1])
-            xin = x.repeat(reps, 1, 1)
-            h = self.embed_latents(xin, torch.full((B * reps,), t, device=self.device))
+            reps = 2 if cfg_scale != 1.0 and cfg_interval[0] < t <= cfg_interval[1] else 1
+            past, lpos, mask = settings[reps]
+            h, types = self.latent_block(x.repeat(reps, 1, 1), torch.full((B * reps,), t, device=self.device))
             h, _ = self.run_layers(h, types, lpos, mask, past=past, observer=observer)
             v = self.velocity(h)
-            if use_cfg:
-                v_c, v_u = v[:B], v[B:]
-                v = v_u + cfg_scale * (v_c - v_u)
+            if reps == 2:
+                v = guided_velocity(v[:B], v[B:], cfg_scale, cfg_renorm, cfg_renorm_min)
             x = x - (t - t_next) * v
         return self.codec.decode(x)
 

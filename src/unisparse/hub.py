@@ -1,0 +1,350 @@
+"""A checkpoint from the Hugging Face Hub, pinned: one commit, every file's sha256 kept in git.
+
+A Hub branch moves and a 30 GB download can be cut short or altered on the way, so the pipeline never
+downloads "the latest" of anything: a lock file (``data/<name>.lock.json``) names the repository, the
+commit and, per file, its sha256 and size. That file list is also the download's allow-list (one
+source of truth: what is locked is what is fetched, nothing else). ``fetch_checkpoint`` downloads
+exactly those files at exactly that commit, checks every byte against the lock, and only then lets
+the directory appear under its final name; ``lock_checkpoint`` is the one documented way to (re)write
+a lock, from a download whose sums agree with the ones the Hub states for its LFS files.
+
+The Hub client is imported inside the functions, so this module stays importable (by the workflow's
+DAG build) without it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from .io import IntegrityError, atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+#: where the dense checkpoint comes from (config ``checkpoint.source``; the schema states the same list)
+CHECKPOINT_SOURCES = ("train", "huggingface")
+#: the manifest a fetched directory carries: repository, commit and the verified sums
+MANIFEST = "checkpoint.json"
+#: ``note`` is free text for people (where the values came from); the code ignores it
+LOCK_KEYS = ("repo_id", "revision", "files", "note")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# file names reach allow_patterns (fnmatch) and the file system: no glob characters, no escape
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+_BLOCK = 1 << 24
+
+
+class LockError(ValueError):
+    """A lock file that cannot pin a download (malformed, or not filled in yet)."""
+
+
+def lock_command(lock_path, repo_id: str | None = None, revision: str | None = None) -> str:
+    """The command that (re)writes ``lock_path`` from a trusted download (quoted for a shell)."""
+    import shlex
+
+    parts = ["unisparse", "lock-checkpoint"]
+    if repo_id:
+        parts += ["--repo-id", repo_id]
+    parts += ["--revision", revision or "main", "--out", str(lock_path)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def read_lock(path, complete: bool = True) -> dict:
+    """The lock at ``path``, checked. ``complete``: also refuse a lock whose commit or sums are not
+    filled in (``null``), naming the command that fills them; never guess a missing value."""
+    path = Path(path)
+    try:
+        lock = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such lock file") from None
+    except (OSError, ValueError) as e:
+        raise LockError(f"{path}: not a readable JSON lock file ({e})") from None
+    if not isinstance(lock, dict):
+        raise LockError(f"{path}: a lock is a JSON object, got {type(lock).__name__}")
+    unknown = sorted(set(lock) - set(LOCK_KEYS))
+    if unknown:
+        raise LockError(f"{path}: unknown key(s) {', '.join(unknown)} (a lock has {', '.join(LOCK_KEYS)})")
+    repo_id, revision, files = lock.get("repo_id"), lock.get("revision"), lock.get("files")
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+        raise LockError(f"{path}: repo_id must be 'owner/name', got {repo_id!r}")
+    if revision is not None and (not isinstance(revision, str) or not _COMMIT.match(revision)):
+        raise LockError(f"{path}: revision must be a 40-hex commit hash (a branch or tag moves), got {revision!r}")
+    if not isinstance(files, dict) or not files:
+        raise LockError(f"{path}: files must be a non-empty mapping of file name -> {{sha256, size}}")
+    for name, entry in files.items():
+        if not _FILE_NAME.match(name) or ".." in name.split("/"):
+            raise LockError(f"{path}: file name {name!r} must be a relative path of letters, digits, '.', '_', '-'")
+        if not isinstance(entry, dict) or set(entry) != {"sha256", "size"}:
+            raise LockError(f"{path}: files[{name!r}] must be {{\"sha256\": ..., \"size\": ...}}, got {entry!r}")
+        digest, size = entry["sha256"], entry["size"]
+        if digest is not None and (not isinstance(digest, str) or not _SHA256.match(digest)):
+            raise LockError(f"{path}: files[{name!r}].sha256 must be 64 lower-case hex digits, got {digest!r}")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise LockError(f"{path}: files[{name!r}].size must be a byte count, got {size!r}")
+    if complete:
+        unfilled = (["revision"] if revision is None else []) + [
+            f"{name} ({'/'.join(k for k in ('sha256', 'size') if files[name][k] is None)})"
+            for name in files if files[name]["sha256"] is None or files[name]["size"] is None]
+        if unfilled:
+            raise LockError(f"{path} is not filled in: no value for {', '.join(unfilled)}. Nothing is downloaded "
+                            f"without a pinned commit and a sha256 and size for every file; write them from a "
+                            f"trusted download with: {lock_command(path, repo_id, revision)}")
+    return lock
+
+
+def checkpoint_name(repo_id: str) -> str:
+    """The directory name of a repository's checkpoint: ``ByteDance-Seed/BAGEL-7B-MoT`` -> ``bagel-7b-mot``."""
+    return repo_id.rsplit("/", 1)[-1].lower()
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as set now: huggingface_hub reads it once, at import, so a process that sets it
+    later (a test, a notebook) would still go online without this."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+@contextmanager
+def _hub_progress(progress: bool):
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not progress:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
+
+
+def _snapshot(repo_id: str, revision: str, files, cache_dir=None, progress: bool = True) -> Path:
+    """The cache's snapshot folder of ``revision`` holding (at least) ``files``.
+
+    ``snapshot_download`` with a commit hash and everything cached downloads nothing (online it may
+    still list the commit's files); with HF_HUB_OFFLINE=1 we pass ``local_files_only``, so it makes no
+    request at all. A blob cut short
+    by an interrupted download stays ``blobs/<hash>.incomplete`` in the cache and huggingface_hub
+    resumes it on the next call; it only ever exposes complete blobs under ``snapshots/``.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = _offline()
+    try:
+        with _hub_progress(progress):
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=sorted(files), cache_dir=cache_dir,
+                                       local_files_only=offline)
+    except LocalEntryNotFoundError as e:
+        where = cache_dir or "the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub)"
+        raise FileNotFoundError(f"{repo_id}@{revision} is not complete in {where}"
+                                f"{' and HF_HUB_OFFLINE is set' if offline else ''}: {e}") from None
+    return Path(folder)
+
+
+def _sha256_with_progress(path: Path, bar) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            h.update(block)
+            bar.update(len(block))
+    return h.hexdigest()
+
+
+def _bar(total: int, progress: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress)
+
+
+def verify_files(directory, files: dict, progress: bool = True, where: dict | None = None, label=None) -> None:
+    """Every file of ``files`` ({name: {sha256, size}}) is in ``directory`` with that size and sha256
+    (streamed, one progress bar over all bytes); otherwise an ``IntegrityError`` naming each bad file,
+    with the expected and the found digest. ``where`` maps a name to where its bytes really live (the
+    cache blob), so the message says what to delete; ``label`` names the files in it (default: the directory)."""
+    directory, where = Path(directory), where or {}
+    problems = []
+    present = {}
+
+    def blob(name):
+        return f" (its bytes: {where[name]}; delete that file to download it again)" if name in where else ""
+
+    for name, entry in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{name}: size expected {entry['size']} bytes, found {path.stat().st_size}{blob(name)}")
+        else:
+            present[name] = path
+    with _bar(sum(files[n]["size"] for n in present), progress, "verifying sha256") as bar:
+        for name, path in present.items():
+            found = _sha256_with_progress(path, bar)
+            if found != files[name]["sha256"]:
+                problems.append(f"{name}: sha256 expected {files[name]['sha256']}, found {found}{blob(name)}")
+    if problems:
+        raise IntegrityError(f"{label or directory}: {len(problems)} file(s) do not match the lock: " + "; ".join(problems))
+
+
+def _materialise(snapshot: Path, names, target: Path) -> dict:
+    """Put each file of the snapshot into ``target``: a hard link to the cache blob where the file
+    system allows it and the blob is ours (no second copy of 30 GB; a link to another user's file
+    would share its inode and permissions), else a copy. Never a symlink into the cache: the result
+    must not change when the cache is cleaned. Returns name -> blob path; a file the snapshot lacks
+    is an error naming it."""
+    missing = sorted(n for n in names if not (snapshot / n).is_file())  # a dangling link counts as missing
+    if missing:
+        raise FileNotFoundError(f"{snapshot}: missing from the downloaded snapshot: {', '.join(missing)}")
+    blobs = {}
+    for name in sorted(names):
+        blob = (snapshot / name).resolve()
+        dst = target / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        linked = False
+        if blob.stat().st_uid == os.getuid():
+            try:
+                os.link(blob, dst)
+                linked = True
+            except OSError:  # another file system, or links not allowed: copy
+                pass
+        if not linked:
+            shutil.copyfile(blob, dst)
+        blobs[name] = blob
+    return blobs
+
+
+def _discard_leftovers(out_dir: Path) -> None:
+    """Temporary directories an interrupted earlier fetch left beside ``out_dir`` (``atomic_path``'s
+    ``.<name>.tmp-*``): never resumed or used, since nothing says how far they got."""
+    for leftover in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        log.info("discarding %s, left by an interrupted fetch", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def fetch_checkpoint(lock_path, out_dir, cache_dir=None, progress: bool = True) -> Path:
+    """Download the locked files at the locked commit (or take them from the Hugging Face cache;
+    offline with HF_HUB_OFFLINE=1), verify each against the lock, and write ``out_dir`` with a
+    ``checkpoint.json`` manifest. ``out_dir`` appears complete and verified, or not at all."""
+    lock = read_lock(lock_path)
+    out_dir = Path(out_dir)
+    repo_id, revision, files = lock["repo_id"], lock["revision"], lock["files"]
+    _discard_leftovers(out_dir)
+    snapshot = _snapshot(repo_id, revision, files, cache_dir=cache_dir, progress=progress)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        blobs = _materialise(snapshot, files, tmp)
+        verify_files(tmp, files, progress=progress, where=blobs, label=f"{repo_id}@{revision} (for {out_dir})")
+        manifest = {"source": "huggingface", "repo_id": repo_id, "revision": revision,
+                    "lock": Path(lock_path).name, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    log.info("%s@%s: %d files verified -> %s", repo_id, revision, len(files), out_dir)
+    return out_dir
+
+
+def verify_checkpoint(directory, progress: bool = False) -> dict:
+    """Re-check a fetched directory against its own ``checkpoint.json``; returns the manifest."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a fetched checkpoint (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    verify_files(directory, manifest["files"], progress=progress)
+    return manifest
+
+
+def _model_info(repo_id: str, revision: str):
+    """The Hub's record of ``repo_id`` at ``revision`` with per-file metadata (size, LFS sha256)."""
+    from huggingface_hub import HfApi
+
+    return HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+
+
+def _lfs_field(lfs, key):
+    return lfs.get(key) if isinstance(lfs, dict) else getattr(lfs, key, None)
+
+
+def lock_checkpoint(repo_id: str, revision: str, files, out_lock, cache_dir=None, progress: bool = True) -> dict:
+    """Write the lock of ``files`` of ``repo_id`` at ``revision`` (a branch, tag or commit; the lock
+    records the commit it resolves to) from a download hashed here. Where the Hub states a file's LFS
+    sha256 or its size, the download must agree with it. Where ``out_lock`` already records a sum for
+    the same commit, the new one must agree with it too (a lock is regenerated, never silently changed);
+    at another commit, changed files are logged. The lock is written atomically."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    files = sorted(dict.fromkeys(files))
+    bad = [n for n in files if not _FILE_NAME.match(n) or ".." in n.split("/")]
+    if not _REPO_ID.match(repo_id) or bad or not files:
+        raise LockError(f"cannot lock {repo_id!r}: " + (f"bad file name(s) {bad}" if bad else
+                                                        "no files" if files == [] else "repo id must be 'owner/name'"))
+    try:
+        info = _model_info(repo_id, revision)
+    except OfflineModeIsEnabled:
+        raise LockError("lock-checkpoint asks the Hub which commit and sums to trust: unset HF_HUB_OFFLINE") from None
+    except OSError as e:
+        raise LockError(f"cannot resolve {repo_id}@{revision} on the Hub: {e}") from None
+    commit = info.sha
+    if not commit or not _COMMIT.match(commit):
+        raise LockError(f"the Hub gave no commit hash for {repo_id}@{revision} (got {commit!r})")
+    listed = {s.rfilename: s for s in (info.siblings or [])}
+    absent = [n for n in files if n not in listed]
+    if absent:
+        raise FileNotFoundError(f"{repo_id}@{commit} has no file(s) {', '.join(absent)}")
+    snapshot = _snapshot(repo_id, commit, files, cache_dir=cache_dir, progress=progress)
+    missing = [n for n in files if not (snapshot / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{snapshot}: missing from the downloaded snapshot: {', '.join(missing)}")
+    entries, problems = {}, []
+    with _bar(sum((snapshot / n).stat().st_size for n in files), progress, "hashing") as bar:
+        for name in files:
+            path = snapshot / name
+            digest, size = _sha256_with_progress(path, bar), path.stat().st_size
+            sibling = listed[name]
+            hub_sha, hub_size = _lfs_field(sibling.lfs, "sha256"), _lfs_field(sibling.lfs, "size")
+            hub_size = hub_size if hub_size is not None else sibling.size
+            if hub_sha is not None and hub_sha != digest:
+                problems.append(f"{name}: the Hub states LFS sha256 {hub_sha}, the download has {digest}")
+            if hub_size is not None and hub_size != size:
+                problems.append(f"{name}: the Hub states {hub_size} bytes, the download has {size}")
+            entries[name] = {"sha256": digest, "size": size}
+    problems += _disagreements(out_lock, repo_id, commit, entries)
+    if problems:
+        raise IntegrityError(f"{repo_id}@{commit}: not locked, the download disagrees: " + "; ".join(problems))
+    lock = {"repo_id": repo_id, "revision": commit, "files": entries}
+    write_json(out_lock, lock)
+    log.info("locked %s@%s (%d files) -> %s", repo_id, commit, len(entries), out_lock)
+    return lock
+
+
+def _disagreements(out_lock, repo_id: str, commit: str, entries: dict) -> list[str]:
+    """Values an existing lock already records for the same repository and commit that the new
+    download contradicts (an error); at another commit, changes are only logged."""
+    try:
+        old = read_lock(out_lock, complete=False)
+    except FileNotFoundError:
+        return []
+    if old["repo_id"] != repo_id:
+        return []
+    problems = []
+    for name, entry in entries.items():
+        before = old["files"].get(name) or {}
+        for key in ("sha256", "size"):
+            if before.get(key) is not None and before[key] != entry[key]:
+                if old["revision"] == commit:
+                    problems.append(f"{name}: {out_lock} records {key} {before[key]} for this commit, the download has "
+                                    f"{entry[key]}")
+                else:
+                    log.warning("%s: %s changed from %s (%s) to %s (%s)", name, key, before[key], old["revision"],
+                                entry[key], commit)
+    return problems
+
+
+def lock_files(lock_path) -> list[str]:
+    """The file list of an existing lock (filled in or not): the default of ``lock-checkpoint``."""
+    return sorted(read_lock(lock_path, complete=False)["files"])

@@ -1,0 +1,413 @@
+"""The pinned checkpoint download (unisparse.hub, verbs fetch-checkpoint / lock-checkpoint, rule
+download_checkpoint), offline: a local Hugging Face cache in huggingface_hub's own layout stands in for
+the Hub, so every test runs without a network and with HF_HUB_OFFLINE=1."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unisparse import hub
+from unisparse.io import IntegrityError
+
+REPO = Path(__file__).resolve().parents[1]
+REPO_ID = "ByteDance-Seed/BAGEL-7B-MoT"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # fake: no real revision is needed offline
+NAME = "bagel-7b-mot"
+UNISPARSE = str(Path(sys.executable).parent / "unisparse")
+# small stand-ins under BAGEL's file names; *.safetensors are LFS files on the Hub, the rest plain git
+FILES = {
+    "llm_config.json": b'{"hidden_size": 8, "num_hidden_layers": 2}\n',
+    "vit_config.json": b'{"hidden_size": 4}\n',
+    "config.json": b'{"architectures": ["Bagel"]}\n',
+    "ema.safetensors": bytes(range(256)) * 64,
+    "ae.safetensors": b"\x01\x02\x03" * 1000,
+    "tokenizer.json": b'{"model": {"type": "BPE"}}\n',
+    "tokenizer_config.json": b'{"tokenizer_class": "Qwen2Tokenizer"}\n',
+    "vocab.json": b'{"a": 0, "b": 1}\n',
+    "merges.txt": b"#version: 0.2\na b\n",
+    "generation_config.json": b'{"do_sample": false}\n',
+    "preprocessor_config.json": b'{"image_mean": [0.5, 0.5, 0.5]}\n',
+}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def write_hf_cache(cache: Path, files=FILES, commit=COMMIT, tree=True) -> Path:
+    """The cache huggingface_hub writes (file_download.py, _snapshot_download.py): blobs named by their
+    etag (an LFS file's sha256, a plain file's git blob id), snapshots/<commit>/<file> as relative
+    symlinks to them, refs/main holding the commit (no newline) and, as huggingface_hub >= 2.x also
+    writes, the commit's tree listing trees/<commit>.json."""
+    repo = cache / ("models--" + REPO_ID.replace("/", "--"))
+    listing = {}
+    for name, data in files.items():
+        lfs = name.endswith(".safetensors")
+        etag = sha256(data) if lfs else git_blob_id(data)
+        blob = repo / "blobs" / etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+        listing[name] = {"size": len(data), "blob_id": git_blob_id(b"lfs pointer " + data) if lfs else etag,
+                         **({"lfs_sha256": etag, "lfs_size": len(data)} if lfs else {})}
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    if tree:
+        (repo / "trees").mkdir(exist_ok=True)
+        (repo / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": listing}))
+    return repo
+
+
+def blob_of(repo: Path, name: str, commit=COMMIT) -> Path:
+    return (repo / "snapshots" / commit / name).resolve()
+
+
+def write_lock(path: Path, files=FILES, commit=COMMIT) -> Path:
+    lock = {"repo_id": REPO_ID, "revision": commit,
+            "files": {n: {"sha256": sha256(d), "size": len(d)} for n, d in files.items()}}
+    path.write_text(json.dumps(lock, indent=2))
+    return path
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for this process and its children; huggingface_hub read the variable at import,
+    so its constant is set too: any request the code makes raises instead of reaching the network."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def cache(tmp_path, offline):
+    root = tmp_path / "hf" / "hub"
+    write_hf_cache(root)
+    return root
+
+
+@pytest.fixture
+def lock(tmp_path):
+    return write_lock(tmp_path / "test.lock.json")
+
+
+def leftovers(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def run_verb(*args, cache_root: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache_root)}
+    return subprocess.run([UNISPARSE, "--no-progress", *args], capture_output=True, text=True, env=env)
+
+
+def check_fetched(out: Path) -> None:
+    manifest = json.loads((out / hub.MANIFEST).read_text())
+    assert manifest["repo_id"] == REPO_ID and manifest["revision"] == COMMIT
+    names = {p.name for p in out.iterdir()} - {".snakemake_timestamp"}  # Snakemake's mark on directory outputs
+    assert sorted(names) == sorted([*FILES, hub.MANIFEST])
+    for name, data in FILES.items():
+        assert not (out / name).is_symlink()
+        assert sha256((out / name).read_bytes()) == sha256(data) == manifest["files"][name]["sha256"]
+    assert hub.verify_checkpoint(out)["revision"] == COMMIT
+    assert not leftovers(out)
+
+
+def test_fake_cache_is_what_huggingface_hub_reads(tmp_path):
+    """huggingface_hub's own cache scanner sees the fake cache as one complete, valid revision."""
+    from huggingface_hub import scan_cache_dir
+
+    write_hf_cache(tmp_path)
+    info = scan_cache_dir(tmp_path)
+    assert not info.warnings
+    (repo,) = info.repos
+    assert repo.repo_id == REPO_ID and repo.repo_type == "model"
+    (revision,) = repo.revisions
+    assert revision.commit_hash == COMMIT and revision.refs == frozenset({"main"})
+    assert sorted(f.file_name for f in revision.files) == sorted(FILES)
+
+
+def test_fetch_offline_links_and_verifies_every_file(tmp_path, cache, lock):
+    out = tmp_path / "results" / "checkpoints" / NAME
+    assert hub.fetch_checkpoint(lock, out, cache_dir=cache, progress=False) == out
+    check_fetched(out)
+    blob = blob_of(cache / f"models--{REPO_ID.replace('/', '--')}", "ema.safetensors")
+    assert (out / "ema.safetensors").stat().st_ino == blob.stat().st_ino, "same file system: a hard link, no copy"
+    hub.fetch_checkpoint(lock, out, cache_dir=cache, progress=False)  # again: replaces it whole
+    check_fetched(out)
+
+
+def test_verb_fetches_offline_from_the_environment_cache(tmp_path, cache, lock):
+    """HF_HUB_CACHE names the cache, HF_HUB_OFFLINE=1 keeps huggingface_hub off the network."""
+    out = tmp_path / "ckpt" / NAME
+    proc = run_verb("fetch-checkpoint", "--lock", str(lock), "--out", str(out), cache_root=cache)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    check_fetched(out)
+
+
+def test_snakemake_rule_downloads_the_locked_checkpoint(tmp_path, offline, monkeypatch):
+    from test_figures import MICRO, copy_workflow, snakemake
+
+    workdir = copy_workflow(tmp_path / "wf")
+    root = workdir.parent / "hf"
+    write_hf_cache(root / "hub")
+    write_lock(workdir / "data" / "test.lock.json")
+    config = yaml.safe_load((workdir / MICRO).read_text())
+    config["checkpoint"] = {"source": "huggingface", "lock": "data/test.lock.json"}
+    (workdir / "hf.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("HF_HOME", str(root))  # the cache is HF_HOME/hub
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    snakemake(workdir, "--cores", "1", targets=[f"results/checkpoints/{NAME}"], config="hf.yaml")
+    check_fetched(workdir / "results" / "checkpoints" / NAME)
+    assert (workdir / "logs" / "benchmarks" / "download_checkpoint.tsv").is_file()
+
+    # without the section (the tiny default) the rule does not exist
+    dry = snakemake(workdir, "-n", "--cores", "1", targets=["download_checkpoint"], check=False)
+    assert dry.returncode != 0 and "download_checkpoint" in dry.stdout + dry.stderr
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "truncated"])
+def test_corrupted_cache_file_fails_naming_it(tmp_path, cache, lock, how):
+    repo = cache / f"models--{REPO_ID.replace('/', '--')}"
+    blob = blob_of(repo, "ae.safetensors")
+    data = bytearray(blob.read_bytes())
+    if how == "flipped byte":
+        data[1234] ^= 0x40
+    else:
+        del data[-10:]
+    blob.write_bytes(bytes(data))
+    out = tmp_path / "ckpt" / NAME
+    with pytest.raises(IntegrityError) as err:
+        hub.fetch_checkpoint(lock, out, cache_dir=cache, progress=False)
+    message = str(err.value)
+    assert "ae.safetensors" in message and "ema.safetensors" not in message and str(blob) in message
+    if how == "flipped byte":
+        assert f"expected {sha256(FILES['ae.safetensors'])}, found {sha256(bytes(data))}" in message
+    else:
+        assert f"size expected {len(FILES['ae.safetensors'])} bytes, found {len(data)}" in message
+    assert not out.exists() and not leftovers(out)
+
+    proc = run_verb("fetch-checkpoint", "--lock", str(lock), "--out", str(out), cache_root=cache)
+    assert proc.returncode == 2 and "ae.safetensors" in proc.stderr
+    assert not out.exists() and not leftovers(out)
+
+
+def test_failed_refetch_keeps_the_previous_directory(tmp_path, cache, lock):
+    out = tmp_path / "ckpt" / NAME
+    hub.fetch_checkpoint(lock, out, cache_dir=cache, progress=False)
+    blob = blob_of(cache / f"models--{REPO_ID.replace('/', '--')}", "vocab.json")
+    swapped = blob.with_name("swapped")
+    swapped.write_bytes(b'{"a": 1, "b": 0}\n')  # same size, other content; the old hard link keeps its bytes
+    os.replace(swapped, blob)
+    with pytest.raises(IntegrityError, match="vocab.json"):
+        hub.fetch_checkpoint(lock, out, cache_dir=cache, progress=False)
+    check_fetched(out)
+
+
+@pytest.mark.parametrize("tree", [True, False], ids=["with tree cache", "without tree cache"])
+def test_missing_file_fails_naming_it(tmp_path, offline, lock, tree):
+    """huggingface_hub >= 2.x notices the gap itself from its tree listing; without one (older caches)
+    the snapshot folder comes back as it is and the fetch notices."""
+    cache = tmp_path / "hub"
+    repo = write_hf_cache(cache, tree=tree)
+    blob = blob_of(repo, "tokenizer.json")
+    (repo / "snapshots" / COMMIT / "tokenizer.json").unlink()
+    blob.unlink()
+    out = tmp_path / "ckpt" / NAME
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        hub.fetch_checkpoint(lock, out, cache_dir=cache, progress=False)
+    assert not out.exists() and not leftovers(out)
+    proc = run_verb("fetch-checkpoint", "--lock", str(lock), "--out", str(out), cache_root=cache)
+    assert proc.returncode == 2 and "tokenizer.json" in proc.stderr, proc.stderr
+
+
+def test_commit_not_in_cache_fails_offline(tmp_path, cache):
+    other = write_lock(tmp_path / "other.lock.json", commit="f" * 40)
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+        hub.fetch_checkpoint(other, tmp_path / NAME, cache_dir=cache, progress=False)
+
+
+def test_interrupted_verification_leaves_nothing(tmp_path, cache, lock, monkeypatch):
+    calls = []
+    real = hub._sha256_with_progress
+
+    def interrupted(path, bar):
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(path, bar)
+
+    monkeypatch.setattr(hub, "_sha256_with_progress", interrupted)
+    out = tmp_path / "ckpt" / NAME
+    with pytest.raises(KeyboardInterrupt):
+        hub.fetch_checkpoint(lock, out, cache_dir=cache, progress=False)
+    assert len(calls) == 3
+    assert not out.exists() and not leftovers(out)
+
+
+def test_killed_fetch_leaves_nothing_and_its_leftover_is_discarded(tmp_path, cache, lock):
+    """SIGKILL mid-verification: no cleanup runs, the temporary directory stays behind, nothing is
+    under the final name; the next fetch discards the leftover and does not use it."""
+    out = tmp_path / "ckpt" / NAME
+    marker = tmp_path / "verifying"
+    child = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "import unisparse.hub as hub\n"
+        "def stuck(path, bar):\n"
+        "    Path(sys.argv[4]).touch()\n"
+        "    time.sleep(120)\n"
+        "hub._sha256_with_progress = stuck\n"
+        "hub.fetch_checkpoint(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3], progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child, str(lock), str(out), str(cache), str(marker)],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, "the fetch ended before verifying"
+            assert time.monotonic() < deadline, "the fetch never reached verification"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.exists()
+    (leftover,) = leftovers(out)
+    assert (leftover / "ema.safetensors").is_file()
+    (leftover / "ema.safetensors").unlink()
+    (leftover / "ema.safetensors").write_bytes(b"stale partial content")
+
+    hub.fetch_checkpoint(lock, out, cache_dir=cache, progress=False)
+    check_fetched(out)
+    assert not leftover.exists()
+
+
+def test_unfilled_lock_is_refused_naming_the_command(tmp_path, cache):
+    unfilled = {"repo_id": REPO_ID, "revision": None,
+                "files": {n: {"sha256": None, "size": None} for n in FILES}}
+    path = tmp_path / "bagel.lock.json"
+    path.write_text(json.dumps(unfilled))
+    out = tmp_path / NAME
+    with pytest.raises(hub.LockError) as err:
+        hub.fetch_checkpoint(path, out, cache_dir=cache, progress=False)
+    assert f"unisparse lock-checkpoint --repo-id {REPO_ID} --revision main --out {path}" in str(err.value)
+    assert "revision" in str(err.value) and "ema.safetensors" in str(err.value)
+    proc = run_verb("fetch-checkpoint", "--lock", str(path), "--out", str(out), cache_root=cache)
+    assert proc.returncode == 2 and "unisparse lock-checkpoint" in proc.stderr
+    assert not out.exists()
+
+    unfilled["revision"] = COMMIT  # a commit alone is not enough either
+    path.write_text(json.dumps(unfilled))
+    with pytest.raises(hub.LockError, match=f"--revision {COMMIT}"):
+        hub.fetch_checkpoint(path, out, cache_dir=cache, progress=False)
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda lock: lock.__setitem__("revision", "main"), "revision"),
+    (lambda lock: lock["files"]["ema.safetensors"].__setitem__("sha256", "ABC"), "ema.safetensors"),
+    (lambda lock: lock["files"].__setitem__("../escape.json", {"sha256": None, "size": None}), "escape"),
+    (lambda lock: lock["files"].__setitem__("*.safetensors", {"sha256": None, "size": None}), "*.safetensors"),
+    (lambda lock: lock.__setitem__("revison", COMMIT), "revison"),
+    (lambda lock: lock.__setitem__("files", {}), "files"),
+])
+def test_malformed_lock_is_refused(tmp_path, lock, edit, key):
+    data = json.loads(lock.read_text())
+    edit(data)
+    lock.write_text(json.dumps(data))
+    with pytest.raises(hub.LockError) as err:
+        hub.read_lock(lock, complete=False)
+    assert key in str(err.value)
+
+
+def test_shipped_bagel_lock():
+    """data/bagel-7b-mot.lock.json pins BAGEL-7B-MoT's files; until someone fills it from a download,
+    the fetch refuses it with the command that does."""
+    path = REPO / "data" / "bagel-7b-mot.lock.json"
+    lock = hub.read_lock(path, complete=False)
+    assert lock["repo_id"] == REPO_ID and hub.checkpoint_name(lock["repo_id"]) == NAME
+    assert set(FILES) - {"preprocessor_config.json"} <= set(lock["files"])
+    try:
+        hub.read_lock(path)
+    except hub.LockError as e:
+        assert "unisparse lock-checkpoint" in str(e) and str(path) in str(e)
+
+
+def test_schema_states_the_checkpoint_sources():
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    section = schema["properties"]["checkpoint"]
+    assert tuple(section["properties"]["source"]["enum"]) == hub.CHECKPOINT_SOURCES
+    assert section["additionalProperties"] is False
+
+
+class FakeInfo:
+    """What HfApi.model_info(files_metadata=True) returns, for the fake repository."""
+
+    def __init__(self, files=FILES, commit=COMMIT, lfs_override=None):
+        from types import SimpleNamespace
+
+        self.sha = commit
+        self.siblings = []
+        for name, data in files.items():
+            lfs = None
+            if name.endswith(".safetensors"):
+                lfs = {"sha256": (lfs_override or {}).get(name, sha256(data)), "size": len(data), "pointer_size": 130}
+            self.siblings.append(SimpleNamespace(rfilename=name, size=len(data), blob_id="0" * 40, lfs=lfs))
+
+
+def test_lock_checkpoint_writes_the_lock_the_fetch_accepts(tmp_path, cache, monkeypatch):
+    asked = []
+    monkeypatch.setattr(hub, "_model_info", lambda repo_id, revision: asked.append(revision) or FakeInfo())
+    out_lock = tmp_path / "data" / "new.lock.json"
+    lock = hub.lock_checkpoint(REPO_ID, "main", sorted(FILES), out_lock, cache_dir=cache, progress=False)
+    assert asked == ["main"]
+    assert lock == json.loads(out_lock.read_text()) == json.loads(write_lock(tmp_path / "expected.json").read_text())
+    hub.fetch_checkpoint(out_lock, tmp_path / NAME, cache_dir=cache, progress=False)
+    check_fetched(tmp_path / NAME)
+
+    # the verb: files and repository default to the existing lock's
+    monkeypatch.setattr(hub, "_model_info", lambda repo_id, revision: FakeInfo())
+    from unisparse.cli import main
+
+    main(["--no-progress", "lock-checkpoint", "--revision", COMMIT, "--out", str(out_lock), "--cache-dir", str(cache)])
+    assert json.loads(out_lock.read_text()) == lock
+
+
+def test_lock_checkpoint_refuses_a_download_the_hub_contradicts(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(hub, "_model_info",
+                        lambda repo_id, revision: FakeInfo(lfs_override={"ema.safetensors": "a" * 64}))
+    out_lock = tmp_path / "new.lock.json"
+    with pytest.raises(IntegrityError, match="ema.safetensors: the Hub states LFS sha256 a{64}"):
+        hub.lock_checkpoint(REPO_ID, "main", sorted(FILES), out_lock, cache_dir=cache, progress=False)
+    assert not out_lock.exists()
+
+
+def test_lock_checkpoint_refuses_to_change_a_recorded_sum(tmp_path, cache, monkeypatch):
+    """A lock that already records a sum for the same commit (e.g. one taken from a published source)
+    is checked, not overwritten."""
+    monkeypatch.setattr(hub, "_model_info", lambda repo_id, revision: FakeInfo())
+    out_lock = write_lock(tmp_path / "recorded.lock.json")
+    recorded = json.loads(out_lock.read_text())
+    recorded["files"]["ae.safetensors"]["sha256"] = "b" * 64
+    for name in ("vocab.json", "merges.txt"):
+        recorded["files"][name] = {"sha256": None, "size": None}
+    out_lock.write_text(json.dumps(recorded))
+    with pytest.raises(IntegrityError, match="ae.safetensors: .* records sha256 b{64} for this commit"):
+        hub.lock_checkpoint(REPO_ID, COMMIT, sorted(FILES), out_lock, cache_dir=cache, progress=False)
+    assert json.loads(out_lock.read_text()) == recorded
+
+
+def test_lock_checkpoint_needs_the_hub(tmp_path, cache):
+    with pytest.raises(hub.LockError, match="HF_HUB_OFFLINE"):
+        hub.lock_checkpoint(REPO_ID, "main", sorted(FILES), tmp_path / "x.lock.json", cache_dir=cache, progress=False)
