@@ -1,31 +1,34 @@
-# The dense checkpoint: the tiny default is trained by the pipeline itself (resumable: a killed run
-# continues from results/checkpoints/train if that was made from the same settings).
+# The dense checkpoint, results/models/dense: trained by the pipeline (the tiny default; resumable: a
+# killed run continues from results/checkpoints/train if that was made from the same settings), or
+# downloaded from the Hub at a locked commit and imported strictly (`checkpoint: {source: huggingface}`).
+CHECKPOINT = config.get("checkpoint", {"source": "train"})
 
+if CHECKPOINT["source"] == "train":
 
-rule train_tiny:
-    input:
-        code=code("train"),
-    output:
-        model=directory(f"{R}/models/dense"),
-        summary=f"{R}/train/summary.json",
-    params:
-        model=spec(config["model"]),
-        train=spec(config["train"]),
-        launch=launcher("train", "train-tiny"),
-        runtime=runtime_args("train"),
-        checkpoints=f"{R}/checkpoints/train",
-    threads: res("train", "threads")
-    resources:
-        **resources_for("train"),
-    log:
-        f"{LOGS}/train_tiny.log",
-    benchmark:
-        f"{LOGS}/benchmarks/train_tiny.tsv"
-    conda:
-        "../environment.yml"
-    shell:
-        "{params.launch:q} --no-progress train-tiny {params.runtime:q} --model {params.model:q} --train {params.train:q}"
-        " --checkpoint-dir {params.checkpoints:q} --out {output.model:q} --summary {output.summary:q} 2> {log:q}"
+    rule train_tiny:
+        input:
+            code=code("train"),
+        output:
+            model=directory(f"{R}/models/dense"),
+            summary=f"{R}/train/summary.json",
+        params:
+            model=spec(config["model"]),
+            train=spec(config["train"]),
+            launch=launcher("train", "train-tiny"),
+            runtime=runtime_args("train"),
+            checkpoints=f"{R}/checkpoints/train",
+        threads: res("train", "threads")
+        resources:
+            **resources_for("train"),
+        log:
+            f"{LOGS}/train_tiny.log",
+        benchmark:
+            f"{LOGS}/benchmarks/train_tiny.tsv"
+        conda:
+            "../environment.yml"
+        shell:
+            "{params.launch:q} --no-progress train-tiny {params.runtime:q} --model {params.model:q} --train {params.train:q}"
+            " --checkpoint-dir {params.checkpoints:q} --out {output.model:q} --summary {output.summary:q} 2> {log:q}"
 
 
 # The real checkpoint (config `checkpoint: {source: huggingface, lock: data/<name>.lock.json}`): the
@@ -33,8 +36,6 @@ rule train_tiny:
 # Only the lock is an input (its path and content decide the job; no params, which --lint would flag as a
 # hard-coded input path): a library edit must not re-download 30 GB. Offline with HF_HUB_OFFLINE=1
 # (the HF cache, HF_HUB_CACHE or HF_HOME, must then hold the locked commit).
-CHECKPOINT = config.get("checkpoint", {"source": "train"})
-
 if CHECKPOINT["source"] == "huggingface":
     from unisparse.hub import checkpoint_name, read_lock
 
@@ -59,3 +60,29 @@ if CHECKPOINT["source"] == "huggingface":
             "../environment.yml"
         shell:
             "unisparse --no-progress fetch-checkpoint --lock {input.lock:q} --out {output.checkpoint:q} 2> {log:q}"
+
+    # The download as a unisparse model directory: every tensor lands in exactly one parameter (the
+    # loader names any missing, unexpected or mis-shaped key), the sizes must be the config's `model:`
+    # (so the DAG's checks, made from `model:` before any job runs, hold for the real weights), and the
+    # tokenizer travels with the weights.
+    rule import_checkpoint:
+        input:
+            code=code("import"),
+            checkpoint=rules.download_checkpoint.output.checkpoint,
+        output:
+            model=directory(f"{R}/models/dense"),
+        params:
+            expect=spec(config["model"]),
+            runtime=runtime_args("import"),
+        threads: res("import", "threads")
+        resources:
+            **resources_for("import"),
+        log:
+            f"{LOGS}/import_checkpoint.log",
+        benchmark:
+            f"{LOGS}/benchmarks/import_checkpoint.tsv"
+        conda:
+            "../environment.yml"
+        shell:
+            "unisparse --no-progress import-bagel {params.runtime:q} --src {input.checkpoint:q} --expect {params.expect:q}"
+            " --out {output.model:q} 2> {log:q}"

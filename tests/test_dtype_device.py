@@ -40,7 +40,7 @@ def test_bfloat16_answers_and_images_agree_with_float32(chains):
     same = sum(a == b for a, b in zip(answer_questions(fp32, items), answer_questions(bf16, items))) / len(items)
     assert same >= 0.9, same
     pairs = shapes.geneval_set("eval", 1, 2, 0)
-    images = [generate_for(m, pairs, 8, 3.0) for m in (fp32, bf16)]
+    images = [generate_for(m, pairs, dict(num_steps=8, cfg_scale=3.0)) for m in (fp32, bf16)]
     assert images[1].dtype == torch.float32
     assert (images[0] - images[1]).abs().mean() < 0.02, (images[0] - images[1]).abs().mean()
 

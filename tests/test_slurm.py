@@ -269,3 +269,37 @@ def test_multi_gpu_tuning_is_one_job_running_one_process_per_gpu(tmp_path):
     argv = shlex.split(block[1])
     assert argv[:8] == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "unisparse", "--no-progress", "tune-moe"]
     assert argv[argv.index("--device") + 1] == "cuda"
+
+
+def test_the_profile_plans_the_papers_dag_by_default(tmp_path):
+    """`snakemake -n --profile slurm` (no --configfile) lists the reproduction on BAGEL-7B-MoT from the
+    download to the figures; each job's GPUs and runtime are the config's, and the GPU-hours add up."""
+    workdir = copy_worktree(tmp_path / "work")
+    install_profile(workdir, tmp_path / "xdg")
+    r = sh("snakemake", "-n", "--profile", "slurm", cwd=workdir, XDG_CONFIG_HOME=tmp_path / "xdg")
+    out = r.stdout + r.stderr
+    jobs = re.findall(r"^rule (\w+):\n(?:.*\n)*?\s+resources: (.*)$", out, flags=re.M)
+    counts = {}
+    gpu_minutes = 0
+    paper = yaml.safe_load((workdir / "workflow/config/paper.yaml").read_text())
+    kind = {"download_checkpoint": "download", "import_checkpoint": "import", "calibrate": "calibrate",
+            "evaluate": "evaluate", "prune_depth": "prune", "prune_width": "prune", "partition": "prune",
+            "tune_moe": "tune", "tune_control": "tune"}
+    for rule, resources in jobs:
+        counts[rule] = counts.get(rule, 0) + 1
+        res = dict(item.split("=", 1) for item in resources.split(", "))
+        if rule in kind:
+            want = {**paper["resources"]["default"], **paper["resources"][kind[rule]]}
+            assert (int(res["runtime"]), int(res.get("gpus", 0))) == (want["runtime"], want["gpus"]), rule
+            gpu_minutes += int(res.get("gpus", 0)) * int(res["runtime"])
+    chain = ["download_checkpoint", "import_checkpoint", "calibrate", "evaluate", "prune_depth", "prune_width",
+             "partition", "tune_moe", "tune_control", "probes_table", "moe_table", "depth_figure", "width_figure",
+             "moe_recovery_figure", "expert_load_figure", "quality_speed_figure"]
+    assert set(chain) <= set(counts), sorted(set(chain) - set(counts))
+    assert "train_tiny" not in counts
+    # the grids of paper.yaml: 2 tasks; depth (und: 2 tasks, gen: 1) x (5 block + 2 x 3 sublayer drops) + 1
+    # published; width 3 calibrated pairs x 4 ratios + 2 components x 3 data-free/published scores
+    assert counts["calibrate"] == 2 and counts["prune_depth"] == 3 * (5 + 6) + 1 and counts["prune_width"] == 3 * 4 + 6
+    assert counts["partition"] == 2 and counts["tune_moe"] == 4 and counts["tune_control"] == 2
+    print("jobs per rule:", counts, f"GPU-hours: {gpu_minutes / 60:.0f}")
+    assert gpu_minutes / 60 == 2 * 4 + 12 + 54 * 13 + 6 * 8 * 36

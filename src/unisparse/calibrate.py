@@ -9,9 +9,18 @@ Per layer and component it accumulates, over every token that component computes
   * per MLP neuron j: the token-weighted sum of ``|silu(gate_j x) * up_j x|``, and the published
     statistic (a per-call mean over all tokens and neurons of ``|a * mean_col(W_down)|``, which on
     packed 2-D inputs collapses to one number per layer);
-  * optionally a binary co-activation matrix per layer (for clustering neurons into experts).
+  * optionally a co-activation sketch per layer (for clustering neurons into experts): with B the
+    binary activations ``[tokens, I]`` (``act > 0``) and C = B^T B the co-activation matrix, it
+    keeps S = C Omega = B^T (B Omega), Omega a fixed ``[I, d]`` Rademacher projection scaled by
+    1/sqrt(d) (``coactivation_dim`` d, ``coactivation_seed``; see ``sketch_projection``). Row j of S
+    is a Johnson-Lindenstrauss projection of row j of C, so inner products and cosines between
+    neurons' co-activation profiles (all that balanced spherical k-means uses) survive up to a
+    relative error of order 1/sqrt(d). At BAGEL's width (I = 18944) that is I*d*4 bytes = 19 MB per
+    layer and tower at d = 256 instead of the full matrix's I*I*8 = 2.9 GB.
 
-Memory does not grow with the number of tokens: each forward adds to fixed-size sums.
+Memory does not grow with the number of tokens: each forward adds to fixed-size sums (per layer and
+component: a few scalars, two [I] vectors and the [I, d] sketch; plus one Omega per MLP width and
+device). The per-forward transients are of the size of that forward's activations.
 """
 from __future__ import annotations
 
@@ -25,7 +34,8 @@ from tqdm import tqdm
 
 from . import tasks
 from .io import IntegrityError, atomic_path, read_json, sha256_file, write_json
-from .models import COMPONENTS
+from .benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
+from .models import COMPONENTS, SAMPLER_DEFAULTS, sampler_settings
 from .spec import merge_spec
 from .worlds import shapes
 
@@ -33,8 +43,35 @@ log = logging.getLogger(__name__)
 
 TASKS = ("und", "gen")
 COSINES = ("block_ld", "block_bagel", "attn", "mlp_ld", "mlp_bagel")
-CALIB_DEFAULTS = dict(qa_items=512, qa_seed=2, samples_per_prompt=2, max_prompts_per_tag=16, gen_seed=3,
-                      num_steps=20, cfg_scale=3.0, batch_size=128, coactivation=False, threads=1)
+#: tensor names of the co-activation statistic: the [I, d] sketch; files written before the sketch
+#: hold the full [I, I] matrix under the old name (still read: its rows are features as well)
+SKETCH_KEY, LEGACY_COACT_KEY = "coactivation_sketch", "coactivation"
+CALIB_DEFAULTS = dict(benchmarks=DEFAULT_BENCHMARKS, qa_items=512, qa_seed=2, samples_per_prompt=2,
+                      max_prompts_per_tag=16, gen_seed=3, **SAMPLER_DEFAULTS, batch_size=128, coactivation=False,
+                      coactivation_dim=256, coactivation_seed=0, threads=1)
+#: how the co-activation sketch's projection is made (recorded in the sidecar)
+SKETCH_KIND = "rademacher-hash32"
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x):
+    """A bijective 32-bit integer mix (two multiply-xorshift rounds) of an int64 tensor or int whose
+    values lie in [0, 2^32); every product stays below 2^59, so int64 never overflows."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def sketch_projection(width: int, dim: int, seed: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The co-activation sketch's projection Omega ``[width, dim]``: entries +-1/sqrt(dim), each sign a
+    hash of (seed, row, column). Made with integer ops directly on ``device`` (no host tensor, no
+    random generator), so it is a pure function of (width, dim, seed): every device and dtype gets the
+    same matrix, and a sketch computed on a GPU matches the CPU one up to float rounding."""
+    if width * dim > _M32:
+        raise ValueError(f"co-activation sketch of {width} x {dim} entries is too large (at most 2^32)")
+    idx = torch.arange(width * dim, device=device, dtype=torch.int64)
+    signs = (_hash32(idx ^ _hash32(int(seed) & _M32)) >> 15) & 1
+    return (signs.to(dtype) * 2 - 1).mul_(dim ** -0.5).view(width, dim)
 
 
 def _cos_sum(a, b) -> float:
@@ -44,9 +81,15 @@ def _cos_sum(a, b) -> float:
 class CalibrationStats:
     """A ``LayerObserver`` that keeps running sums per (layer, component)."""
 
-    def __init__(self, model, coactivation: bool = False):
+    def __init__(self, model, coactivation: bool = False, coactivation_dim: int = CALIB_DEFAULTS["coactivation_dim"],
+                 coactivation_seed: int = CALIB_DEFAULTS["coactivation_seed"]):
         self.num_layers = model.config.num_hidden_layers
         self.coactivation = coactivation
+        if coactivation_dim < 1:
+            raise ValueError(f"coactivation_dim must be >= 1, got {coactivation_dim}")
+        self.coactivation_dim = int(coactivation_dim)
+        self.coactivation_seed = int(coactivation_seed)
+        self._projections: dict[tuple, torch.Tensor] = {}  # one Omega per (width, device, dtype), shared by layers
         self.sums: dict[str, dict] = {c: {} for c in COMPONENTS}
         L = self.num_layers
         for c in COMPONENTS:
@@ -103,9 +146,27 @@ class CalibrationStats:
             s["pub_sum"][layer] += float((act * col_mean).abs().mean())
             s["pub_calls"][layer] += 1
             if self.coactivation:
-                b = (act > 0).double()
-                co = (b.T @ b).cpu()
-                s["coact"][layer] = s["coact"].get(layer, 0) + co
+                self._sketch(s["coact"], layer, act)
+
+    def projection(self, width: int, device, dtype=torch.float32) -> torch.Tensor:
+        """Omega for MLP width ``width`` on ``device``: made once, shared by every layer and component."""
+        key = (width, str(torch.device(device)), dtype)
+        if key not in self._projections:
+            self._projections[key] = sketch_projection(width, self.coactivation_dim, self.coactivation_seed, device, dtype)
+        return self._projections[key]
+
+    def _sketch(self, sketches: dict, layer: int, act) -> None:
+        """S += B^T (B Omega) for this forward's binary activations B, on the activations' device.
+
+        fp32 on every device, by choice: rounding (~1e-7 relative per addition) is far below the
+        sketch's own distortion of order 1/sqrt(d) (6% at d = 256), while fp64 would double the
+        memory and is slow or missing on accelerators (1/64 rate on consumer GPUs, absent on MPS).
+        B Omega is exact (0/1 times +-2^-4 at d = 256, partial sums below 2^24)."""
+        b = (act > 0).to(torch.float32)  # [n, I]
+        omega = self.projection(b.shape[1], b.device)
+        if layer not in sketches:
+            sketches[layer] = torch.zeros(b.shape[1], self.coactivation_dim, dtype=torch.float32, device=b.device)
+        sketches[layer].addmm_(b.T, b @ omega)  # in place: no [I, d] temporary
 
     # ------------------------------------------------------------------ results
     def tensors(self, task: str) -> dict[str, torch.Tensor]:
@@ -121,8 +182,8 @@ class CalibrationStats:
                 s["pub_calls"] > 0, s["pub_sum"] / s["pub_calls"].clamp(min=1), torch.nan)
             for layer, a in s["act_abs"].items():
                 out[f"{task}.{c}.act_abs_mean.{layer}"] = a / s["tokens"][layer]
-            for layer, co in s["coact"].items():
-                out[f"{task}.{c}.coactivation.{layer}"] = co / s["tokens"][layer]
+            for layer, sketch in s["coact"].items():
+                out[f"{task}.{c}.{SKETCH_KEY}.{layer}"] = sketch.cpu() / float(s["tokens"][layer])
         return {k: v.to(torch.float32).contiguous() for k, v in out.items()}
 
 
@@ -133,34 +194,68 @@ def run_calibration(model, task: str, spec: dict | None = None, progress: bool =
     if task not in TASKS:
         raise ValueError(f"unknown calibration task {task!r}; expected one of {TASKS}")
     spec = merge_spec(CALIB_DEFAULTS, spec, "calibration")
+    spec["benchmarks"] = check_benchmarks(spec["benchmarks"])  # calibrates on that benchmark's calibration split
     torch.set_num_threads(int(spec["threads"]))
     model.eval()
-    stats = CalibrationStats(model, coactivation=spec["coactivation"])
+    stats = CalibrationStats(model, coactivation=spec["coactivation"], coactivation_dim=spec["coactivation_dim"],
+                             coactivation_seed=spec["coactivation_seed"])
     bs = spec["batch_size"]
+    split = "calib"
+    # what was actually streamed, counted as it is streamed (the sidecar's provenance)
+    data = {"split": split, "batches": 0}
+    sampler = None
     if task == "und":
-        items = shapes.qa_set("calib", spec["qa_items"], spec["qa_seed"])
+        items = shapes.qa_set(split, spec["qa_items"], spec["qa_seed"])
+        data.update(qa_items=0, images=0, qa_seed=spec["qa_seed"])
         for i in tqdm(range(0, len(items), bs), desc="calibrate und", disable=not progress):
-            images, questions, _ = tasks.qa_batch(items[i : i + bs])
+            chunk = items[i : i + bs]
+            images, questions, _ = tasks.qa_batch(chunk)
             model.understanding_logits(images, questions, observer=stats)
+            data["batches"] += 1
+            data["qa_items"] += len(chunk)
+            data["images"] += len(images)
     else:
-        pairs = shapes.geneval_set("calib", spec["samples_per_prompt"], spec["max_prompts_per_tag"], spec["gen_seed"])
+        pairs = shapes.geneval_set(split, spec["samples_per_prompt"], spec["max_prompts_per_tag"], spec["gen_seed"])
+        shift = float(model.config.timestep_shift)  # generate_images' default: the model's own shift
+        data.update(prompts=0, images=0, gen_seed=spec["gen_seed"], max_prompts_per_tag=spec["max_prompts_per_tag"])
+        settings = sampler_settings(spec)  # the evaluation's sampler: calibration sees what inference computes
+        sampler = {**settings, "shift": shift, "samples_per_prompt": spec["samples_per_prompt"], "seeds": []}
+        prompts = set()
         for i in tqdm(range(0, len(pairs), bs), desc="calibrate gen", disable=not progress):
             chunk = pairs[i : i + bs]
-            model.generate_images([shapes.encode(p.text) for p, _ in chunk], [s for _, s in chunk],
-                                  num_steps=spec["num_steps"], cfg_scale=spec["cfg_scale"], observer=stats)
+            seeds = [s for _, s in chunk]
+            model.generate_images([shapes.encode(p.text) for p, _ in chunk], seeds, shift=shift, observer=stats,
+                                  **settings)
+            data["batches"] += 1
+            data["images"] += len(chunk)
+            prompts.update(p.text for p, _ in chunk)
+            sampler["seeds"] += [int(s) for s in seeds]
+        data["prompts"] = len(prompts)
     stats.spec = spec
+    stats.provenance = {
+        "data": data, "sampler": sampler and {**sampler, "cfg_interval": list(sampler["cfg_interval"])},
+        "coactivation": {"key": SKETCH_KEY, "kind": SKETCH_KIND, "dim": stats.coactivation_dim,
+                         "seed": stats.coactivation_seed} if stats.coactivation else None,
+    }
     return stats
 
 
 def save_stats(stats: CalibrationStats, task: str, path, meta: dict | None = None, model_sha256: str | None = None) -> None:
-    """safetensors with the statistics plus a JSON sidecar saying how they were made: settings, the
-    content hash of the statistics file and (``model_sha256``) of the model directory they describe."""
+    """safetensors with the statistics plus a JSON sidecar saying how they were made: settings
+    (``spec``), the content hash of the statistics file and (``model_sha256``) of the model they
+    describe (the CLI passes ``io.directory_digest``: the hash of the model directory's verified
+    ``SHA256SUMS``, which lists the sha256 of every weight file and of config.json), tokens per layer
+    and, from ``run_calibration``, what was streamed (``data``: split and item counts), the sampler
+    (``sampler``: steps, CFG scale, interval and renormalisation, shift, samples per prompt, every
+    sample seed; None for understanding) and the co-activation sketch (``coactivation``: key, kind,
+    dim, seed; None if off)."""
     tensors = stats.tensors(task)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"task": task})
         digest = sha256_file(tmp)
     sidecar = {"task": task, "spec": getattr(stats, "spec", {}), "num_layers": stats.num_layers,
                "tokens": {c: tensors[f"{task}.{c}.tokens"].tolist() for c in COMPONENTS},
+               **getattr(stats, "provenance", {}),
                "sha256": digest, "model_sha256": model_sha256, **(meta or {})}
     write_json(str(path) + ".json", sidecar)
 
@@ -232,4 +327,11 @@ class Calibration:
         return self.t[f"{self.task}.{component}.published_scalar"]
 
     def coactivation(self, component: str, layer: int) -> torch.Tensor | None:
-        return self.t.get(f"{self.task}.{component}.coactivation.{layer}")
+        """Per-neuron co-activation features for clustering, row j for neuron j: the [I, d] sketch
+        C Omega / tokens; a file written before the sketch existed holds the full [I, I] matrix
+        C / tokens, returned as is (its rows are features too, so clustering still works).
+        None when calibration ran without ``coactivation``."""
+        sketch = self.t.get(f"{self.task}.{component}.{SKETCH_KEY}.{layer}")
+        if sketch is not None:
+            return sketch
+        return self.t.get(f"{self.task}.{component}.{LEGACY_COACT_KEY}.{layer}")

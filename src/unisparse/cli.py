@@ -436,6 +436,15 @@ def cmd_import_bagel(args) -> None:
     from .models.bagel import TOKENIZER_FILES, load_bagel
 
     device, dtype = _runtime(args)
+    expect = parse_spec(args.expect, "--expect") if args.expect else {}
+    if expect:  # before any weight is read: the sizes the workflow planned with must be the checkpoint's
+        from .models.bagel import config_from_bagel
+
+        config = config_from_bagel(args.src, args.image_size, args.vit_image_size)
+        wrong = [f"{k}: config {v!r}, checkpoint {getattr(config, k, None)!r}" for k, v in expect.items()
+                 if getattr(config, k, None) != v]
+        if wrong:
+            raise UsageError(f"{args.src} is not the model --expect describes: " + "; ".join(wrong))
     model = load_bagel(args.src, device=device, dtype=dtype, image_size=args.image_size,
                        vit_image_size=args.vit_image_size)
     # the prompts of real benchmarks are tokenised with BAGEL's own tokenizer: it travels with the weights
@@ -474,6 +483,7 @@ def _register_models(sub) -> None:
     s.add_argument("--out", required=True, help="model directory to write")
     s.add_argument("--image-size", type=_positive, default=1024, help="side of generated images (default 1024)")
     s.add_argument("--vit-image-size", type=_positive, default=980, help="side of understood images (default 980)")
+    s.add_argument("--expect", help="sizes the checkpoint must have, e.g. the config's `model:` (JSON/YAML or @file)")
     s.set_defaults(func=cmd_import_bagel)
 
     s = sub.add_parser("count-params", help="parameter counts per top-level module (meta device: no memory)")

@@ -81,6 +81,9 @@ def _check_moe(config: dict, layers: int) -> None:
         except ValueError as e:
             key = "shared_size" if not 0 <= shared < width else "num_experts"
             raise ConfigError(f"moe.partitions[{i}].{key}: {e}") from None
+        if part.get("method") == "cluster" and config.get("calibrate", {}).get("coactivation") is not True:
+            raise ConfigError(f"moe.partitions[{i}].method: 'cluster' needs co-activation statistics; set "
+                              "calibrate.coactivation: true")
     dense = moe.get("dense_layers", "first_last")
     try:
         converted = moe_layers(layers, dense)

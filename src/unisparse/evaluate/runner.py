@@ -9,22 +9,24 @@ import torch
 
 from ..accounting import flops_per_token, parameter_counts
 from ..io import load_model
+from ..models import SAMPLER_DEFAULTS, sampler_settings
 from ..runtime import describe, synchronize
 from ..spec import merge_spec
 from ..worlds import shapes
+from ..benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
 from .generation import evaluate_generation, generate_for
 from .understanding import answer_questions, evaluate_understanding
 
 log = logging.getLogger(__name__)
 
 EVAL_DEFAULTS = dict(
+    benchmarks=DEFAULT_BENCHMARKS,
     qa_items=1000,
     qa_seed=1,
     samples_per_prompt=4,
     max_prompts_per_tag=24,  # the evaluation split has up to 1,848 prompts per category (color_attr)
     gen_seed=0,
-    num_steps=20,
-    cfg_scale=3.0,
+    **SAMPLER_DEFAULTS,
     batch_size=128,
     threads=2,
     latency_repeats=3,
@@ -48,6 +50,7 @@ def _median_seconds(fn, repeats: int, device) -> float:
 def evaluate_model(model, spec: dict | None = None, progress: bool = False) -> dict:
     """Scores on ShapesQA and ShapesGenEval (evaluation split) plus cost figures."""
     spec = merge_spec(EVAL_DEFAULTS, spec, "evaluation")
+    spec["benchmarks"] = check_benchmarks(spec["benchmarks"])
     torch.set_num_threads(int(spec["threads"]))
     model.eval()
     items = shapes.qa_set("eval", spec["qa_items"], spec["qa_seed"])
@@ -55,11 +58,12 @@ def evaluate_model(model, spec: dict | None = None, progress: bool = False) -> d
     t0 = time.perf_counter()
     qa = evaluate_understanding(model, items, spec["batch_size"])
     t1 = time.perf_counter()
-    gen = evaluate_generation(model, pairs, spec["num_steps"], spec["cfg_scale"], spec["batch_size"], progress)
+    sampler = sampler_settings(spec)
+    gen = evaluate_generation(model, pairs, sampler, spec["batch_size"], progress)
     t2 = time.perf_counter()
     probe = pairs[: min(32, len(pairs))]
     device = model.device
-    lat_gen = _median_seconds(lambda: generate_for(model, probe, spec["num_steps"], spec["cfg_scale"], len(probe)),
+    lat_gen = _median_seconds(lambda: generate_for(model, probe, sampler, len(probe)),
                               spec["latency_repeats"], device)
     lat_und = _median_seconds(lambda: answer_questions(model, items[:256], 256), spec["latency_repeats"], device)
     log.info("ShapesQA overall %.4f; ShapesGenEval overall %.4f", qa["overall"], gen["overall"])

@@ -2,9 +2,9 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_mot import COMPONENTS, SKIPPED_ATTENTION_KV, SUBLAYERS, SUFFIX, MoTConfig, check_component
-from .modeling_mot import GEN, PAD, UND, MoTForUnifiedModel
+from .modeling_mot import GEN, PAD, SAMPLER_DEFAULTS, UND, MoTForUnifiedModel, sampler_settings
 
 AutoConfig.register(MoTConfig.model_type, MoTConfig, exist_ok=True)
 AutoModel.register(MoTConfig, MoTForUnifiedModel, exist_ok=True)
 
-__all__ = ["COMPONENTS", "SKIPPED_ATTENTION_KV", "SUBLAYERS", "SUFFIX", "MoTConfig", "MoTForUnifiedModel", "check_component", "UND", "GEN", "PAD"]
+__all__ = ["COMPONENTS", "SKIPPED_ATTENTION_KV", "SUBLAYERS", "SUFFIX", "MoTConfig", "MoTForUnifiedModel", "check_component", "UND", "GEN", "PAD", "SAMPLER_DEFAULTS", "sampler_settings"]

@@ -360,6 +360,17 @@ def build_codec(config: MoTConfig):
     return IdentityCodec(config)
 
 
+#: the sampler's settings and their defaults (the tiny default's; BAGEL's inferencer: 50 timesteps =
+#: 49 steps, cfg 4, interval [0.4, 1] ([0, 1] for GenEval), global renormalisation with min 0); evaluation
+#: and calibration settings carry these keys, and ``generate_images`` takes them as keyword arguments
+SAMPLER_DEFAULTS = dict(num_steps=20, cfg_scale=3.0, cfg_interval=[0.0, 1.0], cfg_renorm="none", cfg_renorm_min=0.0)
+
+
+def sampler_settings(spec: dict) -> dict:
+    """The sampler's keyword arguments out of a stage's settings (missing keys: ``SAMPLER_DEFAULTS``)."""
+    return {k: spec.get(k, v) for k, v in SAMPLER_DEFAULTS.items()}
+
+
 #: CFG renormalisation (BAGEL): scale the guided velocity down to the conditional one's norm, per sample
 #: over all its tokens (``global``) or per token (``channel``); ``none`` leaves it as is
 CFG_RENORM_TYPES = ("none", "global", "channel")

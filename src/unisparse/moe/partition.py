@@ -12,7 +12,9 @@ Methods:
   * ``contiguous``: blocks of consecutive neuron indices.
   * ``random``: a seeded permutation.
   * ``cluster``: balanced k-means of neurons by co-activation (LLaMA-MoE style), so neurons that
-    fire together share an expert.
+    fire together share an expert. The features are the rows of calibration's co-activation sketch
+    C Omega (``Calibration.coactivation``): spherical k-means needs only the rows' cosines, which
+    the random projection preserves, so the full [I, I] matrix C is never formed.
 For every method the shared expert (if any) takes the top ``shared_size`` neurons by importance.
 """
 from __future__ import annotations
