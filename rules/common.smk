@@ -45,7 +45,7 @@ def spec(value):
 
 PKG = "src/unisparse"
 _CODE = {
-    "core": ["cli.py", "io.py", "benchmarks.py", "spec.py", "tasks.py", "accounting.py", "sizes.py", "runtime.py", "distributed.py",
+    "core": ["cli.py", "io.py", "benchmarks.py", "text.py", "spec.py", "tasks.py", "accounting.py", "sizes.py", "runtime.py", "distributed.py",
              "models", "worlds/shapes.py"],
     "train": ["train.py", "trainloop.py"],
     "import": [],

@@ -197,3 +197,15 @@ def test_published_sizes_count_as_the_closed_form():
     assert counts["vae2llm"] == 64 * H + H and counts["llm2vae"] == H * 64 + 64
     assert counts["vae_model"] == 83_819_683
     assert sum(counts.values()) == 14_691_079_811
+
+
+def test_import_refuses_a_checkpoint_of_other_sizes(fake, tmp_path):
+    """The workflow plans its grids with the config's `model:`; a checkpoint of other sizes is refused
+    before any weight is read, naming the size."""
+    from unisparse.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["import-bagel", "--src", str(fake[0]), "--out", str(tmp_path / "dense"), "--image-size", "64",
+              "--vit-image-size", "28", "--expect", json.dumps({"hidden_size": 3584, "num_hidden_layers": 2})])
+    assert e.value.code != 0
+    assert not (tmp_path / "dense").exists()

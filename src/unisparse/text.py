@@ -1,0 +1,48 @@
+"""Text <-> token ids for a model: the shapes world's word vocabulary (the tiny default) or the
+tokenizer that travels with a model directory (``tokenizer.json``: BAGEL's Qwen2 tokenizer, written
+there by ``unisparse import-bagel``). Benchmarks tokenise through this, never through a world directly,
+so the same evaluator serves both."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .worlds import shapes
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class ShapesTokenizer:
+    """The shapes world's whitespace vocabulary (``worlds.shapes.VOCAB``)."""
+
+    name = "shapes"
+
+    def encode(self, text: str) -> list[int]:
+        return shapes.encode(text)
+
+    def decode(self, ids) -> str:
+        return shapes.decode(ids)
+
+
+class FileTokenizer:
+    """A ``tokenizers`` tokenizer read from ``tokenizer.json`` (no special tokens added: the model's
+    prompt format adds its own ``<bos>`` / ``<eos>``)."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer
+
+        self.path = str(path)
+        self.name = self.path
+        self._tok = Tokenizer.from_file(self.path)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def tokenizer_for(model_dir=None):
+    """The tokenizer of a model directory: its ``tokenizer.json`` if it has one, else the shapes vocabulary."""
+    if model_dir is not None and (Path(model_dir) / TOKENIZER_FILE).is_file():
+        return FileTokenizer(Path(model_dir) / TOKENIZER_FILE)
+    return ShapesTokenizer()
