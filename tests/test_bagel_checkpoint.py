@@ -209,3 +209,22 @@ def test_import_refuses_a_checkpoint_of_other_sizes(fake, tmp_path):
               "--vit-image-size", "28", "--expect", json.dumps({"hidden_size": 3584, "num_hidden_layers": 2})])
     assert e.value.code != 0
     assert not (tmp_path / "dense").exists()
+
+
+def test_images_of_their_own_sizes_are_understood_alone_or_together(fake):
+    """NaViT: images keep their aspect ratio; a batch of two sizes answers as each image alone, and a
+    list of square images answers as the stacked batch."""
+    src, native = fake
+    g = torch.Generator().manual_seed(1)
+    wide, tall = torch.rand(14, 42, 3, generator=g), torch.rand(28, 14, 3, generator=g)
+    questions = [[40, 41, 42], [43]]
+    with torch.no_grad():
+        together = native.understanding_logits([wide, tall], questions)
+        alone = torch.cat([native.understanding_logits([wide], questions[:1]),
+                           native.understanding_logits([tall], questions[1:])])
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+        images = _inputs()[0]
+        torch.testing.assert_close(native.understanding_logits(list(images), questions),
+                                   native.understanding_logits(images, questions), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="multiples of 14"):
+        native.understanding_logits([torch.rand(15, 14, 3)], questions[:1])

@@ -4,12 +4,12 @@ import torch
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from unisparse.models.modeling_mot import patchify
 from unisparse.models.siglip_navit import (
     SIGLIP_NAVIT_DEFAULTS,
     SiglipNaViT,
     conv_patch_weight_to_linear,
     navit_position_ids,
-    patchify_images,
 )
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
@@ -30,7 +30,7 @@ def make_tower(seed=0, **overrides):
 def encode_one(tower, image):
     """One [H, W, C] image alone through the tower."""
     h, w = image.shape[0] // P, image.shape[1] // P
-    patches = patchify_images(image[None], P)[0]
+    patches = patchify(image[None], P)[0]
     return tower(patches, navit_position_ids(h, w, S), [h * w])
 
 
@@ -63,7 +63,7 @@ def test_packed_images_match_each_alone():
     torch.manual_seed(2)
     images = [torch.randn(3 * P, 5 * P, C), torch.randn(6 * P, 4 * P, C), torch.randn(2 * P, 2 * P, C)]
     grids = [(im.shape[0] // P, im.shape[1] // P) for im in images]
-    patches = torch.cat([patchify_images(im[None], P)[0] for im in images])
+    patches = torch.cat([patchify(im[None], P)[0] for im in images])
     position_ids = torch.cat([navit_position_ids(h, w, S) for h, w in grids])
     seqlens = [h * w for h, w in grids]
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_packed_images_match_each_alone():
     same = [torch.randn(4 * P, 3 * P, C), torch.randn(4 * P, 3 * P, C)]
     with torch.no_grad():
         alone = torch.cat([encode_one(tower, im) for im in same])
-        packed = tower(patchify_images(torch.stack(same), P).flatten(0, 1),
+        packed = tower(patchify(torch.stack(same), P).flatten(0, 1),
                        navit_position_ids(4, 3, S).repeat(2), torch.tensor([12, 12]))
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
@@ -86,7 +86,7 @@ def test_patch_layout_and_linear_equals_conv():
     torch.manual_seed(3)
     conv = nn.Conv2d(C, 32, kernel_size=P, stride=P)
     image = torch.randn(2, 3 * P, 5 * P, C)
-    patches = patchify_images(image, P)
+    patches = patchify(image, P)
     # (row, col) major, then (ph, pw, c) inside a patch: BAGEL's "chpwq->hwpqc"
     row, col, i, j, c = 2, 3, 1, 3, 2
     assert patches[1, row * 5 + col, (i * P + j) * C + c] == image[1, row * P + i, col * P + j, c]
@@ -157,7 +157,7 @@ def test_bad_config_and_bf16():
     tower = make_tower()
     torch.manual_seed(4)
     images = [torch.randn(3 * P, 5 * P, C), torch.randn(2 * P, 2 * P, C)]
-    patches = torch.cat([patchify_images(im[None], P)[0] for im in images])
+    patches = torch.cat([patchify(im[None], P)[0] for im in images])
     position_ids = torch.cat([navit_position_ids(3, 5, S), navit_position_ids(2, 2, S)])
     with torch.no_grad():
         ref = tower(patches, position_ids, [15, 4])

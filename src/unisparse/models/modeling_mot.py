@@ -313,8 +313,11 @@ def sincos_2d(grid: int, dim: int, device=None) -> torch.Tensor:
 
 
 def patchify(images, patch: int):
-    """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C] in (row, col, ph, pw, c) order."""
+    """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C]: patches in row-major order, each in (ph, pw, c) order (the
+    layout of BAGEL's Linear ViT patch embedding and of its latent patches)."""
     B, H, W, C = images.shape
+    if H % patch or W % patch:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch}")
     x = images.reshape(B, H // patch, patch, W // patch, patch, C).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
@@ -462,58 +465,78 @@ class MoTForUnifiedModel(PreTrainedModel):
         return (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
 
     # ------------------------------------------------------------------ understanding
-    def vision_tokens(self, images):
-        """Images [B, H, W, C] in [0, 1] -> [B, n, hidden]: vision tower, connector, ``vit_pos_embed``."""
+    def vision_tokens(self, images) -> list:
+        """Images -> one [n_i, hidden] tensor per image: vision tower, connector, ``vit_pos_embed``.
+
+        ``images``: [B, H, W, C] in [0, 1], or (``siglip_navit``) a list of [H_i, W_i, C] images of any
+        sides that are multiples of the patch (NaViT: each keeps its aspect ratio; position ids are
+        ``row * max_side + col``, so a small image uses the top-left of the table)."""
         c = self.config
         device = self.device
-        images = images.to(device=device, dtype=self.dtype)
-        B, n = images.shape[0], c.num_vit_tokens
-        ids = self.vit_pos_embed.grid_ids(c.vit_grid, device)
-        if c.vision == "siglip_navit":  # SigLIP sees [-1, 1] (mean = std = 0.5), packed images
-            patches = patchify(images * 2.0 - 1.0, c.vit_patch_size).reshape(B * n, -1)
-            seqlens = torch.full((B,), n, dtype=torch.long, device=device)
-            feats = self.vit_model(patches, ids.repeat(B), seqlens).reshape(B, n, -1)
-        else:
+        if c.vision != "siglip_navit":  # the tiny patch encoder has fixed positions: one size
+            images = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
+            images = images.to(device=device, dtype=self.dtype)
+            ids = self.vit_pos_embed.grid_ids(c.vit_grid, device)
             feats = self.vit_model(patchify(images, c.vit_patch_size))
-        return self.connector(feats) + self.vit_pos_embed(ids).to(feats.dtype)
+            return list(self.connector(feats) + self.vit_pos_embed(ids).to(feats.dtype))
+        p, side = c.vit_patch_size, c.vit_max_num_patch_per_side
+        patches, ids, sizes = [], [], []
+        for img in images:
+            img = img.to(device=device, dtype=self.dtype)
+            H, W = img.shape[0], img.shape[1]
+            if H % p or W % p or H // p > side or W // p > side:
+                raise ValueError(f"a {H}x{W} image needs sides that are multiples of {p} and at most {p * side}")
+            patches.append(patchify(img[None] * 2.0 - 1.0, p)[0])  # SigLIP sees [-1, 1] (mean = std = 0.5)
+            r, col = torch.arange(H // p, device=device), torch.arange(W // p, device=device)
+            ids.append((r[:, None] * side + col[None, :]).reshape(-1))
+            sizes.append(ids[-1].numel())
+        ids = torch.cat(ids)
+        feats = self.vit_model(torch.cat(patches), ids, sizes)
+        tokens = self.connector(feats) + self.vit_pos_embed(ids).to(feats.dtype)
+        return list(tokens.split(sizes))
 
     def understanding_inputs(self, images, question_ids: list[list[int]]):
         """The understanding sequence, right-padded; returns the embeddings, types, positions, validity
         and the index of each sample's last real token (whose logits answer).
 
         ``compact``: ``<bos> <img> [vit] </img> question``; ``bagel``: ``<vision_start> [vit] <vision_end>``
-        at one position, then ``<bos> question <eos> <bos>`` (the answer starts after a new ``<bos>``)."""
+        at one position, then ``<bos> question <eos> <bos>`` (the answer starts after a new ``<bos>``).
+        ``images``: a batch [B, H, W, C] or a list of images of their own sizes (``vision_tokens``)."""
         c = self.config
         device = self.device
-        B = images.shape[0]
-        n_img = c.num_vit_tokens
+        img_toks = self.vision_tokens(images)
+        if len(img_toks) != len(question_ids):
+            raise ValueError(f"{len(img_toks)} images for {len(question_ids)} questions")
         bagel = c.prompt_format == "bagel"
         off = 1 if bagel else 2  # index of the first ViT token
-        img = [c.image_start_token_id] + [c.pad_token_id] * n_img + [c.image_end_token_id]
         seqs, positions = [], []
-        for q in question_ids:
+        for q, tok in zip(question_ids, img_toks):
+            img = [c.image_start_token_id] + [c.pad_token_id] * tok.shape[0] + [c.image_end_token_id]
             if bagel:
                 text = [c.bos_token_id] + list(q) + [c.eos_token_id, c.bos_token_id]
                 seqs.append(img + text)
                 positions.append([0] * len(img) + list(range(1, 1 + len(text))))
             else:
                 seqs.append([c.bos_token_id] + img + list(q))
-                positions.append([0, 1] + [2] * n_img + list(range(3, 3 + 1 + len(q))))
-        T = max(len(s) for s in seqs)
+                positions.append([0, 1] + [2] * tok.shape[0] + list(range(3, 3 + 1 + len(q))))
+        B, T = len(seqs), max(len(s) for s in seqs)
         # token layout is built on the host (Python lists), then moved once
         ids = torch.full((B, T), c.pad_token_id, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)
         pos = torch.zeros(B, T, dtype=torch.long)
         last = torch.zeros(B, dtype=torch.long)
-        for b, (toks, p) in enumerate(zip(seqs, positions)):
+        slots_b, slots_t = [], []  # where each image token goes
+        for b, (toks, p, tok) in enumerate(zip(seqs, positions, img_toks)):
             ids[b, : len(toks)] = torch.tensor(toks)
             valid[b, : len(toks)] = True
             pos[b, : len(p)] = torch.tensor(p)
             last[b] = len(toks) - 1
+            slots_b += [b] * tok.shape[0]
+            slots_t += range(off, off + tok.shape[0])
         ids, valid, pos, last = (x.to(device) for x in (ids, valid, pos, last))
         h = self.language_model.model.embed_tokens(ids)
-        img_tok = self.vision_tokens(images)
-        h = torch.cat([h[:, :off], img_tok.to(h.dtype), h[:, off + n_img :]], dim=1)
+        slots = (torch.tensor(slots_b).to(device), torch.tensor(slots_t).to(device))
+        h = h.index_put(slots, torch.cat(img_toks).to(h.dtype))
         types = torch.where(valid, UND, PAD)
         return h, types, pos, valid, last
 

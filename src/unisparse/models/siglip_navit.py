@@ -38,16 +38,6 @@ SIGLIP_NAVIT_DEFAULTS: dict = {
 }
 
 
-def patchify_images(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C]: patches in row-major order, each patch vector in
-    (ph, pw, c) order, the layout BAGEL's Linear patch embedding was converted to."""
-    B, H, W, C = images.shape
-    if H % patch or W % patch:
-        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch}")
-    x = images.reshape(B, H // patch, patch, W // patch, patch, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
-
-
 def navit_position_ids(h_patches: int, w_patches: int, max_side: int, device=None) -> torch.Tensor:
     """Flattened position ids ``row * max_side + col`` [h*w] of one image's patches: a patch keeps
     its grid slot whatever the image's size, so a small image uses the top-left of the table."""
