@@ -228,3 +228,18 @@ def test_images_of_their_own_sizes_are_understood_alone_or_together(fake):
                                    native.understanding_logits(images, questions), atol=0, rtol=0)
     with pytest.raises(ValueError, match="multiples of 14"):
         native.understanding_logits([torch.rand(15, 14, 3)], questions[:1])
+
+
+def test_derived_models_keep_the_tokenizer(fake, tmp_path):
+    """A model a verb derives from an imported checkpoint carries its tokenizer (real benchmarks
+    tokenise with it) and is still an ordinary model directory."""
+    from unisparse.cli import main
+    from unisparse.text import FileTokenizer, tokenizer_for
+
+    dense, pruned = tmp_path / "dense", tmp_path / "pruned"
+    main(["import-bagel", "--src", str(fake[0]), "--out", str(dense), "--dtype", "float32",
+          "--image-size", "64", "--vit-image-size", "28"])
+    main(["prune-width", str(dense), "--component", "gen", "--keep-ratio", "0.5", "--score", "weight", "--out", str(pruned)])
+    tok = tokenizer_for(pruned)
+    assert isinstance(tok, FileTokenizer) and tok.decode(tok.encode("a red cube")) == "a red cube"
+    assert load_model(pruned).config.mlp_width("gen", 0) == 64

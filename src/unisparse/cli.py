@@ -165,11 +165,19 @@ def cmd_evaluate(args) -> None:
     spec = _settings(args, args.spec, "--spec", EVAL_DEFAULTS, "evaluation")
     meta = parse_spec(args.meta, "--meta")
     device, dtype = _runtime(args)
-    metrics = evaluate_model_dir(args.model_dir, spec, progress=not args.no_progress, device=device, dtype=dtype)
+    metrics = evaluate_model_dir(args.model_dir, spec, progress=not args.no_progress, device=device, dtype=dtype,
+                                 artifacts_dir=_artifacts_dir(args.out))
     if args.meta:
         metrics["variant"] = meta
     write_json(args.out, metrics)
     print(json.dumps({"understanding": metrics["understanding"]["overall"], "generation": metrics["generation"]["overall"]}))
+
+
+def _artifacts_dir(metrics_path) -> Path:
+    """Where an evaluation keeps what it made besides the scores (GenEval's image folders and per-image
+    results): beside the metrics file, named after it (``metrics/x.json`` -> ``metrics/x.d/``)."""
+    path = Path(metrics_path)
+    return path.with_name(path.stem + ".d")
 
 
 def _output_settings(args) -> tuple[dict, dict]:
@@ -184,13 +192,15 @@ def _finish(model, args, settings: tuple[dict, dict]) -> None:
     """Save a derived model atomically and, if asked, evaluate it in the same process (saves the
     seconds of a second interpreter start per grid point)."""
     from .io import save_model, write_json
+    from .text import tokenizer_files, tokenizer_for
 
     eval_spec, meta = settings
-    save_model(model, args.out)
+    save_model(model, args.out, extra_files=tokenizer_files(args.model_dir))  # the tokenizer travels along
     if args.metrics:
         from .evaluate import evaluate_model
 
-        metrics = evaluate_model(model, eval_spec, progress=not args.no_progress)
+        metrics = evaluate_model(model, eval_spec, progress=not args.no_progress,
+                                 tokenizer=tokenizer_for(args.model_dir), artifacts_dir=_artifacts_dir(args.metrics))
         metrics["model_dir"] = str(args.out)
         metrics["variant"] = meta
         for component, spec in model.config.moe.items():
@@ -433,7 +443,8 @@ def _register_checkpoint(sub) -> None:
 
 def cmd_import_bagel(args) -> None:
     from .io import save_model
-    from .models.bagel import TOKENIZER_FILES, load_bagel
+    from .models.bagel import load_bagel
+    from .text import tokenizer_files
 
     device, dtype = _runtime(args)
     expect = parse_spec(args.expect, "--expect") if args.expect else {}
@@ -448,8 +459,7 @@ def cmd_import_bagel(args) -> None:
     model = load_bagel(args.src, device=device, dtype=dtype, image_size=args.image_size,
                        vit_image_size=args.vit_image_size)
     # the prompts of real benchmarks are tokenised with BAGEL's own tokenizer: it travels with the weights
-    tokenizer = [Path(args.src) / n for n in TOKENIZER_FILES if (Path(args.src) / n).is_file()]
-    save_model(model, args.out, extra_files=tokenizer)
+    save_model(model, args.out, extra_files=tokenizer_files(args.src))
     log.info("imported %s -> %s (%s, %s)", args.src, args.out, device, dtype)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from .worlds import shapes
 
 TOKENIZER_FILE = "tokenizer.json"
+#: the files of a Hugging Face tokenizer that travel with a model directory (import, prune, partition, tune)
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
 class ShapesTokenizer:
@@ -46,3 +48,8 @@ def tokenizer_for(model_dir=None):
     if model_dir is not None and (Path(model_dir) / TOKENIZER_FILE).is_file():
         return FileTokenizer(Path(model_dir) / TOKENIZER_FILE)
     return ShapesTokenizer()
+
+
+def tokenizer_files(model_dir) -> list[Path]:
+    """The tokenizer files a model directory holds (copied into every model derived from it)."""
+    return [Path(model_dir) / n for n in TOKENIZER_FILES if (Path(model_dir) / n).is_file()]

@@ -12,6 +12,7 @@ from ..io import load_model
 from ..models import SAMPLER_DEFAULTS, sampler_settings
 from ..runtime import describe, synchronize
 from ..spec import merge_spec
+from ..text import tokenizer_for
 from ..worlds import shapes
 from ..benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
 from .generation import evaluate_generation, generate_for
@@ -47,8 +48,10 @@ def _median_seconds(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def evaluate_model(model, spec: dict | None = None, progress: bool = False) -> dict:
-    """Scores on ShapesQA and ShapesGenEval (evaluation split) plus cost figures."""
+def evaluate_model(model, spec: dict | None = None, progress: bool = False, tokenizer=None, artifacts_dir=None) -> dict:
+    """Scores of both tasks on the benchmarks the settings name (ShapesQA and ShapesGenEval by default)
+    plus cost figures. ``tokenizer``: the model's (``text.tokenizer_for``; the shapes vocabulary if None);
+    ``artifacts_dir``: where a benchmark keeps what it made besides scores (GenEval's images)."""
     spec = merge_spec(EVAL_DEFAULTS, spec, "evaluation")
     spec["benchmarks"] = check_benchmarks(spec["benchmarks"])
     torch.set_num_threads(int(spec["threads"]))
@@ -84,7 +87,9 @@ def evaluate_model(model, spec: dict | None = None, progress: bool = False) -> d
     }
 
 
-def evaluate_model_dir(model_dir, spec: dict | None = None, progress: bool = False, device=None, dtype=None) -> dict:
-    metrics = evaluate_model(load_model(model_dir, device=device, dtype=dtype), spec, progress)
+def evaluate_model_dir(model_dir, spec: dict | None = None, progress: bool = False, device=None, dtype=None,
+                       artifacts_dir=None) -> dict:
+    metrics = evaluate_model(load_model(model_dir, device=device, dtype=dtype), spec, progress,
+                             tokenizer=tokenizer_for(model_dir), artifacts_dir=artifacts_dir)
     metrics["model_dir"] = str(model_dir)
     return metrics

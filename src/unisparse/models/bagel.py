@@ -27,7 +27,6 @@ from .configuration_mot import MoTConfig
 from .modeling_mot import MoTForUnifiedModel
 
 LLM_CONFIG, VIT_CONFIG, EMA, AE = "llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 REQUIRED_FILES = (LLM_CONFIG, VIT_CONFIG, EMA, AE, "tokenizer.json")
 #: the VAE's weights live in ae.safetensors without a prefix; in the model they are ``vae_model.*``
 AE_PREFIX = "vae_model."

@@ -1,0 +1,383 @@
+"""MME (unisparse.evaluate.mme): MME's answer parsing and scoring on hand-built answers, the image
+transform, and, offline, the whole runner on a tiny BAGEL-layout MoT reading a tiny MME-like dataset
+(and a POPE-like calibration set) from a temporary Hugging Face cache in the Hub's real layout."""
+import hashlib
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from unisparse.evaluate import mme
+
+COMMIT_MME = "d6c9023f017b564f7b3ccccf5348166bce8fdbcd"
+COMMIT_POPE = "4db1276663dfa5eb8ad16a52d24c31a09e470896"
+
+
+# ------------------------------------------------------------------------------------------ parsing
+@pytest.mark.parametrize("response, label", [
+    ("Yes.", "yes"), ("yes", "yes"), ("Yes", "yes"), ("No", "no"), ("no", "no"), ("No.", "no"),
+    ("Yes, it is", "yes"), ("maybe", "other"), ("", "other"), ("y", "other"),
+    ("not sure", "no"),  # the official rule looks at the first four characters: "not " holds "no"
+    ("The answer is yes", "other"),  # ... and only at them
+    ("   yes", "other"), (" yes", "yes"),
+    ("\nYes", "yes"),  # BAGEL drops newlines first
+    ("True", "yes"), ("false", "no"),  # BAGEL: true -> yes, false -> no
+    ("是", "yes"), ("不是", "no"), ("否", "no"),  # BAGEL's Chinese mapping
+])
+def test_answer_label(response, label):
+    assert mme.answer_label(response) == label
+
+
+def test_parse_answer_is_the_official_rule():
+    assert mme.parse_answer("yes") == "yes" and mme.parse_answer("NO") == "no"
+    assert mme.parse_answer("nope") == "no" and mme.parse_answer("yesno") == "yes"
+    assert mme.parse_answer("a no") == "no" and mme.parse_answer("ayes") == "yes"  # inside [:4]
+    assert mme.parse_answer("a yes") == "other"  # "a ye" is all it reads
+    assert mme.parse_answer("abcdno") == "other"
+
+
+def test_prompt_is_bagels():
+    q = "Is there a train in this image? Please answer yes or no."
+    assert mme.mme_prompt(q + "\n") == q + " Answer the question using a single word or phrase."
+    assert mme.calibration_prompt("Is there a dog in the image?") == (
+        "Is there a dog in the image? Please answer yes or no. Answer the question using a single word or phrase.")
+    assert mme.calibration_prompt(q) == mme.mme_prompt(q)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def rec(category, image, answer, pred):
+    return {"category": category, "question_id": image, "answer": answer, "pred": pred}
+
+
+def test_scores_by_hand():
+    records = [
+        rec("existence", "e1", "Yes", "yes"), rec("existence", "e1", "No", "no"),  # both right
+        rec("existence", "e2", "Yes", "yes"), rec("existence", "e2", "No", "yes"),  # one right
+        rec("existence", "e3", "yes", "other"), rec("existence", "e3", "no", "yes"),  # none (other = wrong)
+        rec("code_reasoning", "c1", "Yes", "yes"), rec("code_reasoning", "c1", "No", "no"),
+    ]
+    s = mme.mme_scores(records)
+    ex = s["per_subtask"]["existence"]
+    assert ex["acc"] == pytest.approx(3 / 6) and ex["acc_plus"] == pytest.approx(1 / 3)
+    assert ex["score"] == pytest.approx(100 * (0.5 + 1 / 3))
+    assert (ex["n"], ex["n_images"], ex["n_other"], ex["category"]) == (6, 3, 1, "perception")
+    cr = s["per_subtask"]["code_reasoning"]
+    assert (cr["acc"], cr["acc_plus"], cr["score"], cr["n"]) == (1.0, 1.0, 200.0, 2)
+    assert s["perception"] == pytest.approx(ex["score"])
+    assert s["cognition"] == pytest.approx(200.0)
+    assert s["total"] == pytest.approx(ex["score"] + 200.0)
+    assert s["n_items"] == 8
+    assert s["missing_subtasks"] == [n for n in mme.SUBTASKS if n not in ("existence", "code_reasoning")]
+    # standard errors: binomial on acc, per image on acc+ and on the score (z = 100 (k/2 + [k == 2]))
+    se = s["se"]["per_subtask"]["existence"]
+    assert se["acc"] == pytest.approx(np.sqrt(0.5 * 0.5 / 6))
+    assert se["acc_plus"] == pytest.approx(np.sqrt((1 / 3) * (2 / 3) / 3))
+    z = np.array([200.0, 50.0, 0.0])
+    assert se["score"] == pytest.approx(z.std() / np.sqrt(3))
+    assert s["se"]["per_subtask"]["code_reasoning"]["score"] == 0.0
+    assert s["se"]["perception"] == pytest.approx(se["score"])
+    assert s["se"]["total"] == pytest.approx(np.hypot(se["score"], 0.0))
+
+
+def test_full_marks_and_category_sums():
+    records = [rec(t, f"{t}/{i}", a, a.lower()) for t in mme.SUBTASKS for i in range(3) for a in ("Yes", "No")]
+    s = mme.mme_scores(records)
+    assert s["perception"] == 2000.0 and s["cognition"] == 800.0 and s["total"] == 2800.0
+    assert s["missing_subtasks"] == [] and list(s["per_subtask"]) == list(mme.SUBTASKS)
+    assert len(mme.PERCEPTION) == 10 and len(mme.COGNITION) == 4
+    # all "other": zero everywhere
+    s0 = mme.mme_scores([{**r, "pred": "other"} for r in records])
+    assert s0["total"] == 0.0 and all(p["n_other"] == 6 for p in s0["per_subtask"].values())
+
+
+def test_scoring_refuses_malformed_results():
+    with pytest.raises(ValueError, match="2 questions"):
+        mme.mme_scores([rec("count", "i", "Yes", "yes")])
+    with pytest.raises(ValueError, match="unknown MME subtask"):
+        mme.mme_scores([rec("Count", "i", "Yes", "yes"), rec("Count", "i", "No", "no")])
+    with pytest.raises(ValueError, match="prediction"):
+        mme.mme_scores([rec("count", "i", "Yes", "Yes."), rec("count", "i", "No", "no")])
+    with pytest.raises(ValueError, match="yes or no"):
+        mme.mme_scores([rec("count", "i", "maybe", "yes"), rec("count", "i", "No", "no")])
+    with pytest.raises(ValueError, match="no MME results"):
+        mme.mme_scores([])
+
+
+# ------------------------------------------------------------------------------------------ images
+def test_bagel_resize_shape():
+    assert mme.bagel_resize_shape(640, 480) == (644, 476)  # no upscaling; multiples of 14
+    assert mme.bagel_resize_shape(2000, 1000) == (980, 490)  # long side 980
+    assert mme.bagel_resize_shape(100, 50) == (756, 378)  # short side 378
+
+
+class Cfg:
+    def __init__(self, size, patch):
+        self.vit_image_size, self.vit_patch_size = size, patch
+
+
+def test_letterbox_keeps_aspect_and_pads_grey():
+    from PIL import Image
+
+    out = mme.letterbox(Image.new("RGB", (60, 30), (255, 0, 0)), Cfg(28, 14))
+    assert out.shape == (28, 28, 3) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    content = np.abs(out - mme.PAD_VALUE).max(-1) > 0.1
+    rows, cols = np.nonzero(content.any(1))[0], np.nonzero(content.any(0))[0]
+    assert len(cols) == 28 and len(rows) == 14  # 2:1 kept
+    assert rows[0] % 14 == 0  # on the patch grid
+    tall = mme.letterbox(Image.new("L", (20, 80), 0), Cfg(56, 14))  # grey-scale input, tall image
+    content = np.abs(tall - mme.PAD_VALUE).max(-1) > 0.1
+    assert content.any(0).sum() == 14 and content.any(1).sum() == 56
+    # at BAGEL's size the content is BAGEL's resize of the image, unscaled
+    big = mme.letterbox(Image.new("RGB", (640, 480), (0, 0, 255)), Cfg(980, 14))
+    content = np.abs(big - mme.PAD_VALUE).max(-1) > 0.1
+    assert (content.any(0).sum(), content.any(1).sum()) == (644, 476)
+
+
+# ------------------------------------------------------------------------------------------ a fake Hub cache
+def _png(size, colour, mode="RGB"):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(size, colour):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _parquet_bytes(rows, columns):
+    """Rows in the layout `datasets` pushes: string columns, and `image` as struct {bytes, path}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    arrays = {c: pa.array([r[c] for r in rows], type=image_type if c == "image" else pa.string()) for c in columns}
+    buf = io.BytesIO()
+    pq.write_table(pa.table(arrays), buf)
+    return buf.getvalue()
+
+
+def write_dataset(cache, repo_id, commit, files: dict):
+    """huggingface_hub's cache layout for a dataset: blobs named by sha256, snapshots/<commit>/<path>
+    as relative symlinks to them, refs/main holding the commit."""
+    repo = cache / ("datasets--" + repo_id.replace("/", "--"))
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo
+
+
+MME_SUBTASKS = ("existence", "OCR", "code_reasoning", "text_translation")  # both categories
+COCO_IN_MME = "000000006040"
+
+
+def mme_rows():
+    """Two images per subtask, two questions each (one yes, one no), images of several sizes and modes."""
+    rows = []
+    shapes_ = [((40, 30), "RGB"), ((20, 50), "RGBA"), ((33, 33), "L"), ((64, 16), "RGB")]
+    for t, task in enumerate(MME_SUBTASKS):
+        for i in range(2):
+            name = f"{COCO_IN_MME}.jpg" if (task, i) == ("existence", 0) else f"{i:04d}.png"
+            size, mode = shapes_[(t + i) % len(shapes_)]
+            data = _jpeg(size, (200, 30 * t, 60 * i)) if name.endswith(".jpg") else _png(size, 90 + 40 * i, mode)
+            for answer in ("Yes", "No"):
+                rows.append({"question_id": f"{task}/{name}", "image": {"bytes": data, "path": None},
+                             "question": f"Is this {task} image number {i} {answer.lower()}? Please answer yes or no.",
+                             "answer": answer, "category": task})
+    return rows
+
+
+MME_COLUMNS = ("question_id", "image", "question", "answer", "category")
+
+
+def mme_files(rows):
+    # the real shards' names: test-0000i-of-0000n-<hash>.parquet under data/
+    half = len(rows) // 2
+    return {"data/test-00000-of-00002-a25dbe3b44c4fda6.parquet": _parquet_bytes(rows[:half], MME_COLUMNS),
+            "data/test-00001-of-00002-7d22c7f1aba6fca4.parquet": _parquet_bytes(rows[half:], MME_COLUMNS),
+            "README.md": b"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n    path: data/test-*\n---\n"}
+
+
+POPE_COLUMNS = ("id", "question_id", "question", "answer", "image_source", "image", "category")
+
+
+def pope_rows():
+    """POPE's layout: three negative-sampling settings asking overlapping questions about the same images."""
+    rows, n = [], 0
+    images = {f"COCO_val2014_{COCO_IN_MME}": _jpeg((48, 32), (10, 200, 10)),  # also one of MME's images
+              "COCO_val2014_000000310196": _jpeg((32, 48), (200, 10, 10)),
+              "COCO_val2014_000000000042": _png((40, 40), (10, 10, 200)),
+              "COCO_val2014_000000123456": _png((50, 20), (90, 90, 10))}
+    for category in ("adversarial", "popular", "random"):
+        for src, data in images.items():
+            for obj, answer in (("dog", "yes"), (f"{category} cat", "no")):
+                n += 1
+                rows.append({"id": str(n), "question_id": str(n), "question": f"Is there a {obj} in the image?",
+                             "answer": answer, "image_source": src, "image": {"bytes": data, "path": None},
+                             "category": category})
+    return rows
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 (also huggingface_hub's constant, read at import): any request raises."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, offline, monkeypatch):
+    """A temporary Hugging Face cache holding the tiny MME and POPE, HF_HUB_CACHE pointed at it."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf" / "hub"
+    write_dataset(cache, "lmms-lab/MME", COMMIT_MME, mme_files(mme_rows()))
+    rows = pope_rows()
+    third = len(rows) // 3
+    write_dataset(cache, "lmms-lab/POPE", COMMIT_POPE, {
+        f"data/test-0000{i}-of-00003.parquet": _parquet_bytes(rows[i * third:(i + 1) * third], POPE_COLUMNS)
+        for i in range(3)})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tiny_bagel(tmp_path_factory):
+    from unisparse.models import bagel
+    from unisparse.text import tokenizer_for
+
+    d = tmp_path_factory.mktemp("bagel")
+    bagel.write_fake_checkpoint(d)
+    model = bagel.load_bagel(d, dtype=torch.float32, image_size=64, vit_image_size=28)
+    return model, tokenizer_for(d)
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_load_mme_from_the_cache(hf_cache):
+    items = mme.load_mme()
+    assert len(items) == 16
+    assert [it.category for it in items[::2]] == [t for t in mme.SUBTASKS if t in MME_SUBTASKS for _ in range(2)]
+    for a, b in zip(items[::2], items[1::2]):  # an image's two questions are adjacent
+        assert a.image_key == b.image_key and {a.answer, b.answer} == {"yes", "no"}
+    img = items[0].image()
+    assert img.size in {(40, 30), (20, 50), (33, 33), (64, 16)}
+    # deterministic, nested subsample of whole images
+    one, two = mme.load_mme(max_images_per_subtask=1), mme.load_mme(max_images_per_subtask=2)
+    assert len(one) == 8 and len({it.image_key for it in one}) == 4
+    assert {it.image_key for it in one} <= {it.image_key for it in two}
+    assert [it.question for it in mme.load_mme(max_images_per_subtask=1)] == [it.question for it in one]
+    # by commit, too
+    assert len(mme.load_mme(revision=COMMIT_MME)) == 16
+
+
+def test_missing_dataset_names_repo_and_cache(hf_cache):
+    with pytest.raises(FileNotFoundError) as e:
+        mme.load_mme("someone/not-cached")
+    assert "someone/not-cached" in str(e.value) and str(hf_cache) in str(e.value)
+    with pytest.raises(FileNotFoundError, match="lmms-lab/MME"):
+        mme.load_mme(revision="0" * 40)
+
+
+def test_incomplete_shards_refused(tmp_path, offline):
+    cache = tmp_path / "hub"
+    files = mme_files(mme_rows())
+    del files["data/test-00001-of-00002-7d22c7f1aba6fca4.parquet"]
+    write_dataset(cache, "lmms-lab/MME", COMMIT_MME, files)
+    with pytest.raises(ValueError, match="incomplete or duplicated"):
+        mme.load_mme(cache_dir=cache)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_run_mme_end_to_end(hf_cache, tiny_bagel):
+    model, tok = tiny_bagel
+    spec = {"batch_size": 5, "qa_items": 3}  # keys of other stages are ignored
+    out = mme.run_mme(model, tok, spec)
+    assert set(out) >= {"total", "perception", "cognition", "per_subtask", "se", "per_item", "n_items", "data"}
+    assert list(out["per_subtask"]) == [t for t in mme.SUBTASKS if t in MME_SUBTASKS]
+    for name, p in out["per_subtask"].items():
+        assert set(p) >= {"acc", "acc_plus", "score", "n"} and p["n"] == 4 and p["n_images"] == 2
+        assert 0.0 <= p["score"] <= 200.0
+        assert p["category"] == mme.CATEGORY_OF[name]
+    assert out["total"] == pytest.approx(out["perception"] + out["cognition"])
+    assert set(out["se"]) == {"total", "perception", "cognition", "per_subtask"}
+    assert len(out["per_item"]) == out["n_items"] == 16
+    for r in out["per_item"]:
+        assert isinstance(r["response"], str) and r["pred"] in mme.LABELS
+        assert r["pred"] == mme.answer_label(r["response"]) and r["correct"] == (r["pred"] == r["answer"])
+        assert 0 <= r["token_id"] < model.config.vocab_size
+    assert out["data"]["commit"] == COMMIT_MME and out["data"]["repo_id"] == "lmms-lab/MME"
+    assert out["data"]["files"] == sorted(f for f in mme_files([]) if f.endswith(".parquet"))
+    # batching does not change the answers
+    again = mme.run_mme(model, tok, {"batch_size": 16})
+    assert [r["token_id"] for r in again["per_item"]] == [r["token_id"] for r in out["per_item"]]
+    # subsample
+    small = mme.run_mme(model, tok, {"mme_max_images_per_subtask": 1, "batch_size": 8})
+    assert small["n_items"] == 8 and all(p["n_images"] == 1 for p in small["per_subtask"].values())
+
+
+def test_run_mme_settings_checked(hf_cache, tiny_bagel):
+    model, tok = tiny_bagel
+    with pytest.raises(ValueError, match="batch_size"):
+        mme.run_mme(model, tok, {"batch_size": "8"})
+    from unisparse.text import ShapesTokenizer
+
+    with pytest.raises(ValueError, match="text tokenizer"):
+        mme.run_mme(model, ShapesTokenizer(), {})
+
+
+def test_calibration_items(hf_cache, tiny_bagel):
+    from PIL import Image
+
+    items = mme.calibration_items({"calib_items": 6, "batch_size": 3})
+    assert len(items) == 6
+    for image, prompt in items:
+        assert isinstance(image, Image.Image)
+        assert prompt.endswith("Please answer yes or no. " + mme.BAGEL_SUFFIX)
+    # MME's COCO image is excluded; three images remain, one question each per round
+    items_all, info = mme.calibration_set({"calib_items": 100})
+    assert info["excluded_mme_images"] == [f"COCO_val2014_{COCO_IN_MME}"]
+    assert info["commit"] == COMMIT_POPE and info["images"] == 3
+    # distinct (image, question): "dog" once per image, plus 3 settings' "cat" questions = 4 per image
+    assert len(items_all) == 12 and len({p for _, p in items_all}) == 4
+    first_round = {im.tobytes() for im, _ in items_all[:3]}
+    assert len(first_round) == 3  # the first round visits every image once
+    # deterministic and nested
+    assert [p for _, p in mme.calibration_items({"calib_items": 6})] == [p for _, p in items]
+    assert [p for _, p in items_all[:6]] == [p for _, p in items]
+    # without the exclusion the shared image comes back
+    _, info = mme.calibration_set({"calib_items": 100, "calib_exclude_mme_images": False})
+    assert info["images"] == 4 and info["excluded_mme_images"] == []
+    # they stream through the model's understanding prefill
+    model, tok = tiny_bagel
+    images, ids = mme.prepare_batch([im for im, _ in items], [p for _, p in items], tok, model.config)
+    assert images.shape == (6, 28, 28, 3) and images.dtype == torch.float32
+    logits = model.understanding_logits(images, ids)
+    assert logits.shape == (6, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_calibration_needs_mme_for_the_exclusion(tmp_path, offline):
+    cache = tmp_path / "hub"
+    rows = pope_rows()
+    write_dataset(cache, "lmms-lab/POPE", COMMIT_POPE,
+                  {"data/test-00000-of-00001.parquet": _parquet_bytes(rows, POPE_COLUMNS)})
+    with pytest.raises(FileNotFoundError, match="calib_exclude_mme_images"):
+        mme.calibration_items({"hf_cache_dir": str(cache)})
+    items = mme.calibration_items({"hf_cache_dir": str(cache), "calib_exclude_mme_images": False, "calib_items": 4})
+    assert len(items) == 4
