@@ -113,8 +113,26 @@ def test_bagel_resize_shape():
 
 
 class Cfg:
-    def __init__(self, size, patch):
-        self.vit_image_size, self.vit_patch_size = size, patch
+    def __init__(self, size, patch, vision="patch", max_side=None):
+        self.vit_image_size, self.vit_patch_size, self.vision = size, patch, vision
+        self.vit_max_num_patch_per_side = max_side or size // patch
+
+
+def test_navit_resize_is_bagels_resolution():
+    from PIL import Image
+
+    bagel_cfg = Cfg(980, 14, "siglip_navit", 70)
+    out = mme.navit_resize(Image.new("RGB", (640, 480), (0, 0, 255)), bagel_cfg)
+    assert out.shape == (476, 644, 3) and out.dtype == np.float32
+    assert np.allclose(out[..., 2], 1.0) and np.allclose(out[..., :2], 0.0)
+    assert mme.bagel_transform(Image.new("L", (100, 50), 3), bagel_cfg).shape == (378, 756, 3)
+    assert mme.bagel_transform(Image.new("RGB", (2000, 1000)), bagel_cfg).shape == (490, 980, 3)
+    # capped by vit_image_size (and the position table), sides on the patch grid
+    small = mme.navit_resize(Image.new("RGB", (40, 30)), Cfg(28, 14, "siglip_navit", 70))
+    assert small.shape == (14, 28, 3)
+    assert mme.navit_resize(Image.new("RGB", (3000, 2000)), Cfg(980, 14, "siglip_navit", 20)).shape[1] == 280
+    # the fixed-size patch encoder gets the letterbox
+    assert mme.bagel_transform(Image.new("RGB", (40, 30)), Cfg(28, 14)).shape == (28, 28, 3)
 
 
 def test_letterbox_keeps_aspect_and_pads_grey():
@@ -209,7 +227,8 @@ def mme_files(rows):
     half = len(rows) // 2
     return {"data/test-00000-of-00002-a25dbe3b44c4fda6.parquet": _parquet_bytes(rows[:half], MME_COLUMNS),
             "data/test-00001-of-00002-7d22c7f1aba6fca4.parquet": _parquet_bytes(rows[half:], MME_COLUMNS),
-            "README.md": b"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n    path: data/test-*\n---\n"}
+            "README.md": b"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
+                         b"    path: data/test-*\n---\n"}
 
 
 POPE_COLUMNS = ("id", "question_id", "question", "answer", "image_source", "image", "category")
@@ -332,6 +351,70 @@ def test_run_mme_end_to_end(hf_cache, tiny_bagel):
     assert small["n_items"] == 8 and all(p["n_images"] == 1 for p in small["per_subtask"].values())
 
 
+class AnsweringTokenizer:
+    """A byte tokenizer with two extra whole-word tokens, "Yes" and "No" (as Qwen2's vocabulary has)."""
+
+    YES, NO = 1000, 1001
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, "answering"
+
+    def encode(self, text):
+        return self.inner.encode(text)
+
+    def decode(self, ids):
+        return {self.YES: "Yes", self.NO: "No"}.get(int(ids[0]), None) or self.inner.decode(ids)
+
+
+class ScriptedModel:
+    """Answers by subtask: existence right, OCR always "No", code_reasoning always wrong, text_translation
+    always "maybe"-like (a byte token), so the scores are known."""
+
+    def __init__(self, tokenizer, size=28):
+        self.tok, self.config, self.calls = tokenizer, Cfg(size, 14), []
+
+    def eval(self):
+        return self
+
+    def understanding_logits(self, images, question_ids):
+        assert images.dtype == torch.float32 and images.shape[1:] == (28, 28, 3)
+        self.calls.append(len(question_ids))
+        logits = torch.zeros(len(question_ids), 1002)
+        for b, ids in enumerate(question_ids):
+            q = self.tok.decode(ids)
+            assert q.endswith("Please answer yes or no. " + mme.BAGEL_SUFFIX)
+            truth = "yes" if " yes?" in q else "no"
+            if q.startswith("Is this existence"):
+                pick = self.YES if truth == "yes" else self.NO
+            elif q.startswith("Is this OCR"):
+                pick = self.NO
+            elif q.startswith("Is this code_reasoning"):
+                pick = self.NO if truth == "yes" else self.YES
+            else:
+                pick = self.tok.encode("m")[0]  # a byte token: "m" -> other
+            logits[b, pick] = 1.0
+        return logits
+
+    YES, NO = AnsweringTokenizer.YES, AnsweringTokenizer.NO
+
+
+def test_run_mme_scores_known_answers(hf_cache, tiny_bagel):
+    _, byte_tok = tiny_bagel
+    tok = AnsweringTokenizer(byte_tok)
+    model = ScriptedModel(tok)
+    out = mme.run_mme(model, tok, {"batch_size": 6})
+    assert model.calls == [6, 6, 4]
+    per = out["per_subtask"]
+    assert per["existence"]["score"] == 200.0
+    assert (per["OCR"]["acc"], per["OCR"]["acc_plus"], per["OCR"]["score"]) == (0.5, 0.0, 50.0)
+    assert per["code_reasoning"]["score"] == 0.0 and per["code_reasoning"]["n_other"] == 0
+    assert per["text_translation"]["score"] == 0.0 and per["text_translation"]["n_other"] == 4
+    assert (out["perception"], out["cognition"], out["total"]) == (250.0, 0.0, 250.0)
+    assert {r["response"] for r in out["per_item"]} == {"Yes", "No", "m"}
+    assert out["se"]["per_subtask"]["OCR"]["score"] == 0.0  # every OCR image scored 50
+    assert out["se"]["per_subtask"]["OCR"]["acc"] == pytest.approx(0.25)  # sqrt(.5 * .5 / 4)
+
+
 def test_run_mme_settings_checked(hf_cache, tiny_bagel):
     model, tok = tiny_bagel
     with pytest.raises(ValueError, match="batch_size"):
@@ -367,7 +450,9 @@ def test_calibration_items(hf_cache, tiny_bagel):
     # they stream through the model's understanding prefill
     model, tok = tiny_bagel
     images, ids = mme.prepare_batch([im for im, _ in items], [p for _, p in items], tok, model.config)
-    assert images.shape == (6, 28, 28, 3) and images.dtype == torch.float32
+    assert isinstance(images, list) and len(images) == 6  # NaViT: each image at its own size
+    assert {tuple(im.shape) for im in images} <= {(28, 28, 3), (14, 28, 3), (28, 14, 3)}
+    assert all(im.dtype == torch.float32 for im in images)
     logits = model.understanding_logits(images, ids)
     assert logits.shape == (6, model.config.vocab_size) and torch.isfinite(logits).all()
 

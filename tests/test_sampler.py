@@ -71,3 +71,13 @@ def test_benchmark_names_are_defined_once():
     assert check_benchmarks({"gen": "shapes_geneval"}) == {"gen": "shapes_geneval", "und": "shapesqa"}
     with pytest.raises(ValueError, match="unknown benchmark 'coco'"):
         check_benchmarks({"gen": "coco"})
+
+
+def test_schema_knows_every_evaluation_setting():
+    """Every evaluation setting the library accepts can be set in the config, and the GenEval prompt
+    variants the schema allows are the data files the runner has."""
+    from unisparse.evaluate.geneval import METADATA_FILES
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["properties"]["evaluate"]
+    assert set(EVAL_DEFAULTS) == set(schema["properties"])
+    assert sorted(schema["properties"]["geneval_prompts"]["enum"]) == sorted(METADATA_FILES)

@@ -48,7 +48,12 @@ COSINES = ("block_ld", "block_bagel", "attn", "mlp_ld", "mlp_bagel")
 SKETCH_KEY, LEGACY_COACT_KEY = "coactivation_sketch", "coactivation"
 CALIB_DEFAULTS = dict(benchmarks=DEFAULT_BENCHMARKS, qa_items=512, qa_seed=2, samples_per_prompt=2,
                       max_prompts_per_tag=16, gen_seed=3, **SAMPLER_DEFAULTS, batch_size=128, coactivation=False,
-                      coactivation_dim=256, coactivation_seed=0, threads=1)
+                      coactivation_dim=256, coactivation_seed=0, threads=1,
+                      # the real benchmarks' calibration sources (read only when `benchmarks` names them;
+                      # evaluate.calibration_inputs): POPE items off MME's images, GenEval-style prompts
+                      calib_dataset="lmms-lab/POPE", calib_revision=None, calib_split="test", calib_items=84,
+                      calib_exclude_mme_images=True, mme_dataset="lmms-lab/MME", mme_revision=None,
+                      mme_split="test", hf_cache_dir=None)
 #: how the co-activation sketch's projection is made (recorded in the sidecar)
 SKETCH_KIND = "rademacher-hash32"
 _M32 = 0xFFFFFFFF
@@ -187,48 +192,57 @@ class CalibrationStats:
         return {k: v.to(torch.float32).contiguous() for k, v in out.items()}
 
 
+def shapes_inputs(task: str, spec: dict):
+    """The shapes world's calibration split as model inputs: ``(batches, data)`` where a batch is
+    ``(images, question_ids)`` (understanding) or ``(prompt_ids, seeds)`` (generation) and ``data`` says
+    where they come from. Real benchmarks bring their own (``evaluate.calibration_inputs``)."""
+    bs, split = spec["batch_size"], "calib"
+    if task == "und":
+        items = shapes.qa_set(split, spec["qa_items"], spec["qa_seed"])
+        batches = (tasks.qa_batch(items[i : i + bs])[:2] for i in range(0, len(items), bs))
+        return batches, {"split": split, "qa_seed": spec["qa_seed"]}
+    pairs = shapes.geneval_set(split, spec["samples_per_prompt"], spec["max_prompts_per_tag"], spec["gen_seed"])
+    batches = (([shapes.encode(p.text) for p, _ in pairs[i : i + bs]], [s for _, s in pairs[i : i + bs]])
+               for i in range(0, len(pairs), bs))
+    return batches, {"split": split, "gen_seed": spec["gen_seed"], "max_prompts_per_tag": spec["max_prompts_per_tag"]}
+
+
 @torch.no_grad()
-def run_calibration(model, task: str, spec: dict | None = None, progress: bool = False) -> CalibrationStats:
-    """Stream the calibration split of ``task`` through the model: understanding = prefill on
-    calibration questions; generation = the real sampler (every step, cond and uncond passes)."""
+def run_calibration(model, task: str, spec: dict | None = None, progress: bool = False, inputs=None) -> CalibrationStats:
+    """Stream a calibration split of ``task`` through the model: understanding = prefill on calibration
+    questions; generation = the real sampler (every step, cond and uncond passes, the settings'
+    ``SAMPLER_DEFAULTS`` keys). ``inputs``: ``(batches, data)`` as ``shapes_inputs`` gives them (the
+    default: the shapes world's calibration split)."""
     if task not in TASKS:
         raise ValueError(f"unknown calibration task {task!r}; expected one of {TASKS}")
     spec = merge_spec(CALIB_DEFAULTS, spec, "calibration")
-    spec["benchmarks"] = check_benchmarks(spec["benchmarks"])  # calibrates on that benchmark's calibration split
+    spec["benchmarks"] = check_benchmarks(spec["benchmarks"])
     torch.set_num_threads(int(spec["threads"]))
     model.eval()
     stats = CalibrationStats(model, coactivation=spec["coactivation"], coactivation_dim=spec["coactivation_dim"],
                              coactivation_seed=spec["coactivation_seed"])
-    bs = spec["batch_size"]
-    split = "calib"
+    batches, source = inputs if inputs is not None else shapes_inputs(task, spec)
     # what was actually streamed, counted as it is streamed (the sidecar's provenance)
-    data = {"split": split, "batches": 0}
+    data = {"split": source.get("split", "calib"), "batches": 0, **source}
     sampler = None
     if task == "und":
-        items = shapes.qa_set(split, spec["qa_items"], spec["qa_seed"])
-        data.update(qa_items=0, images=0, qa_seed=spec["qa_seed"])
-        for i in tqdm(range(0, len(items), bs), desc="calibrate und", disable=not progress):
-            chunk = items[i : i + bs]
-            images, questions, _ = tasks.qa_batch(chunk)
+        data.update(qa_items=0, images=0)
+        for images, questions in tqdm(batches, desc="calibrate und", disable=not progress):
             model.understanding_logits(images, questions, observer=stats)
             data["batches"] += 1
-            data["qa_items"] += len(chunk)
+            data["qa_items"] += len(questions)
             data["images"] += len(images)
     else:
-        pairs = shapes.geneval_set(split, spec["samples_per_prompt"], spec["max_prompts_per_tag"], spec["gen_seed"])
         shift = float(model.config.timestep_shift)  # generate_images' default: the model's own shift
-        data.update(prompts=0, images=0, gen_seed=spec["gen_seed"], max_prompts_per_tag=spec["max_prompts_per_tag"])
         settings = sampler_settings(spec)  # the evaluation's sampler: calibration sees what inference computes
         sampler = {**settings, "shift": shift, "samples_per_prompt": spec["samples_per_prompt"], "seeds": []}
+        data.update(prompts=0, images=0)
         prompts = set()
-        for i in tqdm(range(0, len(pairs), bs), desc="calibrate gen", disable=not progress):
-            chunk = pairs[i : i + bs]
-            seeds = [s for _, s in chunk]
-            model.generate_images([shapes.encode(p.text) for p, _ in chunk], seeds, shift=shift, observer=stats,
-                                  **settings)
+        for prompt_ids, seeds in tqdm(batches, desc="calibrate gen", disable=not progress):
+            model.generate_images(prompt_ids, seeds, shift=shift, observer=stats, **settings)
             data["batches"] += 1
-            data["images"] += len(chunk)
-            prompts.update(p.text for p, _ in chunk)
+            data["images"] += len(seeds)
+            prompts.update(tuple(p) for p in prompt_ids)
             sampler["seeds"] += [int(s) for s in seeds]
         data["prompts"] = len(prompts)
     stats.spec = spec

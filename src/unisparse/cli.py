@@ -223,8 +223,19 @@ def cmd_calibrate(args) -> None:
         from .io import state_digest
 
         meta["model_state_sha256"] = state_digest(model)
-    stats = run_calibration(model, args.task, spec, progress=not args.no_progress)
+    stats = run_calibration(model, args.task, spec, progress=not args.no_progress,
+                            inputs=_calibration_inputs(args.task, spec, args.model_dir, model))
     save_stats(stats, args.task, args.out, meta=meta, model_sha256=digest)
+
+
+def _calibration_inputs(task, spec, model_dir, model):
+    """The calibration split of the benchmark the settings name for ``task`` (None: the shapes world's)."""
+    from .calibrate import CALIB_DEFAULTS
+    from .spec import merge_spec
+    from .evaluate.calibration_inputs import calibration_inputs
+    from .text import tokenizer_for
+
+    return calibration_inputs(task, merge_spec(CALIB_DEFAULTS, spec, "calibration"), tokenizer_for(model_dir), model.config)
 
 
 def cmd_prune_depth(args) -> None:
@@ -241,7 +252,8 @@ def cmd_prune_depth(args) -> None:
         raise UsageError(f"--drop {n_drop}: the model has {layers} layers")
 
     def recalibrate(m):
-        return Calibration.from_stats(run_calibration(m, calibration.task, calib_spec), calibration.task)
+        inputs = _calibration_inputs(calibration.task, calib_spec, args.model_dir, m)
+        return Calibration.from_stats(run_calibration(m, calibration.task, calib_spec, inputs=inputs), calibration.task)
 
     pruned = prune_depth(model, calibration, args.component, args.granularity, n_drop, score=args.score,
                          skipped_attention_kv=args.kv, iterative=args.iterative, recalibrate=recalibrate)

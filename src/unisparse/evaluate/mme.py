@@ -45,13 +45,15 @@ Qwen2's vocabulary has "Yes" and "No" as single tokens. A model that starts its 
 else ("The answer is yes") is "other" both here and in the official pipeline.
 
 Images: BAGEL's ViT takes each image at its own resolution (NaViT packing): the long side scaled to at
-most 980 px (the short side to at least 378), both sides rounded to multiples of 14. The MoT here takes
-square ``config.vit_image_size`` images, so ``letterbox`` applies BAGEL's resize rule, shrinks the result
+most 980 px (the short side to at least 378), both sides rounded to multiples of 14, bicubic. The default
+``transform`` (``bagel_transform``) does exactly that for a model whose vision tower is SigLIP-NaViT
+(``config.vision == "siglip_navit"``, BAGEL's): ``navit_resize``, with the long side capped at
+``config.vit_image_size`` (BAGEL: 980, where the cap changes nothing) and by the position table
+(``vit_max_num_patch_per_side`` patches). A model with the fixed-size patch encoder (the tiny default)
+takes square ``vit_image_size`` images: ``letterbox`` applies BAGEL's resize rule, shrinks the result
 further only if it does not fit, and pads it centred (on the patch grid) on a mid-grey canvas (0.5, which
-SigLIP's normalisation maps to 0). At ``vit_image_size`` = 980 the image's own patches are then exactly
-the pixels BAGEL's ViT sees, plus grey padding patches BAGEL does not have, at shifted 2-D positions; the
-aspect ratio is never distorted (which matters for position, OCR and counting). This is the deviation to
-remove once the MoT packs variable-resolution images: ``run_mme`` takes any ``transform(image, config)``.
+SigLIP's normalisation maps to 0), never distorting the aspect ratio. ``run_mme`` takes any
+``transform(image, config)``.
 
 Data: both datasets are read from the local Hugging Face cache only (never downloaded here), as the
 parquet shards of the Hub's datasets (``data/<split>-*.parquet``); see ``data/mme/SOURCE.md`` for their
@@ -105,7 +107,7 @@ MME_DEFAULTS = dict(
     hf_cache_dir=None,  # None = huggingface_hub's cache (HF_HUB_CACHE / HF_HOME)
 )
 #: the settings ``calibration_items`` reads
-CALIB_DEFAULTS = dict(
+MME_CALIB_DEFAULTS = dict(
     calib_dataset="lmms-lab/POPE",
     calib_revision=None,
     calib_split="test",
@@ -228,21 +230,37 @@ BAGEL_MAX_IMAGE_SIZE, BAGEL_MIN_IMAGE_SIZE, BAGEL_MAX_PIXELS = 980, 378, 2_007_0
 PAD_VALUE = 0.5
 
 
-def bagel_resize_shape(width: int, height: int, stride: int = 14) -> tuple[int, int]:
+def bagel_resize_shape(width: int, height: int, stride: int = 14, max_size: int = BAGEL_MAX_IMAGE_SIZE,
+                       min_size: int = BAGEL_MIN_IMAGE_SIZE, max_pixels: int = BAGEL_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) BAGEL's ``MaxLongEdgeMinShortEdgeResize`` gives an image for understanding (its
-    ``vlm_sft`` settings: long side <= 980, short side >= 378, <= 2,007,040 pixels, multiples of 14)."""
+    ``vlm_sft`` settings by default: long side <= 980, short side >= 378 where the long side allows,
+    <= 2,007,040 pixels, multiples of 14)."""
     def apply(w, h, s):
         return (max(stride, int(round(round(w * s) / stride) * stride)),
                 max(stride, int(round(round(h * s) / stride) * stride)))
 
-    scale = min(BAGEL_MAX_IMAGE_SIZE / max(width, height), 1.0)
-    scale = max(scale, BAGEL_MIN_IMAGE_SIZE / min(width, height))
+    scale = min(max_size / max(width, height), 1.0)
+    scale = max(scale, min_size / min(width, height))
     w, h = apply(width, height, scale)
-    if w * h > BAGEL_MAX_PIXELS:
-        w, h = apply(w, h, BAGEL_MAX_PIXELS / (w * h))
-    if max(w, h) > BAGEL_MAX_IMAGE_SIZE:
-        w, h = apply(w, h, BAGEL_MAX_IMAGE_SIZE / max(w, h))
+    if w * h > max_pixels:
+        w, h = apply(w, h, max_pixels / (w * h))
+    if max(w, h) > max_size:
+        w, h = apply(w, h, max_size / max(w, h))
     return w, h
+
+
+def navit_resize(image, config) -> np.ndarray:
+    """A PIL image -> [h, w, 3] float32 in [0, 1] at BAGEL's resolution for it (``bagel_resize_shape``,
+    bicubic), the long side capped at ``config.vit_image_size`` and at the ViT's position table
+    (``vit_max_num_patch_per_side`` x ``vit_patch_size``); both sides multiples of the patch."""
+    from PIL import Image
+
+    patch = int(config.vit_patch_size)
+    cap = min(BAGEL_MAX_IMAGE_SIZE, int(config.vit_image_size), int(config.vit_max_num_patch_per_side) * patch)
+    cap = max(patch, cap // patch * patch)
+    image = image.convert("RGB")
+    w, h = bagel_resize_shape(*image.size, stride=patch, max_size=cap, min_size=min(BAGEL_MIN_IMAGE_SIZE, cap))
+    return np.asarray(image.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
 
 
 def letterbox(image, config) -> np.ndarray:
@@ -264,11 +282,24 @@ def letterbox(image, config) -> np.ndarray:
     return canvas
 
 
+def bagel_transform(image, config) -> np.ndarray:
+    """The default image transform: ``navit_resize`` for a SigLIP-NaViT vision tower (images of their own
+    sizes, as BAGEL), else ``letterbox`` (the fixed-size patch encoder takes one square size)."""
+    if getattr(config, "vision", None) == "siglip_navit":
+        return navit_resize(image, config)
+    return letterbox(image, config)
+
+
 def prepare_batch(images, prompts, tokenizer, config, transform: Callable | None = None):
-    """PIL images and prompt texts -> (images [B, S, S, 3] float32 in [0, 1], prompt token ids), the
-    inputs of ``understanding_logits`` (which adds BAGEL's special tokens around the ids)."""
-    transform = transform or letterbox
-    pixels = torch.from_numpy(np.stack([transform(im, config) for im in images]))
+    """PIL images and prompt texts -> (images, prompt token ids), the inputs of ``understanding_logits``
+    (which adds BAGEL's special tokens around the ids). Images: [B, H, W, 3] float32 in [0, 1] when the
+    transform gives them one size, else a list of [H_i, W_i, 3] (NaViT)."""
+    transform = transform or bagel_transform
+    arrays = [transform(im, config) for im in images]
+    if len({a.shape for a in arrays}) == 1:
+        pixels = torch.from_numpy(np.stack(arrays))
+    else:
+        pixels = [torch.from_numpy(a) for a in arrays]
     return pixels, [list(tokenizer.encode(p)) for p in prompts]
 
 
@@ -481,9 +512,10 @@ def run_mme(model, tokenizer, spec: dict | None = None, progress: bool = False,
     """Score ``model`` on MME (settings: ``MME_DEFAULTS``; other keys of ``spec`` are ignored).
 
     The prompt is BAGEL's (``mme_prompt``), the image goes through ``transform(image, model.config)``
-    (default ``letterbox``), and the answer is the greedy first token of ``understanding_logits``,
-    decoded with ``tokenizer`` and parsed by MME's rules (``answer_label``); BAGEL generates a short
-    answer (up to 20 tokens), but for these prompts its first token decides yes/no (module docstring).
+    (default ``bagel_transform``: BAGEL's own resolution on a NaViT model), and the answer is the
+    greedy first token of ``understanding_logits``, decoded with ``tokenizer`` and parsed by MME's rules
+    (``answer_label``); BAGEL generates a short answer (up to 20 tokens), but for these prompts its first
+    token decides yes/no (module docstring).
     Runs on the model's device in the model's dtype (``understanding_logits`` moves the batch).
 
     Returns ``mme_scores``' dict (``total``, ``perception``, ``cognition``, ``per_subtask``, ``se``,
@@ -533,7 +565,7 @@ def calibration_prompt(question: str) -> str:
 
 def calibration_set(spec: dict | None = None) -> tuple[list[tuple[object, str]], dict]:
     """``calibration_items`` and its provenance (repository, resolved commit, files, exclusions)."""
-    s = _settings(CALIB_DEFAULTS, spec, "calibration")
+    s = _settings(MME_CALIB_DEFAULTS, spec, "calibration")
     n = int(s["calib_items"])
     if n < 1:
         raise ValueError(f"calib_items must be >= 1, got {n}")
@@ -587,7 +619,7 @@ def calibration_set(spec: dict | None = None) -> tuple[list[tuple[object, str]],
 def calibration_items(spec: dict | None = None) -> list[tuple[object, str]]:
     """MME-style yes/no (image, prompt) pairs for calibrating the understanding tower, NOT from MME:
     POPE (``lmms-lab/POPE``, Li et al. 2023: "Is there a <object> in the image?" on COCO val2014, yes/no)
-    read from the local cache like MME. Settings ``CALIB_DEFAULTS``: ``calib_dataset``,
+    read from the local cache like MME. Settings ``MME_CALIB_DEFAULTS``: ``calib_dataset``,
     ``calib_revision``, ``calib_split``, ``calib_items`` (how many), ``calib_exclude_mme_images`` (drop
     POPE images whose COCO id is one of MME's COCO-subtask images, so no evaluation image is seen while
     calibrating; needs MME in the cache).

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -15,7 +16,9 @@ from ..spec import merge_spec
 from ..text import tokenizer_for
 from ..worlds import shapes
 from ..benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
-from .generation import evaluate_generation, generate_for
+from .generation import evaluate_generation
+from .geneval import GENEVAL_DEFAULTS
+from .mme import MME_DEFAULTS
 from .understanding import answer_questions, evaluate_understanding
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,9 @@ EVAL_DEFAULTS = dict(
     batch_size=128,
     threads=2,
     latency_repeats=3,
+    # the real benchmarks' own settings (read only when `benchmarks` names them)
+    **{k: GENEVAL_DEFAULTS[k] for k in ("geneval_prompts", "detector", "clip")},
+    **{k: v for k, v in MME_DEFAULTS.items() if k != "batch_size"},
 )
 
 
@@ -56,28 +62,47 @@ def evaluate_model(model, spec: dict | None = None, progress: bool = False, toke
     spec["benchmarks"] = check_benchmarks(spec["benchmarks"])
     torch.set_num_threads(int(spec["threads"]))
     model.eval()
-    items = shapes.qa_set("eval", spec["qa_items"], spec["qa_seed"])
-    pairs = shapes.geneval_set("eval", spec["samples_per_prompt"], spec["max_prompts_per_tag"], spec["gen_seed"])
-    t0 = time.perf_counter()
-    qa = evaluate_understanding(model, items, spec["batch_size"])
-    t1 = time.perf_counter()
-    sampler = sampler_settings(spec)
-    gen = evaluate_generation(model, pairs, sampler, spec["batch_size"], progress)
-    t2 = time.perf_counter()
-    probe = pairs[: min(32, len(pairs))]
+    tokenizer = tokenizer or tokenizer_for(None)
     device = model.device
-    lat_gen = _median_seconds(lambda: generate_for(model, probe, sampler, len(probe)),
-                              spec["latency_repeats"], device)
-    lat_und = _median_seconds(lambda: answer_questions(model, items[:256], 256), spec["latency_repeats"], device)
-    log.info("ShapesQA overall %.4f; ShapesGenEval overall %.4f", qa["overall"], gen["overall"])
+    sampler = sampler_settings(spec)
+    t0 = time.perf_counter()
+    if spec["benchmarks"]["und"] == "mme":
+        from .mme import run_mme
+
+        qa = run_mme(model, tokenizer, spec, progress)
+        qa["overall"] = qa["total"]  # MME's own scale: the sum of the 14 subtask scores (max 2800)
+        und_seconds_per_item = (time.perf_counter() - t0) / max(qa["n_items"], 1)
+    else:
+        items = shapes.qa_set("eval", spec["qa_items"], spec["qa_seed"])
+        qa = evaluate_understanding(model, items, spec["batch_size"])
+        lat_und = _median_seconds(lambda: answer_questions(model, items[:256], 256), spec["latency_repeats"], device)
+        und_seconds_per_item = lat_und / min(256, len(items))
+    t1 = time.perf_counter()
+    if spec["benchmarks"]["gen"] == "geneval":
+        from .geneval import run_geneval
+
+        if artifacts_dir is None:
+            raise ValueError("GenEval writes its images and per-image results: give an artifacts directory")
+        gen = run_geneval(model, tokenizer, spec, Path(artifacts_dir) / "geneval", progress)
+        gen.pop("per_image")  # in {artifacts_dir}/geneval/results.jsonl
+        probe_ids = [tokenizer.encode(t) for t in ("a photo of a cat", "a photo of a red car and a blue bench")]
+    else:
+        pairs = shapes.geneval_set("eval", spec["samples_per_prompt"], spec["max_prompts_per_tag"], spec["gen_seed"])
+        gen = evaluate_generation(model, pairs, sampler, spec["batch_size"], progress)
+        probe_ids = [shapes.encode(p.text) for p, _ in pairs[: min(32, len(pairs))]]
+    t2 = time.perf_counter()
+    seeds = list(range(len(probe_ids)))
+    lat_gen = _median_seconds(lambda: model.generate_images(probe_ids, seeds, **sampler), spec["latency_repeats"], device)
+    log.info("%s overall %.4f; %s overall %.4f", spec["benchmarks"]["und"], qa["overall"], spec["benchmarks"]["gen"],
+             gen["overall"])
     return {
         "understanding": qa,
         "generation": gen,
         "parameters": parameter_counts(model),
         "flops_per_token": flops_per_token(model),
         "latency": {
-            "gen_seconds_per_image": lat_gen / len(probe),
-            "und_seconds_per_item": lat_und / min(256, len(items)),
+            "gen_seconds_per_image": lat_gen / len(probe_ids),
+            "und_seconds_per_item": und_seconds_per_item,
             "eval_seconds_und": t1 - t0,
             "eval_seconds_gen": t2 - t1,
             "repeats": spec["latency_repeats"],

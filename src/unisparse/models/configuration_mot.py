@@ -22,6 +22,8 @@ CODECS = ("identity", "flux")
 #: token layout of both tasks: ``compact`` (the tiny default: ``<bos> prompt <eos> <img> latents``) or
 #: ``bagel`` (BAGEL's: ``<bos> prompt <eos>`` then ``<vision_start> latents <vision_end>`` in one block)
 PROMPT_FORMATS = ("compact", "bagel")
+#: latent position table: trained (tiny) or BAGEL's frozen 2-D sine-cosine table
+LATENT_POS_EMBEDS = ("learned", "sincos")
 
 
 def check_component(name: str) -> str:
@@ -31,7 +33,14 @@ def check_component(name: str) -> str:
 
 
 class MoTConfig(PretrainedConfig):
-    """Sizes of the MoT plus its pruning / MoE state.
+    """Sizes of the MoT, its pluggable parts, plus its pruning / MoE state.
+
+    Parts (the tiny default's values first; ``models.bagel.BAGEL_LAYOUT`` sets BAGEL's):
+      * ``vision`` (``VISIONS``) with ``vit_config`` (the SigLIP sizes), ``vit_image_size`` (side of an
+        understood image; ``image_size`` is a generated one's) and ``vit_max_num_patch_per_side``;
+      * ``codec`` (``CODECS``) with ``codec_config`` (the FLUX autoencoder's sizes);
+      * ``prompt_format`` (``PROMPT_FORMATS``), ``timestep_scale`` (t is scaled by it before the sinusoid),
+        ``max_latent_size`` and ``latent_pos_embed`` (``LATENT_POS_EMBEDS``).
 
     Pruning state:
       * ``skip``: ``{component: {"attn": [layer, ...], "mlp": [layer, ...]}}`` sublayers not computed
@@ -167,7 +176,7 @@ class MoTConfig(PretrainedConfig):
         check_model_sizes(self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads, self.image_size,
                           self.vit_patch_size, self.latent_patch_size, self.latent_downsample, self.vit_image_size)
         for name, allowed in (("skipped_attention_kv", SKIPPED_ATTENTION_KV), ("vision", VISIONS), ("codec", CODECS),
-                              ("prompt_format", PROMPT_FORMATS), ("latent_pos_embed", ("learned", "sincos"))):
+                              ("prompt_format", PROMPT_FORMATS), ("latent_pos_embed", LATENT_POS_EMBEDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.max_latent_size < self.latent_grid:
