@@ -323,3 +323,14 @@ def test_vocab_and_codec():
         S.encode("a hexagon")
     with pytest.raises(ValueError):
         S.decode([len(S.VOCAB)])
+
+
+def test_position_rule_divides_by_the_unshrunk_offset():
+    """GenEval's relative_position: the shrunk offset is divided by the length of the original one, so
+    two large boxes whose centres differ by (4, 4) are in no relation (normalising the shrunk vector
+    instead would call it both "right of" and "below")."""
+    from unisparse.worlds.shapes import relations
+
+    assert relations((4, 4, 19, 19), (0, 0, 15, 15)) == frozenset()
+    assert relations((0, 20, 4, 24), (0, 0, 4, 4)) == frozenset({"right of"})
+    assert relations((20, 0, 24, 4), (0, 0, 4, 4)) == frozenset({"below"})

@@ -498,13 +498,17 @@ def cmd_count_params(args) -> None:
 
 
 def _register_models(sub) -> None:
+    from .models.bagel import IMAGE_SIZE, VIT_IMAGE_SIZE
+
     s = sub.add_parser("import-bagel", parents=[runtime_options()],
                        help="load a BAGEL-7B-MoT directory strictly and write it as a unisparse model directory")
     s.add_argument("--src", required=True, help="BAGEL directory (llm_config.json, vit_config.json, ema.safetensors, "
                                                 "ae.safetensors, tokenizer files)")
     s.add_argument("--out", required=True, help="model directory to write")
-    s.add_argument("--image-size", type=_positive, default=1024, help="side of generated images (default 1024)")
-    s.add_argument("--vit-image-size", type=_positive, default=980, help="side of understood images (default 980)")
+    s.add_argument("--image-size", type=_positive, default=IMAGE_SIZE,
+                   help=f"side of generated images (default {IMAGE_SIZE})")
+    s.add_argument("--vit-image-size", type=_positive, default=VIT_IMAGE_SIZE,
+                   help=f"largest side of understood images (default {VIT_IMAGE_SIZE})")
     s.add_argument("--expect", help="sizes the checkpoint must have, e.g. the config's `model:` (JSON/YAML or @file)")
     s.set_defaults(func=cmd_import_bagel)
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..models import SAMPLER_DEFAULTS, sampler_settings
 from ..runtime import describe, synchronize
-from ..worlds.shapes import _clustered_se, derive_seed
+from ..worlds.shapes import _clustered_se, box_relations, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ RELATIONS = ("left of", "right of", "above", "below")
 THRESHOLD = 0.3  # a detection counts if its score is strictly above this ...
 COUNTING_THRESHOLD = 0.9  # ... or above this, for every class, when the prompt's tag is "counting"
 MAX_OBJECTS = 16  # per class, highest scores first
-POSITION_THRESHOLD = 0.1  # the box-size margin of the position rule
 GREY = "#999999"  # the background the colour classifier sees behind an object's mask
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
@@ -239,27 +238,12 @@ def filter_detections(detections: dict, tag: str) -> dict:
 
 
 def relations(obj_box: Sequence[float], target_box: Sequence[float]) -> set:
-    """Where the object stands relative to the target (GenEval's rule on box centres, y down): the
-    centre offset, each component shrunk towards zero by 0.1 x the two boxes' summed extents along
-    that axis, divided by the length of the unshrunk offset; +-0.5 on x gives right/left of, on y
-    below/above. Nothing holds when every shrunk component is below 1e-3 (boxes too close)."""
+    """Where the object stands relative to the target, boxes (x0, y0, x1, y1): GenEval's rule on box
+    centres, ``worlds.shapes.box_relations`` (one implementation serves both benchmarks)."""
     a, b = np.asarray(obj_box[:4], dtype=np.float64), np.asarray(target_box[:4], dtype=np.float64)
     offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
     dims = (a[2:] - a[:2]) + (b[2:] - b[:2])
-    shrunk = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0.0) * np.sign(offset)
-    if np.all(np.abs(shrunk) < 1e-3):
-        return set()
-    dx, dy = shrunk / np.linalg.norm(offset)
-    found = set()
-    if dx < -0.5:
-        found.add("left of")
-    if dx > 0.5:
-        found.add("right of")
-    if dy < -0.5:
-        found.add("above")
-    if dy > 0.5:
-        found.add("below")
-    return found
+    return set(box_relations(offset, dims))
 
 
 def colour_requests(kept: dict, entry: dict) -> list[tuple[str, int]]:

@@ -215,23 +215,18 @@ def render(scene: Scene) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def relations(box_b: Sequence[float], box_a: Sequence[float]) -> frozenset:
-    """Relations that hold for B relative to A, given their boxes (y0,x0,y1,x1).
-
-    GenEval's rule on box centres: each offset component is shrunk by 10% of
-    the summed box extents along that axis (so touching or overlapping boxes
-    are not "left of" each other), then the shrunk vector is normalised; a
-    component beyond +-0.5 gives the relation. Y grows downward.
-    """
-    yb0, xb0, yb1, xb1 = box_b
-    ya0, xa0, ya1, xa1 = box_a
-    off = np.array([(yb0 + yb1 - ya0 - ya1) / 2.0, (xb0 + xb1 - xa0 - xa1) / 2.0])
-    dims = np.array([(yb1 - yb0) + (ya1 - ya0), (xb1 - xb0) + (xa1 - xa0)])
-    reduced = np.maximum(np.abs(off) - POSITION_THRESHOLD * dims, 0.0) * np.sign(off)
-    norm = float(np.linalg.norm(reduced))
-    if norm < 1e-9:
+def box_relations(offset_xy, dims_xy) -> frozenset:
+    """GenEval's position rule (``relative_position`` of its evaluator), on a centre offset (x, y; y grows
+    downward) and the two boxes' summed extents along each axis: each offset component is shrunk
+    towards zero by 10% of the summed extents (so touching or overlapping boxes are not "left of" each
+    other), then divided by the length of the *unshrunk* offset; a component beyond +-0.5 gives the
+    relation. Nothing holds when every shrunk component is below 1e-3."""
+    offset = np.asarray(offset_xy, dtype=np.float64)
+    dims = np.asarray(dims_xy, dtype=np.float64)
+    shrunk = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0.0) * np.sign(offset)
+    if np.all(np.abs(shrunk) < 1e-3):
         return frozenset()
-    dy, dx = reduced / norm
+    dx, dy = shrunk / np.linalg.norm(offset)
     out = set()
     if dx < -0.5:
         out.add("left of")
@@ -242,6 +237,15 @@ def relations(box_b: Sequence[float], box_a: Sequence[float]) -> frozenset:
     if dy > 0.5:
         out.add("below")
     return frozenset(out)
+
+
+def relations(box_b: Sequence[float], box_a: Sequence[float]) -> frozenset:
+    """Relations that hold for B relative to A, given their boxes (y0,x0,y1,x1): ``box_relations``."""
+    yb0, xb0, yb1, xb1 = box_b
+    ya0, xa0, ya1, xa1 = box_a
+    offset = ((xb0 + xb1 - xa0 - xa1) / 2.0, (yb0 + yb1 - ya0 - ya1) / 2.0)
+    dims = ((xb1 - xb0) + (xa1 - xa0), (yb1 - yb0) + (ya1 - ya0))
+    return box_relations(offset, dims)
 
 
 # ---------------------------------------------------------------------------
