@@ -5,11 +5,15 @@ from .block import (
     MoEExperts,
     MoEMLP,
     check_spec,
+    choose_dispatch,
+    dispatch_dense_equivalent,
     dispatch_grouped,
     dispatch_grouped_mm,
     dispatch_loop,
+    dispatch_nosync,
     load_balancing_loss,
     make_moe_spec,
+    route_plan,
 )
 from .partition import PARTITION_METHODS, balanced_kmeans, check_partition_sizes, dense_to_moe, partition_neurons
 
@@ -22,11 +26,15 @@ __all__ = [
     "balanced_kmeans",
     "check_partition_sizes",
     "check_spec",
+    "choose_dispatch",
     "dense_to_moe",
+    "dispatch_dense_equivalent",
     "dispatch_grouped",
     "dispatch_grouped_mm",
     "dispatch_loop",
+    "dispatch_nosync",
     "load_balancing_loss",
     "make_moe_spec",
     "partition_neurons",
+    "route_plan",
 ]
