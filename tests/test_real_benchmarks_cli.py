@@ -82,6 +82,18 @@ def test_evaluate_scores_geneval_and_mme(offline, dense, tmp_path):
     assert all(r["pred"] in ("yes", "no", "other") for r in und["per_item"])
     assert metrics["eval"]["benchmarks"] == REAL["benchmarks"]
     assert metrics["latency"]["gen_seconds_per_image"] > 0
+    # the tables name the real benchmarks and hold one numeric row per score (tags, subtasks flattened)
+    from unisparse.tables import aggregate
+
+    df = aggregate([out], tmp_path / "probes.csv")
+    assert set(df["benchmark"]) == {"GenEval", "MME"}
+    gen_rows = df[df.benchmark == "GenEval"].set_index("metric")
+    assert {"overall", "colors", "position"} <= set(gen_rows.index)
+    assert gen_rows.loc["overall", "value"] == gen["overall"] and gen_rows.loc["overall", "se"] == gen["se"]["overall"]
+    mme_rows_ = df[df.benchmark == "MME"].set_index("metric")
+    assert mme_rows_.loc["OCR", "value"] == und["per_subtask"]["OCR"]["score"]
+    assert {"total", "perception", "cognition", "overall"} <= set(mme_rows_.index)
+    assert df["value"].map(lambda v: isinstance(v, (int, float))).all()
 
 
 def test_shapes_tokenizer_cannot_run_mme(dense, tmp_path, offline):

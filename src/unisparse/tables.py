@@ -7,7 +7,29 @@ import pandas as pd
 
 from .io import atomic_path, read_json
 
-TASK_KEYS = {"understanding": "ShapesQA", "generation": "ShapesGenEval"}
+TASKS = {"understanding": "und", "generation": "gen"}
+#: the benchmarks' names in tables and figures (keys: ``unisparse.benchmarks.BENCHMARKS``)
+BENCHMARK_NAMES = {"shapesqa": "ShapesQA", "shapes_geneval": "ShapesGenEval", "mme": "MME", "geneval": "GenEval"}
+#: nested score tables flattened into rows: GenEval's tags, MME's subtasks (their ``score``)
+NESTED = {"per_tag": None, "per_subtask": "score"}
+
+
+def scores_of(task_metrics: dict) -> dict[str, tuple[float, float]]:
+    """{metric: (value, se)} of one task's metrics: its scalar scores (counts ``n_*`` left out) and the
+    entries of its nested per-category tables; the standard error where the benchmark gives one."""
+    se = task_metrics.get("se", {})
+    out = {}
+    for key, value in task_metrics.items():
+        if key.startswith("n_") or key == "se" or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = (value, se.get(key, float("nan")))
+        elif key in NESTED and isinstance(value, dict):
+            field, nested_se = NESTED[key], se.get(key, se)
+            for name, v in value.items():
+                s_ = nested_se.get(name, float("nan"))
+                out[name] = (v[field], s_[field]) if field else (v, s_)
+    return out
 
 
 def rows_of(metrics: dict) -> list[dict]:
@@ -21,14 +43,13 @@ def rows_of(metrics: dict) -> list[dict]:
     cost["latency_gen_s_per_image"] = metrics["latency"]["gen_seconds_per_image"]
     cost["latency_und_s_per_item"] = metrics["latency"]["und_seconds_per_item"]
     extra = {f"load_{k}": v for k, v in metrics.get("expert_load", {}).items()}
+    chosen = metrics.get("eval", {}).get("benchmarks") or {"und": "shapesqa", "gen": "shapes_geneval"}
     rows = []
-    for task, bench in TASK_KEYS.items():
-        se = metrics[task].get("se", {})
-        for metric, value in metrics[task].items():
-            if metric.startswith("n_") or metric == "se":
-                continue
+    for task, short in TASKS.items():
+        bench = BENCHMARK_NAMES[chosen[short]]
+        for metric, (value, se) in scores_of(metrics[task]).items():
             rows.append({**variant, "task": task, "benchmark": bench, "metric": metric, "value": value,
-                         "se": se.get(metric, float("nan")), **cost, **extra})
+                         "se": se, **cost, **extra})
     return rows
 
 
