@@ -184,3 +184,29 @@ def test_figures_follow_the_stages_in_the_config(tmp_path, stages_off, expected)
     proc = snakemake(workdir, "--dry-run", "--quiet", "rules", config=_config_without(stages_off, workdir))
     planned = {rule for rule in FIGURE_RULES if f"\n{rule} " in proc.stdout}
     assert planned == expected, proc.stdout
+
+
+def test_figures_name_the_benchmarks_the_tables_hold(micro_run, tmp_path):
+    """The paper's tables hold GenEval and MME rows instead of the shapes benchmarks: every figure
+    notebook plots whichever benchmark each task has, labelled by its name."""
+    import pandas as pd
+
+    renamed = {"ShapesQA": "MME", "ShapesGenEval": "GenEval"}
+    tables = {}
+    for name in ("probes", "moe"):
+        df = pd.read_csv(micro_run / "results" / "tables" / f"{name}.csv")
+        df["benchmark"] = df.benchmark.map(renamed)
+        tables[name] = tmp_path / f"{name}.csv"
+        df.to_csv(tables[name], index=False)
+    inputs = {"depth_curves": ["-p", "probes", tables["probes"]], "width_curves": ["-p", "probes", tables["probes"]],
+              "moe_recovery": ["-p", "moe", tables["moe"]],
+              "quality_speed": ["-y", f"tables: [{tables['probes']}, {tables['moe']}]"]}
+    for family, params in inputs.items():
+        executed = tmp_path / f"{family}.ipynb"
+        cmd = [str(Path(sys.executable).parent / "papermill"), "--no-progress-bar", "-k", "python3",
+               str(REPO / "notebooks" / f"{family}.ipynb"), str(executed), *map(str, params),
+               "-p", "out_png", str(tmp_path / f"{family}.png"), "-p", "out_pdf", str(tmp_path / f"{family}.pdf")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (tmp_path / f"{family}.png").stat().st_size > 0
+        assert not error_outputs(read_notebook(executed))
