@@ -243,3 +243,23 @@ def test_derived_models_keep_the_tokenizer(fake, tmp_path):
     tok = tokenizer_for(pruned)
     assert isinstance(tok, FileTokenizer) and tok.decode(tok.encode("a red cube")) == "a red cube"
     assert load_model(pruned).config.mlp_width("gen", 0) == 64
+
+
+def test_published_layout_predicts_the_real_ema_size_to_the_byte():
+    """The size of BAGEL-7B-MoT's real ema.safetensors (29,214,685,336 bytes, in the lock) follows from
+    the layout alone: the bf16 data of every non-VAE tensor plus safetensors' JSON header, whose length
+    depends on every key's spelling and every shape. Our names and shapes predict it exactly."""
+    from pathlib import Path
+
+    lock = json.loads((Path(__file__).resolve().parents[1] / "data/bagel-7b-mot.lock.json").read_text())
+    with torch.device("meta"):
+        model = MoTForUnifiedModel(published_config())
+    tensors = {k: v for k, v in model.state_dict().items() if not k.startswith("vae_model.")}
+    header, offset = {}, 0
+    for name, t in sorted(tensors.items()):
+        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + 2 * t.numel()]}
+        offset += 2 * t.numel()
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+    assert len(tensors) == 1223
+    assert 8 + len(text) + offset == lock["files"][EMA]["size"] == 29_214_685_336
