@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modeling_mot import patchify, unpatchify
+
 #: FLUX.1 AE sizes as BAGEL's ``load_ae`` sets them. ``downsample`` is not a key: it follows from
 #: ``ch_mult`` (see ``FluxAutoEncoder.downsample``).
 FLUX_AE_DEFAULTS = {
@@ -278,22 +280,14 @@ class FluxAutoEncoder(nn.Module):
 
 
 def patchify_latent(latent: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, C, h*p, w*p] -> [B, h*w, p*p*C]: raster-ordered rows, each patch flattened as (ph, pw, c).
-
-    The same order as BAGEL's ``einsum("chpwq->hwpqc")`` in ``bagel.py``.
-    """
-    b, c, hp, wp = latent.shape
-    h, w = hp // patch, wp // patch
-    x = latent.reshape(b, c, h, patch, w, patch).permute(0, 2, 4, 3, 5, 1)  # b h w ph pw c
-    return x.reshape(b, h * w, patch * patch * c)
+    """[B, C, h*p, w*p] -> [B, h*w, p*p*C]: raster-ordered rows, each patch flattened as (ph, pw, c),
+    the MoT's ``patchify`` on the channels-last latent (the order of BAGEL's ``einsum("chpwq->hwpqc")``)."""
+    return patchify(latent.permute(0, 2, 3, 1), patch)
 
 
 def unpatchify_latent(tokens: torch.Tensor, patch: int, grid: tuple[int, int], channels: int) -> torch.Tensor:
     """Inverse of ``patchify_latent``: [B, h*w, p*p*C] -> [B, C, h*p, w*p]."""
-    b = tokens.shape[0]
-    h, w = grid
-    x = tokens.reshape(b, h, w, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)  # b c h ph w pw
-    return x.reshape(b, channels, h * patch, w * patch)
+    return unpatchify(tokens, patch, grid, channels).permute(0, 3, 1, 2)
 
 
 class FluxCodec(FluxAutoEncoder):

@@ -322,10 +322,12 @@ def patchify(images, patch: int):
     return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
-def unpatchify(tokens, patch: int, grid: int, channels: int):
+def unpatchify(tokens, patch: int, grid, channels: int):
+    """Inverse of ``patchify``: [B, h*w, p*p*C] -> [B, h*p, w*p, C]; ``grid`` is h = w or (h, w)."""
     B = tokens.shape[0]
-    x = tokens.reshape(B, grid, grid, patch, patch, channels).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(B, grid * patch, grid * patch, channels)
+    h, w = (grid, grid) if isinstance(grid, int) else grid
+    x = tokens.reshape(B, h, w, patch, patch, channels).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, h * patch, w * patch, channels)
 
 
 class IdentityCodec:
