@@ -241,15 +241,15 @@ def test_commit_not_in_cache_fails_offline(tmp_path, cache):
 
 def test_interrupted_verification_leaves_nothing(tmp_path, cache, lock, monkeypatch):
     calls = []
-    real = hub._sha256_with_progress
+    real = hub.sha256_file
 
-    def interrupted(path, bar):
+    def interrupted(path, on_block=None):
         calls.append(path.name)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(path, bar)
+        return real(path, on_block)
 
-    monkeypatch.setattr(hub, "_sha256_with_progress", interrupted)
+    monkeypatch.setattr(hub, "sha256_file", interrupted)
     out = tmp_path / "ckpt" / NAME
     with pytest.raises(KeyboardInterrupt):
         hub.fetch_checkpoint(lock, out, cache_dir=cache, progress=False)
@@ -266,10 +266,10 @@ def test_killed_fetch_leaves_nothing_and_its_leftover_is_discarded(tmp_path, cac
         "import sys, time\n"
         "from pathlib import Path\n"
         "import unisparse.hub as hub\n"
-        "def stuck(path, bar):\n"
+        "def stuck(path, on_block=None):\n"
         "    Path(sys.argv[4]).touch()\n"
         "    time.sleep(120)\n"
-        "hub._sha256_with_progress = stuck\n"
+        "hub.sha256_file = stuck\n"
         "hub.fetch_checkpoint(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3], progress=False)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", child, str(lock), str(out), str(cache), str(marker)],

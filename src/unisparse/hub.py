@@ -21,7 +21,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .io import IntegrityError, atomic_path, write_json
+from .io import IntegrityError, atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # file names reach allow_patterns (fnmatch) and the file system: no glob characters, no escape
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
-_BLOCK = 1 << 24
 
 
 class LockError(ValueError):
@@ -148,17 +147,6 @@ def _snapshot(repo_id: str, revision: str, files, cache_dir=None, progress: bool
     return Path(folder)
 
 
-def _sha256_with_progress(path: Path, bar) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            h.update(block)
-            bar.update(len(block))
-    return h.hexdigest()
-
-
 def _bar(total: int, progress: bool, desc: str):
     from tqdm.auto import tqdm
 
@@ -187,7 +175,7 @@ def verify_files(directory, files: dict, progress: bool = True, where: dict | No
             present[name] = path
     with _bar(sum(files[n]["size"] for n in present), progress, "verifying sha256") as bar:
         for name, path in present.items():
-            found = _sha256_with_progress(path, bar)
+            found = sha256_file(path, bar.update)
             if found != files[name]["sha256"]:
                 problems.append(f"{name}: sha256 expected {files[name]['sha256']}, found {found}{blob(name)}")
     if problems:
@@ -304,7 +292,7 @@ def lock_checkpoint(repo_id: str, revision: str, files, out_lock, cache_dir=None
     with _bar(sum((snapshot / n).stat().st_size for n in files), progress, "hashing") as bar:
         for name in files:
             path = snapshot / name
-            digest, size = _sha256_with_progress(path, bar), path.stat().st_size
+            digest, size = sha256_file(path, bar.update), path.stat().st_size
             sibling = listed[name]
             hub_sha, hub_size = _lfs_field(sibling.lfs, "sha256"), _lfs_field(sibling.lfs, "size")
             hub_size = hub_size if hub_size is not None else sibling.size

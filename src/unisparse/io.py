@@ -116,11 +116,15 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
-def sha256_file(path) -> str:
+def sha256_file(path, on_block=None) -> str:
+    """sha256 of a file, streamed in 16 MiB blocks; ``on_block(n)`` is told each block's size (a
+    progress bar's ``update``)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
+            if on_block is not None:
+                on_block(len(block))
     return h.hexdigest()
 
 
@@ -182,18 +186,23 @@ def save_model(model, out_dir, extra_files=()) -> None:
         write_manifest(tmp)
 
 
+def safetensors_shapes(path, prefix: str = "") -> dict[str, tuple]:
+    """{prefix + tensor name: shape} of a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {prefix + k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def check_weights_match(model_dir, model) -> None:
     """Every tensor in the files lands in exactly one parameter of the right shape, and every
     parameter is filled; otherwise an error listing the keys. Reads headers only."""
-    from safetensors import safe_open
-
     stored = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if key in stored:
-                    raise IntegrityError(f"{model_dir}: tensor {key} is stored twice")
-                stored[key] = tuple(f.get_slice(key).get_shape())
+        for key, shape in safetensors_shapes(path).items():
+            if key in stored:
+                raise IntegrityError(f"{model_dir}: tensor {key} is stored twice")
+            stored[key] = shape
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = weight_mismatches(stored, expected)
     if problems:

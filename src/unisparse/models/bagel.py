@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import IntegrityError, atomic_path, weight_mismatches
+from ..io import IntegrityError, atomic_path, safetensors_shapes, weight_mismatches
 from .configuration_mot import MoTConfig
 from .modeling_mot import MoTForUnifiedModel
 
@@ -71,12 +71,9 @@ def special_token_ids(src) -> dict[str, int]:
 
 
 def _stored_shapes(path: Path, prefix: str = "") -> dict[str, tuple]:
-    from safetensors import safe_open
-
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent} is not a BAGEL checkpoint: no {path.name}")
-    with safe_open(str(path), framework="pt") as f:
-        return {prefix + k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return safetensors_shapes(path, prefix)
 
 
 def flux_sizes_from_shapes(ae_shapes: dict[str, tuple]) -> dict:
