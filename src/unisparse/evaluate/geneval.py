@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..models import SAMPLER_DEFAULTS, sampler_settings
 from ..runtime import describe, synchronize
-from ..worlds.shapes import _clustered_se, box_relations, derive_seed
+from ..worlds.shapes import box_relations, derive_seed, tag_accuracies
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def summarize(per_image: Iterable[dict]) -> dict:
     """Per-tag accuracy over images, "overall" = unweighted mean of the six tags (keyed by name, so
     the order of the records does not matter), and standard errors under "se" as
     ``shapes.geneval_scores`` computes them: per tag clustered by prompt (a prompt's samples are not
-    independent), the overall one combining the tags' as independent estimates."""
+    independent), the overall one combining the tags' as independent estimates (``shapes.tag_accuracies``)."""
     by_tag = {t: {} for t in TAGS}
     n = 0
     for r in per_image:
@@ -311,14 +311,10 @@ def summarize(per_image: Iterable[dict]) -> dict:
             raise ValueError(f"unknown GenEval tag {r['tag']!r}")
         by_tag[r["tag"]].setdefault(r.get("index", r["prompt"]), []).append(bool(r["correct"]))
         n += 1
-    missing = [t for t, v in by_tag.items() if not v]
-    if missing:
-        raise ValueError(f"no results for tags {missing}")
-    per_tag = {t: float(np.mean([c for v in by_tag[t].values() for c in v])) for t in TAGS}
-    se = {t: _clustered_se(by_tag[t]) for t in TAGS}
-    se["overall"] = float(np.sqrt(sum(se[t] ** 2 for t in TAGS)) / len(TAGS))
+    scores, se = tag_accuracies(by_tag)
+    per_tag = {t: scores[t] for t in TAGS}
     prompts = [any(v) for t in TAGS for v in by_tag[t].values()]
-    return {"overall": float(np.mean([per_tag[t] for t in TAGS])), "per_tag": per_tag, "se": se, "n_images": n,
+    return {"overall": scores["overall"], "per_tag": per_tag, "se": se, "n_images": n,
             "n_prompts": len(prompts), "prompts_any_correct": float(np.mean(prompts))}
 
 

@@ -644,16 +644,25 @@ def geneval_scores(results: Iterable) -> dict:
     for prompt, correct in results:
         per_tag[prompt.tag].setdefault(prompt.text, []).append(bool(correct))
         n += 1
-    missing = [t for t, v in per_tag.items() if not v]
-    if missing:
-        raise ValueError(f"no results for tags {missing}")
-    out = {t: float(np.mean([c for v in per_tag[t].values() for c in v])) for t in TAGS}
-    out["overall"] = float(np.mean([out[t] for t in TAGS]))
-    se = {t: _clustered_se(per_tag[t]) for t in TAGS}
-    se["overall"] = float(np.sqrt(sum(se[t] ** 2 for t in TAGS)) / len(TAGS))
+    out, se = tag_accuracies(per_tag)
     out["se"] = se
     out["n_images"] = n
     return out
+
+
+def tag_accuracies(by_tag: dict) -> tuple[dict, dict]:
+    """GenEval's scoring of correct/incorrect images, ``{tag: {prompt: [correct, ...]}}``: per-tag accuracy
+    over images and "overall" = their unweighted mean, with standard errors (per tag clustered by
+    prompt, ``_clustered_se``; the overall one combining the tags' as independent estimates).
+    Returns (scores, standard errors), both keyed by tag and "overall"; every tag needs results."""
+    missing = [t for t, v in by_tag.items() if not v]
+    if missing:
+        raise ValueError(f"no results for tags {missing}")
+    scores = {t: float(np.mean([c for v in prompts.values() for c in v])) for t, prompts in by_tag.items()}
+    se = {t: _clustered_se(prompts) for t, prompts in by_tag.items()}
+    scores["overall"] = float(np.mean([scores[t] for t in by_tag]))
+    se["overall"] = float(np.sqrt(sum(se[t] ** 2 for t in by_tag)) / len(by_tag))
+    return scores, se
 
 
 # ---------------------------------------------------------------------------
