@@ -1,0 +1,157 @@
+"""The family adapter: the one interface through which the algorithms see a model.
+
+Calibration, depth and width pruning, expert partitioning, MoE tuning and evaluation never import a
+modeling file, never spell a weight name and never read a model's config: they ask a ``Family``.
+A family wraps one loaded model and says
+
+* **structure**: its component names (``components``; the study's ``und`` / ``gen``), the number of
+  layers of each, each layer's sublayers (``SUBLAYERS``: attention, MLP) and, per layer, its MLP
+  slots (``mlp_slots``: the MoT has one MLP per tower and layer, an MMDiT block one per stream);
+  each dense MLP's weights as ``models.blocks.MLPWeights`` (kind ``swiglu`` or ``gelu``) and the
+  MoE blocks it holds;
+* **rebuild**: a new family with changed structure (sublayers skipped, MLPs replaced by narrower ones
+  or by MoE blocks), weights carried over exactly, whose saved form reloads with ``load`` alone;
+* **tasks**: understanding (answer logits for images and questions) and generation (sampling, the
+  rectified-flow loss), each streaming per-layer tensors to an optional ``LayerObserver``.
+
+Families register themselves in ``families/__init__.py``; ``load_family`` picks one from what a model
+directory holds.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..models.blocks import MLPWeights
+
+SUBLAYERS = ("attn", "mlp")
+
+
+class LayerObserver(Protocol):
+    """Receives, per layer and component, the rows of the residual stream that component computes.
+
+    ``attn_update`` / ``mlp_update`` are the sublayers' additions to the stream (after any gating; None
+    where the sublayer is skipped). ``mlp_aux`` holds the MLP's neuron activations (``act`` [n, I],
+    dense) or its router outputs (``router_logits``, ``expert_idx``, ``expert_weights``; MoE), and
+    ``slot`` when the layer has several MLPs (an MMDiT block calls ``on_layer`` once per stream);
+    without ``slot`` it is the component's first slot.
+    """
+
+    def on_layer(self, layer: int, component: str, h_in, attn_update, mlp_update, mlp_aux) -> None: ...
+
+
+class Family:
+    """Base class of the adapters; subclasses fill in every method that raises here."""
+
+    #: registry name, recorded in what the pipeline writes (e.g. ``mot``, ``qwen_image``)
+    name: str = ""
+    #: what a component is called in the study; the order is the canonical one
+    components: tuple[str, ...] = ("und", "gen")
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        self.model = model  # the nn.Module holding every weight (training and accounting iterate it)
+        self.tokenizer = tokenizer  # .encode(text) -> ids, .decode(ids) -> text
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def eval(self) -> "Family":
+        self.model.eval()
+        return self
+
+    def check_component(self, component: str) -> str:
+        if component not in self.components:
+            raise ValueError(f"unknown component {component!r}; the {self.name} family has {self.components}")
+        return component
+
+    # ------------------------------------------------------------------ structure
+    def num_layers(self, component: str) -> int:
+        raise NotImplementedError
+
+    def mlp_slots(self, component: str) -> tuple[str, ...]:
+        """Names of the MLPs of one layer of ``component`` (the first one is the default slot)."""
+        return ("mlp",)
+
+    def mlp(self, component: str, layer: int, slot: str | None = None) -> nn.Module | None:
+        """The MLP module at that place (dense or MoE), None where depth pruning dropped it."""
+        raise NotImplementedError
+
+    def mlp_weights(self, component: str, layer: int, slot: str | None = None) -> MLPWeights | None:
+        """The dense MLP's weights, None where it was dropped or is an MoE block."""
+        raise NotImplementedError
+
+    def mlp_places(self, component: str) -> list[tuple[int, str]]:
+        """(layer, slot) of every MLP the component still has, in layer then slot order."""
+        return [(i, s) for i in range(self.num_layers(component)) for s in self.mlp_slots(component)
+                if self.mlp(component, i, s) is not None]
+
+    def skipped(self, component: str) -> dict[str, list[int]]:
+        """``{sublayer: [layers]}`` already dropped from ``component``."""
+        raise NotImplementedError
+
+    def moe_spec(self, component: str) -> dict | None:
+        """The MoE spec of ``component`` (``layers``, ``num_experts``, ``top_k``, ...), None if dense."""
+        raise NotImplementedError
+
+    def rebuild(self, skip: dict | None = None, mlps: dict | None = None, moe: dict | None = None,
+                **options) -> "Family":
+        """A new family of the same kind with changed structure and every other weight copied exactly.
+
+        ``skip``: ``{component: {sublayer: [layers]}}``, the complete new skip lists; ``mlps``:
+        ``{(component, layer, slot): MLPWeights | MoE block}`` replacing those MLPs (a narrower dense
+        MLP or an MoE block); ``moe``: ``{component: spec}`` recorded for components made MoE;
+        ``options``: family-specific settings (the MoT's ``skipped_attention_kv``). The result's saved
+        form must reload with ``load`` and compute the same outputs."""
+        raise NotImplementedError
+
+    def sublayer_output_parameters(self, component: str, sublayer: str, layer: int) -> list[nn.Parameter]:
+        """Parameters whose zeroing makes that sublayer add nothing to the stream (its output
+        projections and their biases): what lets a test check that dropping equals zeroing."""
+        raise NotImplementedError
+
+    def parameter_component(self, name: str) -> str:
+        """The component a parameter (``model.named_parameters()`` name) belongs to, or ``shared``."""
+        raise NotImplementedError
+
+    def in_layers(self, name: str) -> bool:
+        """Whether a parameter sits in a component's layers (what FLOPs per token counts)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What the metrics record of the model besides parameter counts (family, sizes)."""
+        return {"family": self.name}
+
+    # ------------------------------------------------------------------ tasks
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def understanding_logits(self, images, question_ids, observer=None):
+        """Next-token logits [B, V] after each image + question (a list of token id lists)."""
+        raise NotImplementedError
+
+    def generate_images(self, prompt_ids, seeds, observer=None, **sampler):
+        """Images [B, H, W, 3] in [0, 1] for prompts (token id lists), one seed each; ``sampler``:
+        ``num_steps``, ``cfg_scale``, ``cfg_interval``, ``cfg_renorm``, ``cfg_renorm_min`` (and
+        ``shift`` where the family has one)."""
+        raise NotImplementedError
+
+    def noise_shape(self, n: int) -> tuple[int, ...]:
+        """Shape of the noise ``flow_loss`` takes for n images."""
+        raise NotImplementedError
+
+    def flow_loss(self, prompt_ids, images, cond_keep=None, noise=None, t=None, observer=None):
+        """Rectified-flow loss (fp32 scalar) of the generation component on (prompt, image) pairs."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ files
+    def save(self, out_dir, extra_files=()) -> None:
+        """Write the model atomically (with a ``SHA256SUMS`` manifest) so that ``load`` reads it back."""
+        raise NotImplementedError
