@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from unisparse.accounting import parameter_counts  # noqa: E402
-from unisparse.moe.block import DISPATCHES, MoEMLP  # noqa: E402
+from unisparse.models.moe_block import DISPATCHES, MoEMLP  # noqa: E402
 from unisparse.runtime import DTYPES, describe, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from unisparse.worlds import shapes  # noqa: E402
 
@@ -91,7 +91,7 @@ def main() -> None:
 
     models = tiny_models(device, dtype) if args.tiny else {}
     if args.models:
-        from unisparse.io import load_model
+        from unisparse.models import load_model
 
         models.update({path[-60:]: load_model(path, device=device, dtype=dtype) for path in args.models})
     runs = []  # (label, model, dispatch or None)

@@ -9,7 +9,7 @@ rule calibrate:
         stats=f"{R}/calibration/{{task}}.safetensors",
         sidecar=f"{R}/calibration/{{task}}.safetensors.json",
     wildcard_constraints:
-        task="und|gen",
+        task=one_of(choices.TASKS),
     params:
         spec=spec(config.get("calibrate", {})),
         runtime=runtime_args("calibrate"),

@@ -7,7 +7,7 @@ if CHECKPOINT["source"] == "train":
 
     rule train_tiny:
         input:
-            code=code("train"),
+            code=code("train-tiny"),
         output:
             model=directory(f"{R}/models/dense"),
             summary=f"{R}/train/summary.json",
@@ -67,7 +67,7 @@ if CHECKPOINT["source"] == "huggingface":
     # tokenizer travels with the weights.
     rule import_checkpoint:
         input:
-            code=code("import"),
+            code=code("import-bagel"),
             checkpoint=rules.download_checkpoint.output.checkpoint,
         output:
             model=directory(f"{R}/models/dense"),

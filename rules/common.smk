@@ -1,17 +1,28 @@
 # Helpers shared by the workflow (config validation, paths, grids, resources).
 import json
+import os
+import re
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 import unisparse.runtime as unisparse_runtime  # pure Python: no torch at import
-from unisparse.config_checks import ConfigError, check_config, check_path_setting
+from unisparse import choices  # every allowed value, defined once (pure Python)
+from unisparse.codemap import verb_sources
+from unisparse.config_checks import ConfigError, check_config, check_path_setting, validate_config
 
-validate(config, "../workflow/schemas/config.schema.yaml")
 try:
+    # the schema with its `{choices: NAME}` filled from unisparse.choices; fills in the schema's defaults
+    validate_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
     check_config(config)  # what the schema cannot say: values checked against each other
 except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from None
+
+
+def one_of(*values):
+    """A wildcard constraint matching exactly one of the given values (tuples of unisparse.choices,
+    or extra values): one_of(choices.TASKS, ["none"]) -> und|gen|none."""
+    return "|".join(re.escape(v) for group in values for v in group)
+
 
 R = check_path_setting("results_dir", config.get("results_dir", "results"))
 LOGS = check_path_setting("logs_dir", config.get("logs_dir", "logs"))
@@ -44,29 +55,15 @@ def spec(value):
 
 
 PKG = "src/unisparse"
-_CODE = {
-    "core": ["cli.py", "io.py", "benchmarks.py", "text.py", "spec.py", "tasks.py", "accounting.py", "sizes.py", "runtime.py", "distributed.py",
-             "models", "worlds/shapes.py"],
-    "train": ["train.py", "trainloop.py"],
-    "import": [],
-    "evaluate": ["evaluate"],
-    "calibrate": ["calibrate.py"],
-    "prune": ["prune", "calibrate.py", "evaluate"],
-    "moe": ["moe", "prune", "calibrate.py", "evaluate", "trainloop.py"],
-    "tables": ["tables.py", "io.py"],
-}
 
 
-def code(kind):
-    """The library sources a job kind runs: inputs, so editing them reruns exactly those jobs."""
-    import glob
-
-    parts = (_CODE["core"] if kind != "tables" else []) + _CODE[kind]
-    files = []
-    for part in parts:
-        path = f"{PKG}/{part}"
-        files += sorted(glob.glob(f"{path}/**/*.py", recursive=True)) if not path.endswith(".py") else [path]
-    return files
+def code(verb):
+    """The library sources `unisparse <verb>` runs, derived from their imports (unisparse.codemap):
+    inputs, so editing one reruns exactly the jobs whose verb uses it."""
+    try:
+        return verb_sources(verb, PKG)
+    except (KeyError, OSError, SyntaxError) as e:
+        raise WorkflowError(f"code({verb!r}): {e}") from None
 
 
 def product(sweep, keys):
@@ -86,7 +83,6 @@ DEPTH_KEYS = ["component", "calib_task", "granularity", "score", "kv", "mode", "
 DEPTH_PATH = "depth/{component}/cal-{calib_task}/{granularity}-{score}-kv{kv}-{mode}/drop{drop}"
 WIDTH_KEYS = ["component", "calib_task", "score", "keep_ratio"]
 WIDTH_PATH = "width/{component}/cal-{calib_task}/{score}/keep{keep_ratio}"
-WIDTH_DATA_FREE = ("weight", "random")
 
 
 def depth_variants():
@@ -102,7 +98,7 @@ def width_variants():
     out = {}
     for sweep in config.get("width", {}).get("sweeps", []):
         for v in product(sweep, WIDTH_KEYS):
-            if v["score"] in WIDTH_DATA_FREE:
+            if v["score"] in choices.DATA_FREE_WIDTH_SCORES:
                 v["calib_task"] = "none"
             elif not calibration_reaches(v["component"], v["calib_task"]):
                 continue
@@ -114,11 +110,11 @@ MOE = config.get("moe", {})
 MOE_KEYS = ["component", "num_experts", "top_k", "method", "router", "shared_size"]
 MOE_PATH = "moe/{component}/E{num_experts}-k{top_k}-{method}-{router}-s{shared_size}"
 MOE_CONSTRAINTS = {
-    "component": "und|gen",
+    "component": one_of(choices.COMPONENTS),
     "num_experts": r"\d+",
     "top_k": r"\d+",
-    "method": "snake|contiguous|random|cluster",
-    "router": "paper|softmax",
+    "method": one_of(choices.PARTITION_METHODS),
+    "router": one_of(choices.ROUTERS),
     "shared_size": r"\d+",
 }
 
@@ -167,7 +163,9 @@ def control_sources():
     return out
 
 
-CONTROL_SOURCE = r"dense|width/[a-z]+/cal-[a-z]+/[a-z_]+/keep[0-9.]+"
+STATIC_CONTROL = WIDTH_PATH.format(component=f"(?:{one_of(choices.COMPONENTS)})", calib_task=f"(?:{one_of(choices.TASKS)})",
+                                   score=f"(?:{one_of(choices.WIDTH_SCORES)})", keep_ratio="[0-9.]+")
+CONTROL_SOURCE = f"dense|{STATIC_CONTROL}"
 
 
 def control_meta(source):

@@ -4,19 +4,19 @@
 
 rule prune_depth:
     input:
-        code=code("prune"),
+        code=code("prune-depth"),
         model=f"{R}/models/dense",
         stats=f"{R}/calibration/{{calib_task}}.safetensors",
     output:
         model=directory(f"{R}/models/{DEPTH_PATH}"),
         metrics=f"{R}/metrics/{DEPTH_PATH}.json",
     wildcard_constraints:
-        component="und|gen",
-        calib_task="und|gen",
-        granularity="block|attn|mlp|sublayer",
-        score="ld|bagel",
-        kv="keep|none",
-        mode="oneshot|iterative",
+        component=one_of(choices.COMPONENTS),
+        calib_task=one_of(choices.TASKS),
+        granularity=one_of(choices.GRANULARITIES),
+        score=one_of(choices.DEPTH_SCORES),
+        kv=one_of(choices.SKIPPED_ATTENTION_KV),
+        mode=one_of(choices.DEPTH_MODES),
         drop=r"\d+",
     params:
         eval=spec(config["evaluate"]),

@@ -4,7 +4,7 @@
 
 rule partition:
     input:
-        code=code("moe"),
+        code=code("partition"),
         model=f"{R}/models/dense",
         stats=f"{R}/calibration/{MOE.get('calib_task', 'gen')}.safetensors",
     output:
@@ -37,14 +37,14 @@ rule partition:
 
 rule tune_moe:
     input:
-        code=code("moe"),
+        code=code("tune-moe"),
         model=moe_tuning_input,
     output:
         model=directory(f"{R}/models/{MOE_PATH}/{{tuning}}"),
         metrics=f"{R}/metrics/{MOE_PATH}/{{tuning}}.json",
         summary=f"{R}/tuning/{MOE_PATH}/{{tuning}}.json",
     wildcard_constraints:
-        tuning="frozen|full",
+        tuning=one_of(choices.TUNING_MODES),
         **MOE_CONSTRAINTS,
     params:
         eval=spec(config["evaluate"]),
@@ -72,7 +72,7 @@ rule tune_control:
     # the controls: the MoE's full tuning (moe.tune.full) given to the dense model and to the static
     # width cut at the MoE's active fraction, so that "MoE recovers" is not just "tuning recovers"
     input:
-        code=code("moe"),
+        code=code("tune"),
         model=f"{R}/models/{{source}}",
     output:
         model=directory(f"{R}/models/tuned/{{source}}"),

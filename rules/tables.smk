@@ -8,7 +8,7 @@ localrules:
 
 rule probes_table:
     input:
-        code=code("tables"),
+        code=code("aggregate"),
         metrics=probe_metrics(),
     output:
         report(f"{R}/tables/probes.csv", caption="../workflow/report/probes_table.rst", category="Tables"),
@@ -22,7 +22,7 @@ rule probes_table:
 
 rule moe_table:
     input:
-        code=code("tables"),
+        code=code("aggregate"),
         metrics=moe_table_inputs(),
     output:
         report(f"{R}/tables/moe.csv", caption="../workflow/report/moe_table.rst", category="Tables"),

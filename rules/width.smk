@@ -3,16 +3,16 @@
 
 rule prune_width:
     input:
-        code=code("prune"),
+        code=code("prune-width"),
         model=f"{R}/models/dense",
         stats=width_calibration,
     output:
         model=directory(f"{R}/models/{WIDTH_PATH}"),
         metrics=f"{R}/metrics/{WIDTH_PATH}.json",
     wildcard_constraints:
-        component="und|gen",
-        calib_task="und|gen|none",
-        score="act_norm|weight|published|random",
+        component=one_of(choices.COMPONENTS),
+        calib_task=one_of(choices.TASKS, ["none"]),
+        score=one_of(choices.WIDTH_SCORES),
         keep_ratio=r"[0-9.]+",
     params:
         eval=spec(config["evaluate"]),

@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from unisparse.io import IntegrityError, load_model
+from unisparse.io import IntegrityError
+from unisparse.models import load_model
 from unisparse.models import MoTForUnifiedModel
 from unisparse.models.bagel import (AE, EMA, LLM_CONFIG, PUBLISHED, VIT_CONFIG, load_bagel, published_config,
                                     write_fake_checkpoint)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from unisparse import tasks
-from unisparse.io import load_model, save_model
+from unisparse.io import save_model
+from unisparse.models import load_model
 from unisparse.models import COMPONENTS, SUFFIX
 from unisparse.worlds import shapes
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unisparse.models.modeling_mot import SwiGLUMLP
-from unisparse.moe.block import DISPATCHES, MoEMLP, load_balancing_loss, make_moe_spec
+from unisparse.models.blocks import SwiGLUMLP
+from unisparse.models.moe_block import DISPATCHES, MoEMLP, load_balancing_loss, make_moe_spec
 from unisparse.moe.partition import dense_to_moe, partition_neurons
 
 H, WIDTH = 16, 48

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from unisparse.moe.block import (
+from unisparse.models.moe_block import (
     AUTO_CPU_MAX_GATHER_BYTES,
     AUTO_CPU_MIN_EXPERT_SIZE,
     AUTO_CPU_MIN_WORK,
@@ -224,7 +224,7 @@ def test_nosync_makes_no_host_sync_on_cuda():
         moe(x)  # warm-up (first-call capability query)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            from unisparse.moe.block import dispatch_nosync
+            from unisparse.models.moe_block import dispatch_nosync
             idx, w = moe.route(moe.gate(x))
             dispatch_nosync(x, idx, w, moe.experts.gate_up_proj, moe.experts.down_proj)
         finally:
@@ -244,7 +244,7 @@ def _has_triton() -> bool:
 @pytest.mark.skipif(not _has_triton(), reason="needs the triton package")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_on_cuda(dtype):
-    from unisparse.moe import triton_dispatch
+    from unisparse.models import moe_triton as triton_dispatch
 
     g = torch.Generator().manual_seed(0)
     for E, I, hidden, k, n, pool in [(16, 96, 256, 8, 1000, 16), (8, 40, 72, 2, 50, 3), (32, 64, 128, 16, 7, 32)]:
@@ -260,8 +260,8 @@ def test_triton_kernels_on_cuda(dtype):
 
 _INTERPRETED = """
 import torch
-from unisparse.moe import triton_dispatch
-from unisparse.moe.block import DISPATCH, dispatch_loop
+from unisparse.models import moe_triton as triton_dispatch
+from unisparse.models.moe_block import DISPATCH, dispatch_loop
 g = torch.Generator().manual_seed(0)
 for E, I, hidden, k, n, pool in [(7, 8, 16, 3, 25, 7), (16, 40, 72, 8, 130, 16), (8, 24, 32, 2, 50, 3), (4, 16, 16, 4, 1, 4)]:
     gu, dn = torch.randn(E, 2 * I, hidden, generator=g) * hidden**-0.5, torch.randn(E, hidden, I, generator=g) * I**-0.5

@@ -6,9 +6,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from unisparse import tasks
 from unisparse.accounting import parameter_counts
 from unisparse.calibrate import Calibration, run_calibration, save_stats
-from unisparse.io import load_model, save_model
+from unisparse.io import save_model
+from unisparse.models import load_model
 from unisparse.prune import drop_scores, prune_depth, prune_width
-from unisparse.prune.width import neuron_scores
+from unisparse.importance import neuron_scores
 from unisparse.worlds import shapes
 
 CAL = dict(qa_items=12, samples_per_prompt=1, max_prompts_per_tag=1, num_steps=2, batch_size=5, threads=1)
@@ -159,7 +160,7 @@ def test_width_score_ranks_dead_neuron_last(tiny_model):
         mlp.gate_proj.weight[5].zero_()
         mlp.up_proj.weight[5].zero_()
     cal = Calibration.from_stats(run_calibration(tiny_model, "und", CAL), "und")
-    scores = neuron_scores(tiny_model, 0, "und", "act_norm", cal)
+    scores = neuron_scores(tiny_model, "und", 0, "act_norm", cal)
     assert int(scores.argmin()) == 5 and float(scores[5]) == 0.0
     pruned = prune_width(tiny_model, "und", 0.5, "act_norm", cal)
     assert pruned.mlp(0, "und").gate_proj.weight.shape[0] == 32

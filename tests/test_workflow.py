@@ -60,6 +60,12 @@ BAD = {
     "every layer dense": (lambda c: c["moe"].__setitem__("dense_layers", [0, 1]), "moe.dense_layers"),
     "typo in a resource kind": (lambda c: c["resources"].__setitem__("trian", {"threads": 1}), "trian"),
     "missing full tuning settings": (lambda c: c["moe"]["tune"].pop("full"), "moe.tune.full"),
+    # allowed values come from unisparse.choices (the schema's `{choices: NAME}`)
+    "unknown granularity": (lambda c: c["depth"]["sweeps"][0].__setitem__("granularity", ["block", "layer"]),
+                            "depth.sweeps[0].granularity[1]: 'layer' is not one of"),
+    "unknown router": (lambda c: c["moe"]["partitions"][0].__setitem__("router", "top1"),
+                       "moe.partitions[0].router: 'top1' is not one of ['paper', 'softmax']"),
+    "one QA weight too few": (lambda c: c["train"].__setitem__("qa_weights", [1, 1, 1]), "train.qa_weights"),
 }
 
 
@@ -71,6 +77,38 @@ def test_bad_config_fails_before_any_job(tmp_path, case):
     assert proc.returncode != 0
     assert key in proc.stdout + proc.stderr
     assert not (workdir / "results").exists(), "a job ran before validation failed"
+
+
+def test_schema_takes_every_allowed_value_from_choices():
+    """No enum is written out in the schema: each `{choices: NAME}` names a tuple of unisparse.choices,
+    and the schema the workflow validates against states exactly those values."""
+    from test_figures import REPO
+
+    from unisparse import choices
+    from unisparse.config_checks import config_schema
+
+    path = REPO / "workflow/schemas/config.schema.yaml"
+    raw = path.read_text()
+    assert not re.search(r"^\s*enum:|[{ ]enum:", raw, re.M), "an enum written out in the schema"
+    names = set(re.findall(r"choices: ([A-Z_.a-z]+)", raw))
+    assert {"COMPONENTS", "GRANULARITIES", "ROUTERS", "DTYPES", "BENCHMARKS.gen"} <= names
+    schema = config_schema(path)
+    assert schema["$defs"]["granularity"]["enum"] == list(choices.GRANULARITIES)
+    assert schema["properties"]["moe"]["properties"]["tunings"]["items"]["enum"] == list(choices.TUNINGS)
+    assert schema["$defs"]["benchmarks"]["properties"]["und"]["enum"] == list(choices.BENCHMARKS["und"])
+    assert "choices" not in json.dumps(schema).replace("choices.", "")
+
+
+def test_wildcard_constraints_take_their_values_from_choices():
+    """No rule spells out a list of allowed values as a regex (`und|gen`): one_of(choices.X) builds it."""
+    from test_figures import REPO
+
+    spelled = []
+    for path in sorted((REPO / "rules").glob("*.smk")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"""["'][a-z_]+(\|[a-z_]+)+["']""", line):
+                spelled.append(f"{path.name}:{number}: {line.strip()}")
+    assert spelled == []
 
 
 def test_second_run_has_nothing_to_do(micro_run):  # noqa: F811  (pytest fixture)

@@ -35,7 +35,8 @@ from tqdm import tqdm
 from . import tasks
 from .io import IntegrityError, atomic_path, read_json, sha256_file, write_json
 from .benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
-from .models import COMPONENTS, SAMPLER_DEFAULTS, sampler_settings
+from .families import family_for
+from .models.sampling import SAMPLER_DEFAULTS, sampler_settings
 from .spec import merge_spec
 from .worlds import shapes
 
@@ -83,37 +84,54 @@ def _cos_sum(a, b) -> float:
     return float(F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8).double().sum())
 
 
-class CalibrationStats:
-    """A ``LayerObserver`` that keeps running sums per (layer, component)."""
+def _mlp_key(name: str, slot: str | None) -> str:
+    """Tensor name of an MLP statistic: a layer's only MLP (slot ``mlp``, the MoT) keeps the plain
+    name; a layer with several MLPs (an MMDiT block's ``img_mlp`` / ``txt_mlp``) adds the slot."""
+    return name if slot in (None, "mlp") else f"{name}.{slot}"
 
-    def __init__(self, model, coactivation: bool = False, coactivation_dim: int = CALIB_DEFAULTS["coactivation_dim"],
+
+class CalibrationStats:
+    """A ``LayerObserver`` that keeps running sums per (layer, component) and, for MLP statistics,
+    per MLP slot of the layer."""
+
+    def __init__(self, family, coactivation: bool = False, coactivation_dim: int = CALIB_DEFAULTS["coactivation_dim"],
                  coactivation_seed: int = CALIB_DEFAULTS["coactivation_seed"]):
-        self.num_layers = model.config.num_hidden_layers
+        family = family_for(family)
+        self.components = family.components
+        self.layers = {c: family.num_layers(c) for c in self.components}
         self.coactivation = coactivation
         if coactivation_dim < 1:
             raise ValueError(f"coactivation_dim must be >= 1, got {coactivation_dim}")
         self.coactivation_dim = int(coactivation_dim)
         self.coactivation_seed = int(coactivation_seed)
         self._projections: dict[tuple, torch.Tensor] = {}  # one Omega per (width, device, dtype), shared by layers
-        self.sums: dict[str, dict] = {c: {} for c in COMPONENTS}
-        L = self.num_layers
-        for c in COMPONENTS:
+        self.sums: dict[str, dict] = {c: {} for c in self.components}
+        for c in self.components:
+            L = self.layers[c]
             s = self.sums[c]
             s["tokens"] = torch.zeros(L, dtype=torch.float64)
             for name in COSINES:
                 s[f"cos_{name}"] = torch.zeros(L, dtype=torch.float64)
                 s[f"n_{name}"] = torch.zeros(L, dtype=torch.float64)
-            s["pub_sum"] = torch.zeros(L, dtype=torch.float64)
-            s["pub_calls"] = torch.zeros(L, dtype=torch.float64)
-            s["act_abs"] = {}
+            s["pub_sum"] = {slot: torch.zeros(L, dtype=torch.float64) for slot in family.mlp_slots(c)}
+            s["pub_calls"] = {slot: torch.zeros(L, dtype=torch.float64) for slot in family.mlp_slots(c)}
+            s["act_abs"] = {}  # (layer, slot) -> [I] running sum
+            s["act_tokens"] = {}  # (layer, slot) -> tokens that MLP computed
             s["coact"] = {}
         # the published statistic weighs activations by the mean of each down-projection column;
         # the weights are fixed during calibration, so compute it once per dense MLP
         self._down_col_mean = {
-            (i, c): mlp.down_proj.weight.detach().float().mean(0)
-            for i in range(L) for c in COMPONENTS
-            if (mlp := model.mlp(i, c)) is not None and hasattr(mlp, "down_proj")
+            (i, c, slot): w.down.float().mean(0)
+            for c in self.components for i, slot in family.mlp_places(c)
+            if (w := family.mlp_weights(c, i, slot)) is not None
         }
+        self._first_slot = {c: family.mlp_slots(c)[0] for c in self.components}
+
+    @property
+    def num_layers(self):
+        """Layers per component (one number when the components have equally many, as in the MoT)."""
+        counts = set(self.layers.values())
+        return counts.pop() if len(counts) == 1 else dict(self.layers)
 
     def _add(self, comp, name, layer, a, b):
         s = self.sums[comp]
@@ -141,17 +159,21 @@ class CalibrationStats:
             self._add(component, "block_ld", layer, h_in, h_out)
         act = (mlp_aux or {}).get("act")
         if act is not None:
+            slot = mlp_aux.get("slot", self._first_slot[component])
+            key = (layer, slot)
             act = act.float()
             a_abs = act.abs().double().sum(0).cpu()  # running sums live on the host, in fp64
-            if layer in s["act_abs"]:
-                s["act_abs"][layer] += a_abs
+            if key in s["act_abs"]:
+                s["act_abs"][key] += a_abs
+                s["act_tokens"][key] += act.shape[0]
             else:
-                s["act_abs"][layer] = a_abs
-            col_mean = self._down_col_mean[(layer, component)]
-            s["pub_sum"][layer] += float((act * col_mean).abs().mean())
-            s["pub_calls"][layer] += 1
+                s["act_abs"][key] = a_abs
+                s["act_tokens"][key] = act.shape[0]
+            col_mean = self._down_col_mean[(layer, component, slot)]
+            s["pub_sum"][slot][layer] += float((act * col_mean).abs().mean())
+            s["pub_calls"][slot][layer] += 1
             if self.coactivation:
-                self._sketch(s["coact"], layer, act)
+                self._sketch(s["coact"], key, act)
 
     def projection(self, width: int, device, dtype=torch.float32) -> torch.Tensor:
         """Omega for MLP width ``width`` on ``device``: made once, shared by every layer and component."""
@@ -160,7 +182,7 @@ class CalibrationStats:
             self._projections[key] = sketch_projection(width, self.coactivation_dim, self.coactivation_seed, device, dtype)
         return self._projections[key]
 
-    def _sketch(self, sketches: dict, layer: int, act) -> None:
+    def _sketch(self, sketches: dict, key, act) -> None:
         """S += B^T (B Omega) for this forward's binary activations B, on the activations' device.
 
         fp32 on every device, by choice: rounding (~1e-7 relative per addition) is far below the
@@ -169,77 +191,82 @@ class CalibrationStats:
         B Omega is exact (0/1 times +-2^-4 at d = 256, partial sums below 2^24)."""
         b = (act > 0).to(torch.float32)  # [n, I]
         omega = self.projection(b.shape[1], b.device)
-        if layer not in sketches:
-            sketches[layer] = torch.zeros(b.shape[1], self.coactivation_dim, dtype=torch.float32, device=b.device)
-        sketches[layer].addmm_(b.T, b @ omega)  # in place: no [I, d] temporary
+        if key not in sketches:
+            sketches[key] = torch.zeros(b.shape[1], self.coactivation_dim, dtype=torch.float32, device=b.device)
+        sketches[key].addmm_(b.T, b @ omega)  # in place: no [I, d] temporary
 
     # ------------------------------------------------------------------ results
     def tensors(self, task: str) -> dict[str, torch.Tensor]:
         """Means, flattened to ``{task}.{component}.{name}`` tensors for safetensors."""
         out = {}
-        for c in COMPONENTS:
+        for c in self.components:
             s = self.sums[c]
             out[f"{task}.{c}.tokens"] = s["tokens"].clone()
             for name in COSINES:
                 n = s[f"n_{name}"]
                 out[f"{task}.{c}.cos_{name}"] = torch.where(n > 0, s[f"cos_{name}"] / n.clamp(min=1), torch.nan)
-            out[f"{task}.{c}.published_scalar"] = torch.where(
-                s["pub_calls"] > 0, s["pub_sum"] / s["pub_calls"].clamp(min=1), torch.nan)
-            for layer, a in s["act_abs"].items():
-                out[f"{task}.{c}.act_abs_mean.{layer}"] = a / s["tokens"][layer]
-            for layer, sketch in s["coact"].items():
-                out[f"{task}.{c}.{SKETCH_KEY}.{layer}"] = sketch.cpu() / float(s["tokens"][layer])
+            for slot, calls in s["pub_calls"].items():
+                out[f"{task}.{c}.{_mlp_key('published_scalar', slot)}"] = torch.where(
+                    calls > 0, s["pub_sum"][slot] / calls.clamp(min=1), torch.nan)
+            for (layer, slot), a in s["act_abs"].items():
+                out[f"{task}.{c}.{_mlp_key(f'act_abs_mean.{layer}', slot)}"] = a / s["act_tokens"][(layer, slot)]
+            for (layer, slot), sketch in s["coact"].items():
+                out[f"{task}.{c}.{_mlp_key(f'{SKETCH_KEY}.{layer}', slot)}"] = sketch.cpu() / float(s["act_tokens"][(layer, slot)])
         return {k: v.to(torch.float32).contiguous() for k, v in out.items()}
 
 
-def shapes_inputs(task: str, spec: dict):
+def shapes_inputs(task: str, spec: dict, encode=shapes.encode):
     """The shapes world's calibration split as model inputs: ``(batches, data)`` where a batch is
     ``(images, question_ids)`` (understanding) or ``(prompt_ids, seeds)`` (generation) and ``data`` says
-    where they come from. Real benchmarks bring their own (``evaluate.calibration_inputs``)."""
+    where they come from; ``encode``: the model's tokenizer. Real benchmarks bring their own
+    (``evaluate.calibration_inputs``)."""
     bs, split = spec["batch_size"], "calib"
     if task == "und":
         items = shapes.qa_set(split, spec["qa_items"], spec["qa_seed"])
-        batches = (tasks.qa_batch(items[i : i + bs])[:2] for i in range(0, len(items), bs))
+        batches = (tasks.qa_batch(items[i : i + bs], encode)[:2] for i in range(0, len(items), bs))
         return batches, {"split": split, "qa_seed": spec["qa_seed"]}
     pairs = shapes.geneval_set(split, spec["samples_per_prompt"], spec["max_prompts_per_tag"], spec["gen_seed"])
-    batches = (([shapes.encode(p.text) for p, _ in pairs[i : i + bs]], [s for _, s in pairs[i : i + bs]])
+    batches = (([encode(p.text) for p, _ in pairs[i : i + bs]], [s for _, s in pairs[i : i + bs]])
                for i in range(0, len(pairs), bs))
     return batches, {"split": split, "gen_seed": spec["gen_seed"], "max_prompts_per_tag": spec["max_prompts_per_tag"]}
 
 
 @torch.no_grad()
-def run_calibration(model, task: str, spec: dict | None = None, progress: bool = False, inputs=None) -> CalibrationStats:
+def run_calibration(family, task: str, spec: dict | None = None, progress: bool = False, inputs=None) -> CalibrationStats:
     """Stream a calibration split of ``task`` through the model: understanding = prefill on calibration
     questions; generation = the real sampler (every step, cond and uncond passes, the settings'
     ``SAMPLER_DEFAULTS`` keys). ``inputs``: ``(batches, data)`` as ``shapes_inputs`` gives them (the
-    default: the shapes world's calibration split)."""
+    default: the shapes world's calibration split). ``family``: the model's adapter (``families``)."""
     if task not in TASKS:
         raise ValueError(f"unknown calibration task {task!r}; expected one of {TASKS}")
+    family = family_for(family)
     spec = merge_spec(CALIB_DEFAULTS, spec, "calibration")
     spec["benchmarks"] = check_benchmarks(spec["benchmarks"])
     torch.set_num_threads(int(spec["threads"]))
-    model.eval()
-    stats = CalibrationStats(model, coactivation=spec["coactivation"], coactivation_dim=spec["coactivation_dim"],
+    family.eval()
+    stats = CalibrationStats(family, coactivation=spec["coactivation"], coactivation_dim=spec["coactivation_dim"],
                              coactivation_seed=spec["coactivation_seed"])
-    batches, source = inputs if inputs is not None else shapes_inputs(task, spec)
+    batches, source = inputs if inputs is not None else shapes_inputs(task, spec, family.encode)
     # what was actually streamed, counted as it is streamed (the sidecar's provenance)
     data = {"split": source.get("split", "calib"), "batches": 0, **source}
     sampler = None
     if task == "und":
         data.update(qa_items=0, images=0)
         for images, questions in tqdm(batches, desc="calibrate und", disable=not progress):
-            model.understanding_logits(images, questions, observer=stats)
+            family.understanding_logits(images, questions, observer=stats)
             data["batches"] += 1
             data["qa_items"] += len(questions)
             data["images"] += len(images)
     else:
-        shift = float(model.config.timestep_shift)  # generate_images' default: the model's own shift
+        shift = family.default_shift  # generate_images' default: the model's own shift (recorded)
         settings = sampler_settings(spec)  # the evaluation's sampler: calibration sees what inference computes
+        if shift is not None:
+            settings = {**settings, "shift": shift}
         sampler = {**settings, "shift": shift, "samples_per_prompt": spec["samples_per_prompt"], "seeds": []}
         data.update(prompts=0, images=0)
         prompts = set()
         for prompt_ids, seeds in tqdm(batches, desc="calibrate gen", disable=not progress):
-            model.generate_images(prompt_ids, seeds, shift=shift, observer=stats, **settings)
+            family.generate_images(prompt_ids, seeds, observer=stats, **settings)
             data["batches"] += 1
             data["images"] += len(seeds)
             prompts.update(tuple(p) for p in prompt_ids)
@@ -268,7 +295,7 @@ def save_stats(stats: CalibrationStats, task: str, path, meta: dict | None = Non
         save_file(tensors, str(tmp), metadata={"task": task})
         digest = sha256_file(tmp)
     sidecar = {"task": task, "spec": getattr(stats, "spec", {}), "num_layers": stats.num_layers,
-               "tokens": {c: tensors[f"{task}.{c}.tokens"].tolist() for c in COMPONENTS},
+               "tokens": {c: tensors[f"{task}.{c}.tokens"].tolist() for c in stats.components},
                **getattr(stats, "provenance", {}),
                "sha256": digest, "model_sha256": model_sha256, **(meta or {})}
     write_json(str(path) + ".json", sidecar)
@@ -300,21 +327,22 @@ class Calibration:
             raise IntegrityError(f"calibration {path} is unreadable: {e}") from None
         return cls(tensors, meta["task"], meta.get("model_sha256"), str(path))
 
-    def check_applies_to(self, model, model_sha256: str | None = None) -> None:
-        """Refuse statistics of another model: the layer count and MLP widths must match, and where
+    def check_applies_to(self, family, model_sha256: str | None = None) -> None:
+        """Refuse statistics of another model: the layer counts and MLP widths must match, and where
         both content hashes are known, the model must be the one the statistics were computed on."""
-        layers = model.config.num_hidden_layers
-        for c in COMPONENTS:
+        family = family_for(family)
+        for c in family.components:
+            layers = family.num_layers(c)
             tokens = self.t.get(f"{self.task}.{c}.tokens")
             if tokens is not None and tokens.numel() != layers:
-                raise ValueError(f"calibration {self.source} describes a model with {tokens.numel()} layers; "
+                raise ValueError(f"calibration {self.source} describes a model with {tokens.numel()} {c} layers; "
                                  f"this model has {layers}")
-            for i in range(layers):
-                act = self.t.get(f"{self.task}.{c}.act_abs_mean.{i}")
-                mlp = model.mlp(i, c)
-                if act is not None and mlp is not None and hasattr(mlp, "down_proj") and act.numel() != mlp.down_proj.weight.shape[1]:
+            for i, slot in family.mlp_places(c):
+                act = self.t.get(f"{self.task}.{c}.{_mlp_key(f'act_abs_mean.{i}', slot)}")
+                weights = family.mlp_weights(c, i, slot)
+                if act is not None and weights is not None and act.numel() != weights.width:
                     raise ValueError(f"calibration {self.source} has {act.numel()} {c} MLP neurons at layer {i}; "
-                                     f"this model has {mlp.down_proj.weight.shape[1]}")
+                                     f"this model has {weights.width}")
         if self.model_sha256 and model_sha256 and self.model_sha256 != model_sha256:
             raise ValueError(f"calibration {self.source} was computed on another model (model sha256 "
                              f"{self.model_sha256[:12]}..., this one {model_sha256[:12]}...): recalibrate on this model")
@@ -329,23 +357,23 @@ class Calibration:
             raise KeyError(f"no cosine '{name}' for component {component!r} in this calibration")
         return self.t[key]
 
-    def act_abs_mean(self, component: str, layer: int) -> torch.Tensor:
-        key = f"{self.task}.{component}.act_abs_mean.{layer}"
+    def act_abs_mean(self, component: str, layer: int, slot: str | None = None) -> torch.Tensor:
+        key = f"{self.task}.{component}.{_mlp_key(f'act_abs_mean.{layer}', slot)}"
         if key not in self.t:
             raise KeyError(
                 f"calibration on task {self.task!r} saw no {component!r} MLP tokens at layer {layer}; "
                 f"calibrate on a task that exercises that component")
         return self.t[key]
 
-    def published_scalar(self, component: str) -> torch.Tensor:
-        return self.t[f"{self.task}.{component}.published_scalar"]
+    def published_scalar(self, component: str, slot: str | None = None) -> torch.Tensor:
+        return self.t[f"{self.task}.{component}.{_mlp_key('published_scalar', slot)}"]
 
-    def coactivation(self, component: str, layer: int) -> torch.Tensor | None:
+    def coactivation(self, component: str, layer: int, slot: str | None = None) -> torch.Tensor | None:
         """Per-neuron co-activation features for clustering, row j for neuron j: the [I, d] sketch
         C Omega / tokens; a file written before the sketch existed holds the full [I, I] matrix
         C / tokens, returned as is (its rows are features too, so clustering still works).
         None when calibration ran without ``coactivation``."""
-        sketch = self.t.get(f"{self.task}.{component}.{SKETCH_KEY}.{layer}")
+        sketch = self.t.get(f"{self.task}.{component}.{_mlp_key(f'{SKETCH_KEY}.{layer}', slot)}")
         if sketch is not None:
             return sketch
-        return self.t.get(f"{self.task}.{component}.{LEGACY_COACT_KEY}.{layer}")
+        return self.t.get(f"{self.task}.{component}.{_mlp_key(f'{LEGACY_COACT_KEY}.{layer}', slot)}")

@@ -112,19 +112,20 @@ def _dense_layers(text: str):
 
 
 def _load(args):
-    """The model (on the run's device, in its dtype) and its directory's content hash (the
-    provenance derived artifacts record)."""
-    from .io import directory_digest, load_model
+    """The model in its family's adapter (on the run's device, in its dtype) and its directory's
+    content hash (the provenance derived artifacts record)."""
+    from .families import load_family
+    from .io import directory_digest
 
     device, dtype = _runtime(args)
-    return load_model(args.model_dir, device=device, dtype=dtype), directory_digest(args.model_dir)
+    return load_family(args.model_dir, device=device, dtype=dtype), directory_digest(args.model_dir)
 
 
-def _load_calibration(path, model, model_sha256):
+def _load_calibration(path, family, model_sha256):
     from .calibrate import Calibration
 
     calibration = Calibration.load(path)
-    calibration.check_applies_to(model, model_sha256)
+    calibration.check_applies_to(family, model_sha256)
     return calibration
 
 
@@ -188,25 +189,28 @@ def _output_settings(args) -> tuple[dict, dict]:
     return _eval_settings(args), parse_spec(args.meta, "--meta")
 
 
-def _finish(model, args, settings: tuple[dict, dict]) -> None:
+def _finish(family, args, settings: tuple[dict, dict]) -> None:
     """Save a derived model atomically and, if asked, evaluate it in the same process (saves the
     seconds of a second interpreter start per grid point)."""
-    from .io import save_model, write_json
-    from .text import tokenizer_files, tokenizer_for
+    from .io import write_json
+    from .text import tokenizer_files
 
     eval_spec, meta = settings
-    save_model(model, args.out, extra_files=tokenizer_files(args.model_dir))  # the tokenizer travels along
+    family.save(args.out, extra_files=tokenizer_files(args.model_dir))  # the tokenizer travels along
     if args.metrics:
         from .evaluate import evaluate_model
 
-        metrics = evaluate_model(model, eval_spec, progress=not args.no_progress,
-                                 tokenizer=tokenizer_for(args.model_dir), artifacts_dir=_artifacts_dir(args.metrics))
+        metrics = evaluate_model(family, eval_spec, progress=not args.no_progress,
+                                 artifacts_dir=_artifacts_dir(args.metrics))
         metrics["model_dir"] = str(args.out)
         metrics["variant"] = meta
-        for component, spec in model.config.moe.items():
+        for component in family.components:
+            spec = family.moe_spec(component)
+            if not spec:
+                continue
             from .moe.tune import expert_load
 
-            detail = expert_load(model, component)
+            detail = expert_load(family, component)
             metrics["expert_load"] = {"cv_mean": detail["cv_mean"], "experts_used_frac": detail["experts_used_frac"],
                                       "num_experts": spec["num_experts"], "top_k": spec["top_k"]}
             metrics["expert_load_detail"] = detail
@@ -217,25 +221,24 @@ def cmd_calibrate(args) -> None:
     from .calibrate import CALIB_DEFAULTS, run_calibration, save_stats
 
     spec = _settings(args, args.spec, "--spec", CALIB_DEFAULTS, "calibration")
-    model, digest = _load(args)
+    family, digest = _load(args)
     meta = {"model_dir": str(args.model_dir)}
     if digest is None:  # no SHA256SUMS to hash: record the weights' own hash instead (see io.state_digest)
         from .io import state_digest
 
-        meta["model_state_sha256"] = state_digest(model)
-    stats = run_calibration(model, args.task, spec, progress=not args.no_progress,
-                            inputs=_calibration_inputs(args.task, spec, args.model_dir, model))
+        meta["model_state_sha256"] = state_digest(family.model)
+    stats = run_calibration(family, args.task, spec, progress=not args.no_progress,
+                            inputs=_calibration_inputs(args.task, spec, family))
     save_stats(stats, args.task, args.out, meta=meta, model_sha256=digest)
 
 
-def _calibration_inputs(task, spec, model_dir, model):
+def _calibration_inputs(task, spec, family):
     """The calibration split of the benchmark the settings name for ``task`` (None: the shapes world's)."""
     from .calibrate import CALIB_DEFAULTS
     from .spec import merge_spec
     from .evaluate.calibration_inputs import calibration_inputs
-    from .text import tokenizer_for
 
-    return calibration_inputs(task, merge_spec(CALIB_DEFAULTS, spec, "calibration"), tokenizer_for(model_dir), model.config)
+    return calibration_inputs(task, merge_spec(CALIB_DEFAULTS, spec, "calibration"), family)
 
 
 def cmd_prune_depth(args) -> None:
@@ -244,18 +247,20 @@ def cmd_prune_depth(args) -> None:
 
     settings = _output_settings(args)
     calib_spec = _settings(args, args.calib_spec, "--calib-spec", CALIB_DEFAULTS, "calibration")
-    model, digest = _load(args)
-    calibration = _load_calibration(args.calibration, model, digest)
-    layers = model.config.num_hidden_layers
+    family, digest = _load(args)
+    if args.component not in family.components:
+        raise UsageError(f"--component {args.component}: the {family.name} family has {list(family.components)}")
+    calibration = _load_calibration(args.calibration, family, digest)
+    layers = family.num_layers(args.component)
     n_drop = args.drop if args.drop is not None else round((1 - args.keep_ratio) * layers)
     if n_drop > layers:
         raise UsageError(f"--drop {n_drop}: the model has {layers} layers")
 
-    def recalibrate(m):
-        inputs = _calibration_inputs(calibration.task, calib_spec, args.model_dir, m)
-        return Calibration.from_stats(run_calibration(m, calibration.task, calib_spec, inputs=inputs), calibration.task)
+    def recalibrate(f):
+        inputs = _calibration_inputs(calibration.task, calib_spec, f)
+        return Calibration.from_stats(run_calibration(f, calibration.task, calib_spec, inputs=inputs), calibration.task)
 
-    pruned = prune_depth(model, calibration, args.component, args.granularity, n_drop, score=args.score,
+    pruned = prune_depth(family, calibration, args.component, args.granularity, n_drop, score=args.score,
                          skipped_attention_kv=args.kv, iterative=args.iterative, recalibrate=recalibrate)
     _finish(pruned, args, settings)
 
@@ -266,9 +271,9 @@ def cmd_prune_width(args) -> None:
     settings = _output_settings(args)
     if args.score in ("act_norm", "published") and not args.calibration:
         raise UsageError(f"--score {args.score} needs --calibration")
-    model, digest = _load(args)
-    calibration = _load_calibration(args.calibration, model, digest) if args.calibration else None
-    pruned = prune_width(model, args.component, args.keep_ratio, score=args.score, calibration=calibration, seed=args.seed)
+    family, digest = _load(args)
+    calibration = _load_calibration(args.calibration, family, digest) if args.calibration else None
+    pruned = prune_width(family, args.component, args.keep_ratio, score=args.score, calibration=calibration, seed=args.seed)
     _finish(pruned, args, settings)
 
 
@@ -337,14 +342,15 @@ def cmd_partition(args) -> None:
     settings = _output_settings(args)
     if args.method == "cluster" and not args.calibration:
         raise UsageError("--method cluster needs --calibration (with co-activation statistics)")
-    model, digest = _load(args)
+    family, digest = _load(args)
     try:
-        moe_layers(model.config.num_hidden_layers, args.dense_layers)
+        moe_layers(family.num_layers(args.component), args.dense_layers)
     except ValueError as e:
         raise UsageError(f"--dense-layers: {e}") from None
-    check_moe_request(model, args.component, args.num_experts, args.top_k, args.shared_size)
-    calibration = _load_calibration(args.calibration, model, digest) if args.calibration else None
-    moe = convert_to_moe(model, args.component, args.num_experts, args.top_k, method=args.method,
+    check_moe_request(family, args.component, args.num_experts, args.top_k, args.shared_size, args.router,
+                      args.dense_layers)
+    calibration = _load_calibration(args.calibration, family, digest) if args.calibration else None
+    moe = convert_to_moe(family, args.component, args.num_experts, args.top_k, method=args.method,
                          calibration=calibration, shared_size=args.shared_size, dense_layers=args.dense_layers,
                          router=args.router, seed=args.seed)
     _finish(moe, args, settings)
@@ -357,12 +363,12 @@ def cmd_tune_moe(args) -> None:
 
     settings = _output_settings(args)
     spec = _settings(args, args.spec, "--spec", TUNE_DEFAULTS, "tuning")
-    model, _ = _load(args)
-    summary = tune_moe(model, args.component, args.mode, spec, checkpoint_dir=args.checkpoint_dir,
+    family, _ = _load(args)
+    summary = tune_moe(family, args.component, args.mode, spec, checkpoint_dir=args.checkpoint_dir,
                        progress=not args.no_progress)
     if not world().is_main:
         return  # under torchrun: rank 0 holds the gathered weights and writes everything
-    _finish(model, args, settings)
+    _finish(family, args, settings)
     if args.summary:
         write_json(args.summary, summary)
     if args.checkpoint_dir:
@@ -371,7 +377,7 @@ def cmd_tune_moe(args) -> None:
 
 def _register_moe(sub) -> None:
     from .models import COMPONENTS
-    from .moe.convert import ROUTERS
+    from .models.moe_block import ROUTERS
     from .moe.partition import PARTITION_METHODS as METHODS
     from .moe.tune import MODES
 

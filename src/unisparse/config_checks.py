@@ -1,16 +1,21 @@
-"""Cross-field checks of a pipeline config, run when Snakemake builds the DAG (before any job).
+"""Checks of a pipeline config, run when Snakemake builds the DAG (before any job).
 
-The JSON schema checks each value on its own (types, enums, ranges); what depends on two values
-(a depth drop against the number of layers, a shared expert against the MLP width, a path setting
-against the directory DVC versions) is checked here, so a bad config fails before the first job,
-with the key named, instead of inside a job after earlier jobs ran. Library-side checks
+The JSON schema (workflow/schemas/config.schema.yaml) checks each value on its own (types, ranges,
+and the allowed values, which it takes from ``unisparse.choices``: ``config_schema`` fills them in,
+``validate_config`` validates against the result). What depends on two values (a depth drop against
+the number of layers, a shared expert against the MLP width, a path setting against the directory
+DVC versions) is checked by ``check_config``, so a bad config fails before the first job, with the
+key named, instead of inside a job after earlier jobs ran. Library-side checks
 (``MoTConfig.validate_structure``, ``check_partition_sizes``) are reused, not restated.
+Pure Python (no torch): Snakemake imports this module at DAG-build time.
 """
 from __future__ import annotations
 
 import posixpath
 import re
+from pathlib import Path
 
+from . import choices
 from .sizes import GEOMETRY_DEFAULTS, check_model_sizes, check_partition_sizes, moe_layers
 
 #: path settings and the directory each must lie inside (DVC versions results/; logs/ is ignored)
@@ -21,6 +26,79 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9._/-]+$")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message starts with the key."""
+
+
+def choice_values(name: str) -> tuple:
+    """The allowed values ``name`` stands for: a tuple of ``unisparse.choices`` (``"ROUTERS"``) or
+    one entry of a dict of tuples there (``"BENCHMARKS.gen"``)."""
+    attr, _, key = name.partition(".")
+    values = getattr(choices, attr, None) if attr.isupper() else None
+    if isinstance(values, dict) and key:
+        values = values.get(key)
+    elif key:
+        values = None
+    if not (isinstance(values, tuple) and values and all(isinstance(v, str) for v in values)):
+        raise ValueError(f"schema: `choices: {name}` names no tuple of values in unisparse.choices")
+    return values
+
+
+def fill_choices(node):
+    """A copy of a schema with every ``{choices: NAME, ...}`` turned into ``{enum: [...], ...}``
+    (only where ``choices`` holds a string: a config key named ``choices`` would hold a schema)."""
+    if isinstance(node, dict):
+        out = {k: fill_choices(v) for k, v in node.items() if not (k == "choices" and isinstance(v, str))}
+        if isinstance(node.get("choices"), str):
+            if "enum" in node:
+                raise ValueError(f"schema: both `choices: {node['choices']}` and an enum")
+            out["enum"] = list(choice_values(node["choices"]))
+        return out
+    if isinstance(node, list):
+        return [fill_choices(v) for v in node]
+    return node
+
+
+def config_schema(path) -> dict:
+    """The config schema at ``path`` (YAML), with the allowed values of ``unisparse.choices`` filled in."""
+    import yaml
+
+    return fill_choices(yaml.safe_load(Path(path).read_text()))
+
+
+def key_path(path) -> str:
+    """A config key as the user writes it: ``depth.sweeps[0].drop``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or "config"
+
+
+def validate_config(config: dict, schema_path) -> None:
+    """Validate ``config`` against the schema (``config_schema``), filling in the schema's defaults
+    as Snakemake's ``validate`` does; ``ConfigError`` naming the key of the most relevant error."""
+    from jsonschema import validators
+    from jsonschema.exceptions import best_match
+
+    schema = config_schema(schema_path)
+    base = validators.validator_for(schema)
+    base.check_schema(schema)
+    check_properties = base.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(name, sub["default"])
+        yield from check_properties(validator, properties, instance, schema)
+
+    validator = validators.extend(base, {"properties": properties_with_defaults})(schema)
+    error = best_match(validator.iter_errors(config))
+    if error is None:
+        return
+    # "not valid under any of the given schemas" (a value or a list of values): say what the value
+    # failed in the alternative of its type (an unknown value, not "is not of type 'array'")
+    while error.context and (relevant := [e for e in error.context if e.validator != "type"]):
+        error = best_match(relevant)
+    raise ConfigError(f"{key_path(error.absolute_path)}: {error.message}")
 
 
 def check_path_setting(key: str, value) -> str:
@@ -45,7 +123,7 @@ def _as_list(value):
 
 
 def _check_model(model: dict) -> None:
-    from .worlds.shapes import CANVAS  # the embedded default's image size (tasks.model_config_kwargs)
+    from .worlds.scenes import CANVAS  # the embedded default's image size (tasks.model_config_kwargs)
 
     geometry = {**GEOMETRY_DEFAULTS, **{k: v for k, v in model.items() if k in GEOMETRY_DEFAULTS}}
     try:
@@ -103,10 +181,18 @@ def _check_moe(config: dict, layers: int) -> None:
                           "in moe.tunings")
 
 
+def _check_train(config: dict) -> None:
+    weights = config.get("train", {}).get("qa_weights")
+    if weights is not None and len(weights) != len(choices.QA_TYPES):
+        raise ConfigError(f"train.qa_weights: needs one weight per ShapesQA type {list(choices.QA_TYPES)}, "
+                          f"got {len(weights)}")
+
+
 def check_config(config: dict) -> None:
     """Raise ``ConfigError`` naming the key for anything that would fail only inside a job."""
     for key in PATH_ROOTS:
         check_path_setting(key, config.get(key, PATH_ROOTS[key]))
+    _check_train(config)
     _check_model(config["model"])
     layers = config["model"]["num_hidden_layers"]
     _check_depth(config, layers)

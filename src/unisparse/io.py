@@ -225,32 +225,3 @@ def weight_mismatches(stored: dict, expected: dict) -> list[str]:
 
 def _listing(items, limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
-def load_model(model_dir, device=None, dtype=None, **kwargs):
-    """Load a model directory written by the pipeline onto ``device`` in ``dtype`` (default: CPU, the
-    stored dtype): safetensors only (never pickle), content verified against ``SHA256SUMS``, and
-    strict (see ``check_weights_match``)."""
-    import torch
-
-    from .models import MoTConfig, MoTForUnifiedModel
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    if not any(model_dir.glob("*.safetensors")):
-        raise FileNotFoundError(f"{model_dir} holds no .safetensors weights")
-    if not verify_manifest(model_dir):
-        log.warning("%s has no %s: its content cannot be verified", model_dir, MANIFEST)
-    try:
-        config = MoTConfig.from_pretrained(model_dir)
-    except (ValueError, TypeError, OSError) as e:
-        raise IntegrityError(f"{model_dir}/config.json: {e}") from None
-    with torch.device("meta"):
-        skeleton = MoTForUnifiedModel(config)
-    check_weights_match(model_dir, skeleton)
-    model = MoTForUnifiedModel.from_pretrained(model_dir, config=config, use_safetensors=True, **kwargs)
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
-    model.eval()
-    return model

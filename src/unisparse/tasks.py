@@ -1,6 +1,8 @@
 """Turn shapes-world examples into model inputs for the two tasks (understanding, generation).
 
-Kept apart from the model (which is world-agnostic) and from the world (which is numpy-only).
+Kept apart from the model (which is world-agnostic) and from the world (which is numpy-only). Text
+becomes token ids through the model's own tokenizer (``encode``; the family adapter's), so every
+family runs the same world.
 """
 from __future__ import annotations
 
@@ -10,17 +12,17 @@ import torch
 from .worlds import shapes
 
 
-def qa_batch(items):
+def qa_batch(items, encode=shapes.encode):
     """Images [B,H,W,3], question token ids, answer ids for a list of ``QAItem``."""
     images = torch.from_numpy(np.stack([shapes.render(it.scene) for it in items]))
-    questions = [shapes.encode(it.question) for it in items]
-    answers = torch.tensor([shapes.encode(it.answer)[0] for it in items], dtype=torch.long)
+    questions = [encode(it.question) for it in items]
+    answers = torch.tensor([encode(it.answer)[0] for it in items], dtype=torch.long)
     return images, questions, answers
 
 
-def gen_batch(examples):
+def gen_batch(examples, encode=shapes.encode):
     """Prompt token ids and target images for a list of (``GenPrompt``, image) examples."""
-    ids = [shapes.encode(p.text) for p, _ in examples]
+    ids = [encode(p.text) for p, _ in examples]
     images = torch.from_numpy(np.stack([image for _, image in examples]))
     return ids, images
 
@@ -40,15 +42,14 @@ def model_config_kwargs() -> dict:
     )
 
 
-def gen_batch_loss(model, examples, cond_dropout: float, gen, world, observer=None):
-    """Flow loss on this process's slice of a global generation batch of (prompt, image) examples.
-    Dropout mask, noise and t are drawn for the whole batch from the CPU generator (in that order),
-    then sliced."""
-    ids, images = gen_batch(examples)
+def gen_batch_loss(family, examples, cond_dropout: float, gen, world, observer=None):
+    """Flow loss on this process's slice of a global generation batch of (prompt, image) examples
+    (``family``: the model's adapter). Dropout mask, noise and t are drawn for the whole batch from the
+    CPU generator (in that order), then sliced."""
+    ids, images = gen_batch(examples, family.encode)
     n = len(examples)
     keep = torch.rand(n, generator=gen) >= cond_dropout
-    c = model.config
-    noise = torch.randn(n, c.num_latent_tokens, c.latent_dim, generator=gen)
+    noise = torch.randn(*family.noise_shape(n), generator=gen)
     t = torch.sigmoid(torch.randn(n, generator=gen))
     mine = world.slice(n)
-    return model.flow_loss(ids[mine], images[mine], cond_keep=keep[mine], noise=noise[mine], t=t[mine], observer=observer)
+    return family.flow_loss(ids[mine], images[mine], cond_keep=keep[mine], noise=noise[mine], t=t[mine], observer=observer)

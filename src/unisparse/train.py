@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tasks
+from .families import family_for
 from .io import save_model
 from .models import MoTConfig, MoTForUnifiedModel
 from .spec import merge_spec
@@ -82,7 +83,7 @@ def train_tiny(model_spec: dict, train_spec: dict, out_dir: str | None = None, p
         logits = m.understanding_logits(images[mine], questions[mine])
         ce = F.cross_entropy(logits, answers[mine].to(logits.device))
         examples = [shapes.sample_gen_example(rng, "train") for _ in range(cfg["batch_gen"])]
-        mse = tasks.gen_batch_loss(m, examples, cfg["cond_dropout"], gen, world)
+        mse = tasks.gen_batch_loss(family_for(m), examples, cfg["cond_dropout"], gen, world)
         return ce + mse, {"ce": ce, "mse": mse}
 
     run = run_training(model, [n for n, p in model.named_parameters() if p.requires_grad], cfg, batch_loss, what="train-tiny",

@@ -7,16 +7,17 @@ from __future__ import annotations
 from ..benchmarks import check_benchmarks
 
 
-def calibration_inputs(task: str, spec: dict, tokenizer, config):
+def calibration_inputs(task: str, spec: dict, family):
     """``(batches, data)`` for ``calibrate.run_calibration(inputs=...)``, or None when the task's
     benchmark is the shapes world's (the calibration pass then uses the world's own split)."""
     bench = check_benchmarks(spec.get("benchmarks"))[task]
+    tokenizer = family.tokenizer
     bs = int(spec["batch_size"])
     if bench == "mme":
         from .mme import calibration_set, prepare_batch
 
         items, info = calibration_set(spec)
-        batches = (prepare_batch([im for im, _ in items[i : i + bs]], [q for _, q in items[i : i + bs]], tokenizer, config)
+        batches = (prepare_batch([im for im, _ in items[i : i + bs]], [q for _, q in items[i : i + bs]], tokenizer, family.image_config)
                    for i in range(0, len(items), bs))
         return batches, {"split": "calib", "source": info}
     if bench == "geneval":

@@ -482,12 +482,12 @@ def _settings(defaults: dict, spec: dict | None, what: str) -> dict:
 
 
 @torch.no_grad()
-def answer_mme(model, tokenizer, items: list[MMEItem], batch_size: int = 16, progress: bool = False,
+def answer_mme(family, tokenizer, items: list[MMEItem], batch_size: int = 16, progress: bool = False,
                transform: Callable | None = None) -> list[dict]:
     """Per-question records (``category``, ``question_id``, ``question``, ``answer``, ``token_id``,
     ``response``, ``pred``, ``correct``): the greedy first answer token, decoded and parsed."""
     _check_tokenizer(tokenizer)
-    model.eval()
+    family.eval()
     out = []
     for i in tqdm(range(0, len(items), batch_size), desc="MME", disable=not progress):
         chunk = items[i : i + batch_size]
@@ -496,8 +496,8 @@ def answer_mme(model, tokenizer, items: list[MMEItem], batch_size: int = 16, pro
             if it.image_key not in decoded:
                 decoded[it.image_key] = it.image()
         images, ids = prepare_batch([decoded[it.image_key] for it in chunk], [mme_prompt(it.question) for it in chunk],
-                                    tokenizer, model.config, transform)
-        tokens = model.understanding_logits(images, ids).argmax(-1).tolist()
+                                    tokenizer, family.image_config, transform)
+        tokens = family.understanding_logits(images, ids).argmax(-1).tolist()
         for it, tok in zip(chunk, tokens):
             response = tokenizer.decode([tok])
             pred = answer_label(response)

@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from ..accounting import flops_per_token, parameter_counts
-from ..io import load_model
-from ..models import SAMPLER_DEFAULTS, sampler_settings
+from ..families import family_for, load_family
+from ..models.sampling import SAMPLER_DEFAULTS, sampler_settings
 from ..runtime import describe, synchronize
 from ..spec import merge_spec
-from ..text import tokenizer_for
 from ..worlds import shapes
 from ..benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
 from .generation import evaluate_generation
@@ -54,28 +53,30 @@ def _median_seconds(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def evaluate_model(model, spec: dict | None = None, progress: bool = False, tokenizer=None, artifacts_dir=None) -> dict:
+def evaluate_model(family, spec: dict | None = None, progress: bool = False, artifacts_dir=None) -> dict:
     """Scores of both tasks on the benchmarks the settings name (ShapesQA and ShapesGenEval by default)
-    plus cost figures. ``tokenizer``: the model's (``text.tokenizer_for``; the shapes vocabulary if None);
-    ``artifacts_dir``: where a benchmark keeps what it made besides scores (GenEval's images)."""
+    plus cost figures. ``family``: the model's adapter (``families``; a bare MoT model is wrapped, with
+    the shapes vocabulary); ``artifacts_dir``: where a benchmark keeps what it made besides scores
+    (GenEval's images)."""
+    family = family_for(family)
     spec = merge_spec(EVAL_DEFAULTS, spec, "evaluation")
     spec["benchmarks"] = check_benchmarks(spec["benchmarks"])
     torch.set_num_threads(int(spec["threads"]))
-    model.eval()
-    tokenizer = tokenizer or tokenizer_for(None)
-    device = model.device
+    family.eval()
+    tokenizer = family.tokenizer
+    device = family.device
     sampler = sampler_settings(spec)
     t0 = time.perf_counter()
     if spec["benchmarks"]["und"] == "mme":
         from .mme import run_mme
 
-        qa = run_mme(model, tokenizer, spec, progress)
+        qa = run_mme(family, tokenizer, spec, progress)
         qa["overall"] = qa["total"]  # MME's own scale: the sum of the 14 subtask scores (max 2800)
         und_seconds_per_item = (time.perf_counter() - t0) / max(qa["n_items"], 1)
     else:
         items = shapes.qa_set("eval", spec["qa_items"], spec["qa_seed"])
-        qa = evaluate_understanding(model, items, spec["batch_size"])
-        lat_und = _median_seconds(lambda: answer_questions(model, items[:256], 256), spec["latency_repeats"], device)
+        qa = evaluate_understanding(family, items, spec["batch_size"])
+        lat_und = _median_seconds(lambda: answer_questions(family, items[:256], 256), spec["latency_repeats"], device)
         und_seconds_per_item = lat_und / min(256, len(items))
     t1 = time.perf_counter()
     if spec["benchmarks"]["gen"] == "geneval":
@@ -83,30 +84,30 @@ def evaluate_model(model, spec: dict | None = None, progress: bool = False, toke
 
         if artifacts_dir is None:
             raise ValueError("GenEval writes its images and per-image results: give an artifacts directory")
-        gen = run_geneval(model, tokenizer, spec, Path(artifacts_dir) / "geneval", progress)
+        gen = run_geneval(family, tokenizer, spec, Path(artifacts_dir) / "geneval", progress)
         gen.pop("per_image")  # in {artifacts_dir}/geneval/results.jsonl
         probe_ids = [tokenizer.encode(t) for t in ("a photo of a cat", "a photo of a red car and a blue bench")]
     else:
         pairs = shapes.geneval_set("eval", spec["samples_per_prompt"], spec["max_prompts_per_tag"], spec["gen_seed"])
-        gen = evaluate_generation(model, pairs, sampler, spec["batch_size"], progress)
-        probe_ids = [shapes.encode(p.text) for p, _ in pairs[: min(32, len(pairs))]]
+        gen = evaluate_generation(family, pairs, sampler, spec["batch_size"], progress)
+        probe_ids = [family.encode(p.text) for p, _ in pairs[: min(32, len(pairs))]]
     t2 = time.perf_counter()
     seeds = list(range(len(probe_ids)))
-    lat_gen = _median_seconds(lambda: model.generate_images(probe_ids, seeds, **sampler), spec["latency_repeats"], device)
+    lat_gen = _median_seconds(lambda: family.generate_images(probe_ids, seeds, **sampler), spec["latency_repeats"], device)
     log.info("%s overall %.4f; %s overall %.4f", spec["benchmarks"]["und"], qa["overall"], spec["benchmarks"]["gen"],
              gen["overall"])
     return {
         "understanding": qa,
         "generation": gen,
-        "parameters": parameter_counts(model),
-        "flops_per_token": flops_per_token(model),
+        "parameters": parameter_counts(family),
+        "flops_per_token": flops_per_token(family),
         "latency": {
             "gen_seconds_per_image": lat_gen / len(probe_ids),
             "und_seconds_per_item": und_seconds_per_item,
             "eval_seconds_und": t1 - t0,
             "eval_seconds_gen": t2 - t1,
             "repeats": spec["latency_repeats"],
-            **describe(device, model.dtype),
+            **describe(device, family.dtype),
         },
         "eval": spec,
     }
@@ -114,7 +115,7 @@ def evaluate_model(model, spec: dict | None = None, progress: bool = False, toke
 
 def evaluate_model_dir(model_dir, spec: dict | None = None, progress: bool = False, device=None, dtype=None,
                        artifacts_dir=None) -> dict:
-    metrics = evaluate_model(load_model(model_dir, device=device, dtype=dtype), spec, progress,
-                             tokenizer=tokenizer_for(model_dir), artifacts_dir=artifacts_dir)
+    metrics = evaluate_model(load_family(model_dir, device=device, dtype=dtype), spec, progress,
+                             artifacts_dir=artifacts_dir)
     metrics["model_dir"] = str(model_dir)
     return metrics

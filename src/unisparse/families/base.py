@@ -19,6 +19,7 @@ directory holds.
 """
 from __future__ import annotations
 
+import copy
 from typing import Protocol
 
 import torch
@@ -62,6 +63,13 @@ class Family:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def with_model(self, model: nn.Module) -> "Family":
+        """The same adapter around another instance of the same model (the training loop's sharded
+        twin): every method reads the model through ``self.model``."""
+        twin = copy.copy(self)
+        twin.model = model
+        return twin
 
     def eval(self) -> "Family":
         self.model.eval()
@@ -129,6 +137,13 @@ class Family:
         """What the metrics record of the model besides parameter counts (family, sizes)."""
         return {"family": self.name}
 
+    @property
+    def image_config(self):
+        """What an understanding benchmark's image transform reads to size its images
+        (``vision``, ``vit_image_size``, ``vit_patch_size``, ``vit_max_num_patch_per_side``; see
+        ``evaluate.mme``)."""
+        raise NotImplementedError(f"the {self.name} family does not say how its understanding images are sized")
+
     # ------------------------------------------------------------------ tasks
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -142,6 +157,12 @@ class Family:
         ``num_steps``, ``cfg_scale``, ``cfg_interval``, ``cfg_renorm``, ``cfg_renorm_min`` (and
         ``shift`` where the family has one)."""
         raise NotImplementedError
+
+    @property
+    def default_shift(self) -> float | None:
+        """The timestep shift ``generate_images`` uses when none is given (recorded by calibration);
+        None for a family whose sampler has no shift setting."""
+        return None
 
     def noise_shape(self, n: int) -> tuple[int, ...]:
         """Shape of the noise ``flow_loss`` takes for n images."""

@@ -112,18 +112,20 @@ class MLPWeights:
         raise TypeError(f"{type(module).__name__} is not a dense MLP block (SwiGLUMLP or GELUMLP)")
 
     def module(self) -> nn.Module:
-        """A ``SwiGLUMLP`` / ``GELUMLP`` holding copies of these weights (same device and dtype)."""
+        """A ``SwiGLUMLP`` / ``GELUMLP`` holding copies of these weights (same device and dtype; built
+        on the meta device, so making it draws nothing from the global random generator)."""
         w = self.up
+        with torch.device("meta"):
+            m = SwiGLUMLP(self.hidden_size, self.width) if self.kind == "swiglu" else \
+                GELUMLP(self.hidden_size, self.width, down_bias=self.down_bias is not None)
+        m = m.to_empty(device=w.device).to(dtype=w.dtype)
         if self.kind == "swiglu":
-            m = SwiGLUMLP(self.hidden_size, self.width)
             pairs = [(m.gate_proj.weight, self.gate), (m.up_proj.weight, self.up), (m.down_proj.weight, self.down)]
         else:
-            m = GELUMLP(self.hidden_size, self.width, down_bias=self.down_bias is not None)
             up_bias = self.up_bias if self.up_bias is not None else torch.zeros_like(self.up[:, 0])
             pairs = [(m.up_proj.weight, self.up), (m.up_proj.bias, up_bias), (m.down_proj.weight, self.down)]
             if self.down_bias is not None:
                 pairs.append((m.down_proj.bias, self.down_bias))
-        m = m.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             for param, value in pairs:
                 param.copy_(value)

@@ -7,33 +7,24 @@ joint softmax over all tokens. Module names follow BAGEL so real weights map 1:1
 
 Token types: ``UND`` (0), ``GEN`` (1) and ``PAD`` (-1, computed by no tower).
 Sublayers listed in ``config.skip`` are not built and not computed for that tower's tokens.
-An optional ``observer`` receives each layer's per-tower tensors (calibration statistics, router
-logits) without any state being stored on modules.
+An optional ``observer`` (``families.base.LayerObserver``) receives each layer's per-tower tensors
+(calibration statistics, router logits) without any state being stored on modules.
 """
 from __future__ import annotations
 
 import math
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from .blocks import SwiGLUMLP
 from .configuration_mot import COMPONENTS, SUFFIX, MoTConfig
+from .moe_block import MoEMLP
+from .sampling import SAMPLER_DEFAULTS, CFG_RENORM_TYPES, guided_velocity, sampler_settings  # noqa: F401  (re-exported)
 
 UND, GEN, PAD = 0, 1, -1
 TOKEN_TYPE = {"und": UND, "gen": GEN}
-
-
-class LayerObserver(Protocol):
-    """Receives, per layer and component, the tower's rows of the residual stream.
-
-    ``attn_update`` / ``mlp_update`` are None when the sublayer is skipped; ``mlp_aux`` holds the
-    SwiGLU activations (dense MLP) or router outputs (MoE).
-    """
-
-    def on_layer(self, layer: int, component: str, h_in, attn_update, mlp_update, mlp_aux) -> None: ...
 
 
 class RMSNorm(nn.Module):
@@ -49,26 +40,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class SwiGLUMLP(nn.Module):
-    """Qwen2 MLP: ``down(silu(gate x) * up x)``; its width may differ per layer after pruning."""
-
-    def __init__(self, hidden_size: int, width: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden_size, bias=False)
-
-    def forward(self, x, return_aux: bool = False):
-        act = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        out = self.down_proj(act)
-        return (out, {"act": act}) if return_aux else out
-
-
 def build_mlp(config: MoTConfig, layer: int, component: str) -> nn.Module:
     spec = config.moe_spec(component, layer)
     if spec is not None:
-        from ..moe.block import MoEMLP  # local import: the MoE block is an optional extension
-
         return MoEMLP(config.hidden_size, spec)
     return SwiGLUMLP(config.hidden_size, config.mlp_width(component, layer))
 
@@ -363,34 +337,6 @@ def build_codec(config: MoTConfig):
 
         return FluxCodec(config)
     return IdentityCodec(config)
-
-
-#: the sampler's settings and their defaults (the tiny default's; BAGEL's inferencer: 50 timesteps =
-#: 49 steps, cfg 4, interval [0.4, 1] ([0, 1] for GenEval), global renormalisation with min 0); evaluation
-#: and calibration settings carry these keys, and ``generate_images`` takes them as keyword arguments
-SAMPLER_DEFAULTS = dict(num_steps=20, cfg_scale=3.0, cfg_interval=[0.0, 1.0], cfg_renorm="none", cfg_renorm_min=0.0)
-
-
-def sampler_settings(spec: dict) -> dict:
-    """The sampler's keyword arguments out of a stage's settings (missing keys: ``SAMPLER_DEFAULTS``)."""
-    return {k: spec.get(k, v) for k, v in SAMPLER_DEFAULTS.items()}
-
-
-#: CFG renormalisation (BAGEL): scale the guided velocity down to the conditional one's norm, per sample
-#: over all its tokens (``global``) or per token (``channel``); ``none`` leaves it as is
-CFG_RENORM_TYPES = ("none", "global", "channel")
-
-
-def guided_velocity(v_c, v_u, scale: float, renorm: str = "none", renorm_min: float = 0.0):
-    """Classifier-free guidance ``v_u + s (v_c - v_u)``, optionally renormalised (``CFG_RENORM_TYPES``)."""
-    if renorm not in CFG_RENORM_TYPES:
-        raise ValueError(f"unknown cfg_renorm {renorm!r}; expected one of {CFG_RENORM_TYPES}")
-    v = v_u + scale * (v_c - v_u)
-    if renorm == "none":
-        return v
-    dims = (1, 2) if renorm == "global" else (2,)
-    ratio = v_c.norm(dim=dims, keepdim=True) / (v.norm(dim=dims, keepdim=True) + 1e-8)
-    return v * ratio.clamp(min=renorm_min, max=1.0)
 
 
 class MoTForUnifiedModel(PreTrainedModel):

@@ -1,5 +1,5 @@
 """Dense -> MoE conversion of SwiGLU MLPs: expert partitioning, the MoE block and its dispatch."""
-from .block import (
+from ..models.moe_block import (
     DISPATCHES,
     ROUTERS,
     MoEExperts,

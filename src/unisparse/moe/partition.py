@@ -1,6 +1,7 @@
-"""Expert partitioning: split a dense SwiGLU MLP's neurons into E equal experts (+ a shared expert).
+"""Expert partitioning: split a dense MLP's neurons into E equal experts (+ a shared expert).
 
-SwiGLU separates over neurons (``down(silu(gate x) * up x)`` is a sum of per-neuron terms), so any
+SwiGLU and GELU MLPs separate over neurons (``down(silu(gate x) * up x)`` and ``down(gelu(up x + b))``
+are sums of per-neuron terms, plus GELU's output bias once), so any
 partition with all experts active at weight 1 reproduces the dense MLP exactly; the method only
 decides which neurons sit together, i.e. what a top-k subset computes.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..sizes import check_partition_sizes
-from .block import MoEMLP
+from ..models.moe_block import MoEMLP
 
 PARTITION_METHODS = ("snake", "contiguous", "random", "cluster")
 
@@ -106,5 +107,6 @@ def _capacity_assign(scores, cap: int):
 
 
 def dense_to_moe(mlp, shared_idx, expert_idx, spec: dict) -> MoEMLP:
-    """The MoE block holding exactly the dense MLP's weights, split as given (see ``MoEMLP.from_dense``)."""
+    """The MoE block holding exactly the dense MLP's weights (``MLPWeights`` or a dense block), split
+    as given (see ``MoEMLP.from_dense``)."""
     return MoEMLP.from_dense(mlp, shared_idx, expert_idx, spec)

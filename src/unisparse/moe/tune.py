@@ -14,46 +14,42 @@ import numpy as np
 import torch
 
 from .. import tasks
-from ..io import save_model
-from ..models import SUFFIX, check_component
+from ..families import family_for
+from ..models.moe_block import load_balancing_loss
 from ..spec import merge_spec
 from ..trainloop import run_training
 from ..worlds import shapes
-from .block import load_balancing_loss
 
 log = logging.getLogger(__name__)
 
 MODES = ("frozen", "full")
 TUNE_DEFAULTS = dict(steps=400, batch_gen=32, lr=1e-3, weight_decay=0.0, warmup_frac=0.05, min_lr_frac=0.1,
                      cond_dropout=0.1, grad_clip=1.0, balance_coef=0.0, checkpoint_every=100, seed=0, threads=2)
-ROUTER_PREFIXES = ("gate.", "shared_expert_gate.")
 
 
-def trainable_names(model, component: str, mode: str) -> list[str]:
+def trainable_names(family, component: str, mode: str) -> list[str]:
     """Parameters tuned in ``mode``: routers only (frozen) or the whole MoE blocks (full).
 
     On a component without experts, ``full`` tunes every (remaining) MLP of the component: the tuned
     controls (a dense or statically cut model given the MoE's loss, data, steps and learning rate), so
     a recovery can be told apart from what any fine-tuning buys."""
-    check_component(component)
+    family = family_for(family)
+    family.check_component(component)
     if mode not in MODES:
         raise ValueError(f"unknown tuning mode {mode!r}; expected one of {MODES}")
-    spec = model.config.moe.get(component)
-    if spec:
-        layers = spec["layers"]
-    elif mode == "full":
-        layers = [i for i in range(model.config.num_hidden_layers) if model.mlp(i, component) is not None]
-    else:
+    spec = family.moe_spec(component)
+    if not spec and mode != "full":
         raise ValueError(f"the {component} component has no routers to tune (mode 'frozen'); "
                          "run `unisparse partition` first, or tune its MLPs with mode 'full'")
-    prefixes = [f"language_model.model.layers.{i}.mlp{SUFFIX[component]}." for i in layers]
-    names = []
-    for name, _ in model.named_parameters():
-        for prefix in prefixes:
-            if name.startswith(prefix):
-                local = name[len(prefix):]
-                if mode == "full" or local.startswith(ROUTER_PREFIXES):
-                    names.append(name)
+    layers = set(spec["layers"]) if spec else None
+    chosen = set()
+    for layer, slot in family.mlp_places(component):
+        if layers is not None and layer not in layers:
+            continue  # a layer kept dense in an MoE component: not tuned
+        block = family.mlp(component, layer, slot)
+        routers = set(block.router_parameter_names()) if mode == "frozen" else None
+        chosen.update(id(p) for n, p in block.named_parameters() if routers is None or n in routers)
+    names = [name for name, p in family.model.named_parameters() if id(p) in chosen]
     if not names:
         raise ValueError(f"the {component} component has no MLP parameters left to tune")
     return names
@@ -68,44 +64,46 @@ class RouterCollector:
 
     def on_layer(self, layer, component, h_in, attn_update, mlp_update, mlp_aux):
         if mlp_aux and "router_logits" in mlp_aux:
-            self.aux.append((layer, component, mlp_aux))
+            self.aux.append((layer if "slot" not in mlp_aux else f"{layer}.{mlp_aux['slot']}", component, mlp_aux))
 
 
-def tune_moe(model, component: str, mode: str, spec: dict | None = None, checkpoint_dir=None,
+def tune_moe(family, component: str, mode: str, spec: dict | None = None, checkpoint_dir=None,
              progress: bool = True, stop_after: int | None = None) -> dict:
     """Tune in place with the one training loop (resumable; sharded under torchrun). ``stop_after``
     ends the run early (used to test resumption). A checkpoint in ``checkpoint_dir`` is resumed only
     if it was made from this very input model (content hash), the same data and the same settings."""
+    family = family_for(family)
     cfg = merge_spec(TUNE_DEFAULTS, spec, "tuning")
     torch.set_num_threads(int(cfg["threads"]))
-    names = trainable_names(model, component, mode)
-    router_spec = model.config.moe.get(component)  # None for a dense or width-cut control
+    names = trainable_names(family, component, mode)
+    router_spec = family.moe_spec(component)  # None for a dense or width-cut control
 
     def batch_loss(m, rng, gen, world):
         examples = [shapes.sample_gen_example(rng, "train") for _ in range(cfg["batch_gen"])]
         collector = RouterCollector() if cfg["balance_coef"] and router_spec else None
-        loss = tasks.gen_batch_loss(m, examples, cfg["cond_dropout"], gen, world, observer=collector)
+        loss = tasks.gen_batch_loss(family.with_model(m), examples, cfg["cond_dropout"], gen, world, observer=collector)
         if collector is not None:
             bal = sum(load_balancing_loss(a["router_logits"], a["expert_idx"], router_spec["num_experts"])
                       for _, _, a in collector.aux)
             loss = loss + cfg["balance_coef"] * bal / max(1, len(collector.aux))
         return loss, {"loss": loss}
 
-    run = run_training(model, names, cfg, batch_loss, what=f"{mode} tuning", checkpoint_dir=checkpoint_dir,
+    run = run_training(family.model, names, cfg, batch_loss, what=f"{mode} tuning", checkpoint_dir=checkpoint_dir,
                        progress=progress, stop_after=stop_after, log_every=50)
     return {"mode": mode, "component": component, "trainable": len(names), "seconds": run["seconds"],
             "history": run["history"], "tune": cfg, "resumed_from": run["resumed_from"], "processes": run["processes"]}
 
 
-def expert_load(model, component: str, items: int = 64, num_steps: int = 10, seed: int = 0) -> dict:
-    """Fraction of routed tokens per expert and layer while sampling evaluation prompts, with the
-    coefficient of variation (0 = perfectly balanced)."""
+def expert_load(family, component: str, items: int = 64, num_steps: int = 10, seed: int = 0) -> dict:
+    """Fraction of routed tokens per expert and layer (``layer.slot`` where a layer has several MLPs)
+    while sampling evaluation prompts, with the coefficient of variation (0 = perfectly balanced)."""
+    family = family_for(family)
     pairs = shapes.geneval_set("eval", 1, None, seed)[:items]
     collector = RouterCollector()
-    model.generate_images([shapes.encode(p.text) for p, _ in pairs], [s for _, s in pairs], num_steps=num_steps,
-                          observer=collector)
-    E = model.config.moe[component]["num_experts"]
-    counts: dict[int, torch.Tensor] = {}
+    family.generate_images([family.encode(p.text) for p, _ in pairs], [s for _, s in pairs], num_steps=num_steps,
+                           observer=collector)
+    E = family.moe_spec(component)["num_experts"]
+    counts: dict = {}
     for layer, comp, aux in collector.aux:
         if comp == component:
             counts[layer] = counts.get(layer, 0) + torch.bincount(aux["expert_idx"].reshape(-1), minlength=E).float().cpu()
@@ -113,7 +111,3 @@ def expert_load(model, component: str, items: int = 64, num_steps: int = 10, see
     cv = [float(c.std() / c.mean()) for c in counts.values()]
     used = [float((c > 0).float().mean()) for c in counts.values()]
     return {"per_layer": per_layer, "cv_mean": float(np.mean(cv)), "experts_used_frac": float(np.mean(used))}
-
-
-def save_tuned(model, out_dir) -> None:
-    save_model(model, out_dir)

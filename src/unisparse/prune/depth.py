@@ -4,7 +4,8 @@ Scores are mean cosine similarities from calibration (high = the sublayer barely
 stream). Granularities: whole blocks, attention sublayers, MLP sublayers, or ``sublayer`` (attention
 and MLP sublayers ranked together on one scale, so a small model still gives a curve of 2L points).
 One-shot drops the n highest at once; iterative drops one, recalibrates, and repeats.
-A dropped sublayer is recorded in the config, its weights are not stored, and it is not computed.
+A dropped sublayer is recorded in the family's config, its weights are not stored, and it is not
+computed. The model is seen through its family adapter (``families.Family``).
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import logging
 
 import torch
 
-from ..models import check_component
-from .common import derived_config, restructure
+from ..families import family_for, like_given
+
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,6 @@ SCORE_DEFINITIONS = ("ld", "bagel")
 
 def drop_scores(calibration, component: str, granularity: str, score: str = "ld") -> torch.Tensor:
     """Per-layer cosine used to rank layers for dropping (NaN where the sublayer is already gone)."""
-    check_component(component)
     if granularity not in GRANULARITIES or granularity == "sublayer":
         raise ValueError(f"unknown per-layer granularity {granularity!r}; expected one of {GRANULARITIES[:3]}")
     if score not in SCORE_DEFINITIONS:
@@ -65,33 +65,44 @@ def choose_sublayers(calibration, component: str, granularity: str, n: int, scor
 
 
 def apply_drop(model, component: str, sublayers: dict, skipped_attention_kv: str | None = None):
-    """A new model with the ``{sublayer: [layers]}`` of that component dropped."""
-    skip = {c: {s: list(v) for s, v in subs.items()} for c, subs in model.config.skip.items()}
-    comp_skip = skip.setdefault(component, {})
-    for sub, layers in sublayers.items():
-        comp_skip[sub] = sorted(set(comp_skip.get(sub, [])) | set(layers))
-    kv = skipped_attention_kv or model.config.skipped_attention_kv
-    return restructure(model, derived_config(model, skip=skip, skipped_attention_kv=kv))
+    """A new model with the ``{sublayer: [layers]}`` of that component dropped (added to what is
+    already dropped; a ``Family`` for a ``Family``, a bare model for a bare model)."""
+    family = family_for(model)
+    family.check_component(component)
+    done = family.skipped(component)
+    skip = {component: {sub: sorted(set(done.get(sub, [])) | set(layers)) for sub, layers in sublayers.items()}}
+    return like_given(family.rebuild(skip=skip, **_options(family, skipped_attention_kv)), model)
+
+
+def _options(family, skipped_attention_kv):
+    """The depth options this family understands (the MoT's rule for a dropped joint-attention
+    sublayer; a family without joint attention across components has none)."""
+    if skipped_attention_kv is None or "skipped_attention_kv" not in getattr(family, "options", ()):
+        return {}
+    return {"skipped_attention_kv": skipped_attention_kv}
 
 
 def prune_depth(model, calibration, component: str, granularity: str, n_drop: int, score: str = "ld",
                 skipped_attention_kv: str = "keep", iterative: bool = False, recalibrate=None):
-    """Drop ``n_drop`` sublayers of ``component``. ``recalibrate(model) -> calibration`` is needed
-    for the iterative variant (drop one, recalibrate on the pruned model, repeat)."""
+    """Drop ``n_drop`` sublayers of ``component``. ``recalibrate(family) -> calibration`` is needed
+    for the iterative variant (drop one, recalibrate on the pruned model, repeat). Returns a
+    ``Family`` for a ``Family``, a bare model for a bare model."""
+    family = family_for(model)
+    family.check_component(component)
     if n_drop < 0:
         raise ValueError("n_drop must be >= 0")
     if n_drop == 0:
-        return restructure(model, derived_config(model, skipped_attention_kv=skipped_attention_kv))
+        return like_given(family.rebuild(**_options(family, skipped_attention_kv)), model)
     if not iterative:
         chosen = choose_sublayers(calibration, component, granularity, n_drop, score)
         log.info("dropping %s %s sublayers %s", component, granularity, chosen)
-        return apply_drop(model, component, chosen, skipped_attention_kv)
+        return like_given(apply_drop(family, component, chosen, skipped_attention_kv), model)
     if recalibrate is None:
         raise ValueError("iterative depth pruning needs a recalibrate function")
     for step in range(n_drop):
         if step > 0:
-            calibration = recalibrate(model)
+            calibration = recalibrate(like_given(family, model))
         chosen = choose_sublayers(calibration, component, granularity, 1, score)
         log.info("iterative step %d: dropping %s %s sublayer %s", step, component, granularity, chosen)
-        model = apply_drop(model, component, chosen, skipped_attention_kv)
-    return model
+        family = apply_drop(family, component, chosen, skipped_attention_kv)
+    return like_given(family, model)

@@ -1,10 +1,10 @@
 """Optional Triton kernels for the MoE forward (inference), ScatterMoE's idea in two kernels.
 
-Only :func:`unisparse.moe.block.dispatch_triton` imports this module, and only when asked for
+Only :func:`unisparse.models.moe_block.dispatch_triton` imports this module, and only when asked for
 (``dispatch: triton``); ``triton`` itself is imported here, so a CPU install never needs it.
 
 The (token, slot) pairs are sorted by expert with the same sync-free plan as ``nosync``
-(:func:`unisparse.moe.block.route_plan`); the sorted list is cut into blocks of ``BLOCK_M`` rows
+(:func:`unisparse.models.moe_block.route_plan`); the sorted list is cut into blocks of ``BLOCK_M`` rows
 that never straddle two experts. A fixed grid of ``ceil(N*k / BLOCK_M) + E`` row blocks (an upper
 bound of the blocks needed, whatever the routing) is launched, and each program reads its expert
 and row range from a small table built on the device, so nothing waits for the host:
@@ -150,7 +150,7 @@ def block_table(ends, num_pairs: int, block_m: int):
 def moe_forward(x, expert_idx, expert_weights, gate_up, down):
     """Sum over each token's chosen experts of ``w * expert(x)`` (same contract as the other
     dispatches); no autograd."""
-    from .block import route_plan
+    from .moe_block import route_plan
 
     E, two_i, H = gate_up.shape
     size = two_i // 2

@@ -1,0 +1,75 @@
+"""Model families behind one adapter (``base.Family``): the algorithms see models only through it.
+
+``load_family`` picks the family from what a model directory holds; ``family_for`` wraps a model
+already in memory. A family's module is imported only when a model of that family is used (Qwen-Image
+needs diffusers; the MoT does not).
+"""
+from __future__ import annotations
+
+import importlib
+
+from .base import SUBLAYERS, Family, LayerObserver
+
+#: registered families: name -> "module:Class" (a new family adds one line here)
+FAMILIES = {
+    "mot": "unisparse.families.mot:MoTFamily",
+    "qwen_image": "unisparse.families.qwen_image:QwenImageFamily",
+}
+
+
+def family_class(name: str) -> type[Family]:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; registered: {sorted(FAMILIES)}")
+    module, cls = FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def family_name_of(model_dir) -> str:
+    """The family whose files a model directory holds (``FileNotFoundError`` naming the directory if none)."""
+    from pathlib import Path
+
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"{model_dir} is not a model directory")
+    for name in FAMILIES:
+        try:
+            cls = family_class(name)
+        except ImportError:  # a family whose optional dependency is missing cannot hold this directory
+            continue
+        if cls.is_model_dir(model_dir):
+            return name
+    raise FileNotFoundError(f"{model_dir} is not a model directory of any registered family {sorted(FAMILIES)} "
+                            "(a MoT directory has config.json; a Qwen-Image one model_index.json)")
+
+
+def load_family(model_dir, device=None, dtype=None) -> Family:
+    """The model in ``model_dir`` on ``device`` in ``dtype``, wrapped in its family's adapter, with the
+    tokenizer that travels with it."""
+    cls = family_class(family_name_of(model_dir))
+    if cls.name == "mot":
+        from ..text import tokenizer_for
+
+        return cls.load(model_dir, device=device, dtype=dtype, tokenizer=tokenizer_for(model_dir))
+    return cls.load(model_dir, device=device, dtype=dtype)
+
+
+def family_for(model, tokenizer=None) -> Family:
+    """Wrap a model in memory (library use): a ``Family`` is returned as is."""
+    if isinstance(model, Family):
+        return model
+    from ..models import MoTForUnifiedModel
+
+    if isinstance(model, MoTForUnifiedModel):
+        from ..text import tokenizer_for
+        from .mot import MoTFamily
+
+        return MoTFamily(model, tokenizer or tokenizer_for(None))
+    raise TypeError(f"no family adapter for {type(model).__name__}; wrap it in a families.Family")
+
+
+def like_given(result: Family, given):
+    """An algorithm's result in the form its caller gave the input: a ``Family`` for a ``Family``,
+    the bare model for a bare model (library users keep working with their own objects)."""
+    return result if isinstance(given, Family) else result.model
+
+
+__all__ = ["FAMILIES", "Family", "LayerObserver", "SUBLAYERS", "family_class", "family_for", "family_name_of", "like_given", "load_family"]
