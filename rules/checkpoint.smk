@@ -61,18 +61,23 @@ if CHECKPOINT["source"] == "huggingface":
         shell:
             "unisparse --no-progress fetch-checkpoint --lock {input.lock:q} --out {output.checkpoint:q} 2> {log:q}"
 
-    # The download as a unisparse model directory: every tensor lands in exactly one parameter (the
-    # loader names any missing, unexpected or mis-shaped key), the sizes must be the config's `model:`
-    # (so the DAG's checks, made from `model:` before any job runs, hold for the real weights), and the
-    # tokenizer travels with the weights.
+    # The download as a unisparse model directory of its family (`model.family`): every tensor lands in
+    # exactly one parameter (the loader names any missing, unexpected or mis-shaped key) and the tokenizer
+    # travels with the weights. For the MoT the sizes must also be the config's `model:` (so the DAG's
+    # checks, made from `model:` before any job runs, hold for the real weights).
+    FAMILY = config["model"].get("family", "mot")
+    IMPORT_VERB = {"mot": "import-bagel", "qwen_image": "import-qwen-image"}[FAMILY]
+
     rule import_checkpoint:
         input:
-            code=code("import-bagel"),
+            code=code(IMPORT_VERB),
             checkpoint=rules.download_checkpoint.output.checkpoint,
         output:
             model=directory(f"{R}/models/dense"),
         params:
-            expect=spec(config["model"]),
+            verb=IMPORT_VERB,
+            expect=f"--expect {shlex.quote(spec(config['model']))}" if FAMILY == "mot" else "",
+            settings=f"--settings {shlex.quote(spec(config['model']['settings']))}" if "settings" in config["model"] else "",
             runtime=runtime_args("import"),
         threads: res("import", "threads")
         resources:
@@ -84,5 +89,5 @@ if CHECKPOINT["source"] == "huggingface":
         conda:
             "../environment.yml"
         shell:
-            "unisparse --no-progress import-bagel {params.runtime:q} --src {input.checkpoint:q} --expect {params.expect:q}"
+            "unisparse --no-progress {params.verb} {params.runtime:q} --src {input.checkpoint:q} {params.expect} {params.settings}"
             " --out {output.model:q} 2> {log:q}"

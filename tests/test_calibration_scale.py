@@ -13,6 +13,7 @@ import yaml
 from conftest import make_model
 from torch.profiler import ProfilerActivity, profile
 
+from unisparse.config_checks import config_schema
 from unisparse.calibrate import (CALIB_DEFAULTS, LEGACY_COACT_KEY, SKETCH_KEY, Calibration, CalibrationStats,
                                  run_calibration, sketch_projection)
 from unisparse.cli import main
@@ -236,7 +237,7 @@ def test_sidecar_records_what_was_run(tmp_path):
 # --- settings ---------------------------------------------------------------------------------------
 
 def test_schema_knows_every_calibration_setting():
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    schema = config_schema(REPO / "workflow/schemas/config.schema.yaml")
     assert set(schema["properties"]["calibrate"]["properties"]) == set(CALIB_DEFAULTS)
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from unisparse.choices import CHECKPOINT_SOURCES
+from unisparse.config_checks import config_schema
 from unisparse import hub
 from unisparse.io import IntegrityError
 
@@ -345,9 +347,9 @@ def test_shipped_bagel_lock():
 
 
 def test_schema_states_the_checkpoint_sources():
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    schema = config_schema(REPO / "workflow/schemas/config.schema.yaml")
     section = schema["properties"]["checkpoint"]
-    assert tuple(section["properties"]["source"]["enum"]) == hub.CHECKPOINT_SOURCES
+    assert tuple(section["properties"]["source"]["enum"]) == CHECKPOINT_SOURCES
     assert section["additionalProperties"] is False
 
 

@@ -17,6 +17,7 @@ import yaml
 from test_figures import MICRO, REPO, copy_workflow
 from test_workflow import planned_jobs
 
+from unisparse.config_checks import config_schema
 from unisparse import runtime
 
 BIN = Path(sys.executable).parent
@@ -92,7 +93,7 @@ def workdir(tmp_path_factory):
 
 def test_schema_states_the_library_values():
     """The schema is what users read; the values are defined once in unisparse.runtime."""
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["properties"]["runtime"]
+    schema = config_schema(REPO / "workflow/schemas/config.schema.yaml")["properties"]["runtime"]
     props = schema["properties"]
     assert props["dtype"]["enum"] == list(runtime.DTYPES)
     assert props["device"]["pattern"] == runtime.DEVICE_PATTERN

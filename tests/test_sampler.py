@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import make_model
+from unisparse.config_checks import config_schema
 from unisparse.evaluate import EVAL_DEFAULTS
 from unisparse.models import SAMPLER_DEFAULTS
-from unisparse.models.modeling_mot import CFG_RENORM_TYPES, guided_velocity
+from unisparse.models.sampling import CFG_RENORM_TYPES, guided_velocity
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 6, 7], [8, 9]]
@@ -54,7 +54,7 @@ def test_renormalisation_bounds_the_guided_norm():
 
 
 def test_sampler_settings_are_defined_once():
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    schema = config_schema(REPO / "workflow/schemas/config.schema.yaml")
     assert schema["$defs"]["cfg_renorm"]["enum"] == list(CFG_RENORM_TYPES)
     for section in ("evaluate", "calibrate"):
         assert set(SAMPLER_DEFAULTS) <= set(schema["properties"][section]["properties"]), section
@@ -65,7 +65,7 @@ def test_sampler_settings_are_defined_once():
 def test_benchmark_names_are_defined_once():
     from unisparse.benchmarks import BENCHMARKS, check_benchmarks
 
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    schema = config_schema(REPO / "workflow/schemas/config.schema.yaml")
     assert {t: p["enum"] for t, p in schema["$defs"]["benchmarks"]["properties"].items()} == \
         {t: list(v) for t, v in BENCHMARKS.items()}
     assert check_benchmarks({"gen": "shapes_geneval"}) == {"gen": "shapes_geneval", "und": "shapesqa"}
@@ -78,6 +78,6 @@ def test_schema_knows_every_evaluation_setting():
     variants the schema allows are the data files the runner has."""
     from unisparse.evaluate.geneval import METADATA_FILES
 
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["properties"]["evaluate"]
+    schema = config_schema(REPO / "workflow/schemas/config.schema.yaml")["properties"]["evaluate"]
     assert set(EVAL_DEFAULTS) == set(schema["properties"])
     assert sorted(schema["properties"]["geneval_prompts"]["enum"]) == sorted(METADATA_FILES)

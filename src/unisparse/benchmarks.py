@@ -3,8 +3,9 @@ ones the paper reports (GenEval for generation, MME for understanding). Defined 
 config schema and the evaluation and calibration settings take their values from this table."""
 from __future__ import annotations
 
-#: per task, the benchmarks a setting may name (the first is the default)
-BENCHMARKS = {"gen": ("shapes_geneval", "geneval"), "und": ("shapesqa", "mme")}
+from .choices import BENCHMARKS
+
+#: per task, the default benchmark (the first ``choices.BENCHMARKS`` names)
 DEFAULT_BENCHMARKS = {task: names[0] for task, names in BENCHMARKS.items()}
 #: benchmarks with a runner in this version (any other would be accepted by the schema, so that a DAG
 #: can be planned, and refused by the job that would run it)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from . import tasks
 from .io import IntegrityError, atomic_path, read_json, sha256_file, write_json
 from .benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
+from .choices import TASKS
 from .families import family_for
 from .models.sampling import SAMPLER_DEFAULTS, sampler_settings
 from .spec import merge_spec
@@ -42,7 +43,6 @@ from .worlds import shapes
 
 log = logging.getLogger(__name__)
 
-TASKS = ("und", "gen")
 COSINES = ("block_ld", "block_bagel", "attn", "mlp_ld", "mlp_bagel")
 #: tensor names of the co-activation statistic: the [I, d] sketch; files written before the sketch
 #: hold the full [I, I] matrix under the old name (still read: its rows are features as well)

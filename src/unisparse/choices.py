@@ -22,8 +22,9 @@ TASKS = ("und", "gen")
 BENCHMARKS = {"gen": ("shapes_geneval", "geneval"), "und": ("shapesqa", "mme")}
 #: GenEval's prompt sets: the original 553 prompts (short) or the rewritten long ones the paper uses
 GENEVAL_PROMPT_SETS = ("short", "long")
-#: classifier-free guidance renormalisation of the sampler
-CFG_RENORM_TYPES = ("none", "global", "channel")
+#: classifier-free guidance renormalisation of the sampler (BAGEL's global / per-token rescale, clamped at 1;
+#: ``pipeline``: QwenImagePipeline's own unclamped per-token rescale, Qwen-Image family only)
+CFG_RENORM_TYPES = ("none", "global", "channel", "pipeline")
 #: ShapesQA question types, in the order of train.qa_weights
 QA_TYPES = ("colour", "shape", "count", "relation")
 
@@ -60,6 +61,11 @@ FULL_INITS = ("none", "frozen")
 DENSE_LAYER_PRESETS = ("first_last", "none")
 #: models given the MoE's full tuning as controls: the dense model, the static width cut at k/E
 MOE_CONTROLS = ("dense", "static")
+
+# --- model families (families/__init__.py registers their adapters)
+#: the model families the pipeline runs: the Mixture-of-Transformers (tiny default, BAGEL-7B-MoT) and
+#: Qwen-Image (a Qwen2.5-VL text encoder and an MMDiT, diffusers); the first is the default
+FAMILIES = ("mot", "qwen_image")
 
 # --- where things come from and run
 #: where the dense checkpoint comes from: trained by the pipeline or downloaded from the Hub

@@ -103,7 +103,9 @@ def _device(text: str) -> str:
 
 
 def _dense_layers(text: str):
-    if text in ("first_last", "none"):
+    from .choices import DENSE_LAYER_PRESETS
+
+    if text in DENSE_LAYER_PRESETS:
         return text
     try:
         return [int(i) for i in text.split(",")]
@@ -292,9 +294,7 @@ def _add_output_args(s) -> None:
 
 
 def _register_probes(sub) -> None:
-    from .calibrate import TASKS
-    from .models import COMPONENTS, SKIPPED_ATTENTION_KV
-    from .prune import GRANULARITIES, SCORE_DEFINITIONS, WIDTH_SCORES
+    from .choices import COMPONENTS, DEPTH_SCORES as SCORE_DEFINITIONS, GRANULARITIES, SKIPPED_ATTENTION_KV, TASKS, WIDTH_SCORES
 
     s = sub.add_parser("calibrate", parents=[runtime_options()], help="streaming calibration statistics for one task")
     s.add_argument("model_dir")
@@ -376,10 +376,7 @@ def cmd_tune_moe(args) -> None:
 
 
 def _register_moe(sub) -> None:
-    from .models import COMPONENTS
-    from .models.moe_block import ROUTERS
-    from .moe.partition import PARTITION_METHODS as METHODS
-    from .moe.tune import MODES
+    from .choices import COMPONENTS, PARTITION_METHODS as METHODS, ROUTERS, TUNING_MODES as MODES
 
     s = sub.add_parser("partition", parents=[runtime_options()], help="split a component's MLPs into experts (dense -> MoE)")
     s.add_argument("model_dir")
@@ -481,6 +478,15 @@ def cmd_import_bagel(args) -> None:
     log.info("imported %s -> %s (%s, %s)", args.src, args.out, device, dtype)
 
 
+def cmd_import_qwen_image(args) -> None:
+    from .families.qwen_image import import_qwen_image
+
+    device, dtype = _runtime(args)
+    settings = parse_spec(args.settings, "--settings") if args.settings else None
+    import_qwen_image(args.src, args.out, device=device, dtype=dtype, settings=settings)
+    log.info("imported %s -> %s (%s, %s)", args.src, args.out, device, dtype)
+
+
 def cmd_count_params(args) -> None:
     """Parameter counts per top-level module, on the meta device (nothing is allocated)."""
     import torch
@@ -517,6 +523,14 @@ def _register_models(sub) -> None:
                    help=f"largest side of understood images (default {VIT_IMAGE_SIZE})")
     s.add_argument("--expect", help="sizes the checkpoint must have, e.g. the config's `model:` (JSON/YAML or @file)")
     s.set_defaults(func=cmd_import_bagel)
+
+    s = sub.add_parser("import-qwen-image", parents=[runtime_options()],
+                       help="load a diffusers Qwen/Qwen-Image snapshot strictly and write it as a unisparse model directory")
+    s.add_argument("--src", required=True, help="snapshot directory (model_index.json, text_encoder/, transformer/, vae/, "
+                                                "tokenizer/, scheduler/)")
+    s.add_argument("--out", required=True, help="model directory to write")
+    s.add_argument("--settings", help="family settings, e.g. {image_size: 1024} (JSON/YAML or @file)")
+    s.set_defaults(func=cmd_import_qwen_image)
 
     s = sub.add_parser("count-params", help="parameter counts per top-level module (meta device: no memory)")
     s.add_argument("model_dir", nargs="?", help="a unisparse model directory")

@@ -133,23 +133,37 @@ def _check_model(model: dict) -> None:
         raise ConfigError(f"model: {e}") from None
 
 
-def _check_depth(config: dict, layers: int) -> None:
+def component_sizes(model: dict) -> dict:
+    """``{component: (layers, MLP width)}`` the grids are planned with: a MoT's one layer count (and
+    its towers' widths), or another family's per-component ``layers`` and ``mlp_width``."""
+    if model.get("family", "mot") == "mot":
+        widths = {"und": model["intermediate_size"], "gen": model.get("gen_intermediate_size", model["intermediate_size"])}
+        return {c: (model["num_hidden_layers"], widths[c]) for c in choices.COMPONENTS}
+    return {c: (model["layers"][c], model["mlp_width"][c]) for c in choices.COMPONENTS}
+
+
+def _layers_key(model: dict, component: str) -> str:
+    return "model.num_hidden_layers" if model.get("family", "mot") == "mot" else f"model.layers.{component}"
+
+
+def _check_depth(config: dict, sizes: dict) -> None:
     for i, sweep in enumerate(config.get("depth", {}).get("sweeps", [])):
-        # a component has `layers` blocks, attention or MLP sublayers, and twice that many sublayers
-        limit = 2 * layers if _as_list(sweep["granularity"]) == ["sublayer"] else layers
-        for drop in _as_list(sweep["drop"]):
-            if drop > limit:
-                raise ConfigError(f"depth.sweeps[{i}].drop: cannot drop {drop} sublayers of a model with "
-                                  f"model.num_hidden_layers={layers} (granularity {sweep['granularity']})")
+        for component in _as_list(sweep["component"]):
+            layers = sizes[component][0]
+            # a component has `layers` blocks, attention or MLP sublayers, and twice that many sublayers
+            limit = 2 * layers if _as_list(sweep["granularity"]) == ["sublayer"] else layers
+            for drop in _as_list(sweep["drop"]):
+                if drop > limit:
+                    raise ConfigError(f"depth.sweeps[{i}].drop: cannot drop {drop} sublayers of a {component} component "
+                                      f"with {_layers_key(config['model'], component)}={layers} "
+                                      f"(granularity {sweep['granularity']})")
 
 
-def _check_moe(config: dict, layers: int) -> None:
+def _check_moe(config: dict, sizes: dict) -> None:
     moe = config.get("moe")
     if not moe:
         return
-    width = config["model"]["intermediate_size"]
-    if moe.get("component") == "gen":
-        width = config["model"].get("gen_intermediate_size", width)
+    layers, width = sizes[moe.get("component", "gen")]
     for i, part in enumerate(moe["partitions"]):
         E, k, shared = part["num_experts"], part["top_k"], part.get("shared_size", 0)
         if k > E:
@@ -193,7 +207,8 @@ def check_config(config: dict) -> None:
     for key in PATH_ROOTS:
         check_path_setting(key, config.get(key, PATH_ROOTS[key]))
     _check_train(config)
-    _check_model(config["model"])
-    layers = config["model"]["num_hidden_layers"]
-    _check_depth(config, layers)
-    _check_moe(config, layers)
+    if config["model"].get("family", "mot") == "mot":
+        _check_model(config["model"])
+    sizes = component_sizes(config["model"])
+    _check_depth(config, sizes)
+    _check_moe(config, sizes)

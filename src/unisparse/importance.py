@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from .choices import WIDTH_SCORES as NEURON_SCORES
 from .families import family_for
 
-NEURON_SCORES = ("act_norm", "weight", "published", "random")
 
 
 def neuron_scores(family, component: str, layer: int, score: str, calibration=None, seed: int = 0,

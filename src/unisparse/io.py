@@ -162,13 +162,24 @@ def directory_digest(directory) -> str | None:
     return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
 
 
+def _configs(model) -> dict:
+    """The model's config as a dict without volatile entries; a module that has none (a family's
+    container of several models) gives its children's, by name."""
+    def clean(config) -> dict:
+        data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        return {k: v for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS}
+
+    if hasattr(model, "config"):
+        return clean(model.config)
+    return {name: clean(child.config) for name, child in model.named_children() if hasattr(child, "config")}
+
+
 def state_digest(model) -> str:
     """sha256 of a model's config and every tensor (name, dtype, shape, bytes) as it is in memory:
     identifies the input of a run whose model never touched a file (library use)."""
     import torch
 
-    config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(_configs(model), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

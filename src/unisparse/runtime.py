@@ -7,9 +7,10 @@ config against these values without importing torch.
 """
 from __future__ import annotations
 
+from .choices import DTYPES  # noqa: F401  (re-exported: the CLI's --dtype choices)
+
 import re
 
-DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"  # matched in full (re.fullmatch: no trailing newline)
 DEFAULTS = {"device": "auto", "dtype": "float32"}
 

@@ -14,7 +14,7 @@ weights and the loss history an uninterrupted run reaches.
 """
 from __future__ import annotations
 
-import inspect
+import hashlib
 import json
 import logging
 import math
@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import distributed
+from .codemap import module_sources
 from .io import aside_copies, atomic_path, sha256_file, state_digest
 from .worlds import shapes
 
@@ -48,8 +49,12 @@ def lr_at(step: int, steps: int, lr: float, warmup_frac: float, min_lr_frac: flo
 
 
 def data_digest() -> str:
-    """Identity of the training data: the source of the world that generates it."""
-    return sha256_file(inspect.getsourcefile(shapes))
+    """Identity of the training data: the sources of the world that generates it (every module the
+    ``worlds.shapes`` facade draws on, so an edit to any of them is a different world)."""
+    h = hashlib.sha256()
+    for path in module_sources(shapes.__name__):
+        h.update(f"{Path(path).name}:{sha256_file(path)}\n".encode())
+    return h.hexdigest()
 
 
 class Checkpoint:
@@ -123,10 +128,11 @@ def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, wh
     missing = [k for k in LOOP_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"{what} settings lack {missing}")
-    w = distributed.world(model.device)
+    device = next(model.parameters()).device
+    w = distributed.world(device)
     provenance = {"input_model_sha256": state_digest(model), "data_sha256": data_digest(),
                   "spec": json.loads(json.dumps(cfg)), "names": list(names)}
-    trained = distributed.sharded_twin(model, set(names), model.device) if w.sharded else model
+    trained = distributed.sharded_twin(model, set(names), device) if w.sharded else model
     params = dict(trained.named_parameters())
     frozen_by_design = {n for n, p in model.named_parameters() if not p.requires_grad}  # e.g. sin-cos tables
     for n, p in params.items():

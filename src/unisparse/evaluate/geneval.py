@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import SAMPLER_DEFAULTS, sampler_settings
+from ..choices import GENEVAL_PROMPT_SETS
+from ..models.sampling import SAMPLER_DEFAULTS, sampler_settings
 from ..runtime import describe, synchronize
 from ..worlds.shapes import box_relations, derive_seed, tag_accuracies
 
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 #: the committed GenEval files (``data/geneval/SOURCE.md`` says where each comes from)
 DATA_DIR = Path(__file__).resolve().parents[3] / "data" / "geneval"
-METADATA_FILES = {"short": "evaluation_metadata.jsonl", "long": "evaluation_metadata_long.jsonl"}
+METADATA_FILES = dict(zip(GENEVAL_PROMPT_SETS, ("evaluation_metadata.jsonl", "evaluation_metadata_long.jsonl")))
 CALIBRATION_FILE = "calibration_metadata.jsonl"
 OBJECT_NAMES_FILE = "object_names.txt"
 

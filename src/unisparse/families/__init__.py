@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import importlib
 
-from .base import SUBLAYERS, Family, LayerObserver
+from ..choices import SUBLAYERS
+from .base import Family, LayerObserver
 
-#: registered families: name -> "module:Class" (a new family adds one line here)
+#: registered families: name -> ("module:Class", the file that marks its model directories); a new
+#: family adds one line here. The marker lets a directory be matched without importing every family.
 FAMILIES = {
-    "mot": "unisparse.families.mot:MoTFamily",
-    "qwen_image": "unisparse.families.qwen_image:QwenImageFamily",
+    "qwen_image": ("unisparse.families.qwen_image:QwenImageFamily", "model_index.json"),
+    "mot": ("unisparse.families.mot:MoTFamily", "config.json"),
 }
 
 
 def family_class(name: str) -> type[Family]:
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; registered: {sorted(FAMILIES)}")
-    module, cls = FAMILIES[name].split(":")
+    module, cls = FAMILIES[name][0].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
@@ -30,12 +32,8 @@ def family_name_of(model_dir) -> str:
 
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"{model_dir} is not a model directory")
-    for name in FAMILIES:
-        try:
-            cls = family_class(name)
-        except ImportError:  # a family whose optional dependency is missing cannot hold this directory
-            continue
-        if cls.is_model_dir(model_dir):
+    for name, (_, marker) in FAMILIES.items():
+        if (Path(model_dir) / marker).is_file() and family_class(name).is_model_dir(model_dir):
             return name
     raise FileNotFoundError(f"{model_dir} is not a model directory of any registered family {sorted(FAMILIES)} "
                             "(a MoT directory has config.json; a Qwen-Image one model_index.json)")

@@ -25,9 +25,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..choices import COMPONENTS
 from ..models.blocks import MLPWeights
 
-SUBLAYERS = ("attn", "mlp")
 
 
 class LayerObserver(Protocol):
@@ -49,7 +49,7 @@ class Family:
     #: registry name, recorded in what the pipeline writes (e.g. ``mot``, ``qwen_image``)
     name: str = ""
     #: what a component is called in the study; the order is the canonical one
-    components: tuple[str, ...] = ("und", "gen")
+    components: tuple[str, ...] = COMPONENTS
 
     def __init__(self, model: nn.Module, tokenizer=None):
         self.model = model  # the nn.Module holding every weight (training and accounting iterate it)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..choices import COMPONENTS
 from ..io import read_json, save_model
 from ..models import SUFFIX, MoTConfig, MoTForUnifiedModel, load_model
 from ..models.blocks import MLPWeights, SwiGLUMLP
@@ -22,7 +23,7 @@ LAYERS_PREFIX = "language_model.model.layers."
 
 class MoTFamily(Family):
     name = "mot"
-    components = ("und", "gen")
+    components = COMPONENTS
     #: the joint attention's rule for a dropped und attention sublayer (keep the prompt's K/V or not)
     options = ("skipped_attention_kv",)
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from ..choices import COMPONENTS, SKIPPED_ATTENTION_KV, SUBLAYERS
 from ..sizes import GEOMETRY_DEFAULTS, check_model_sizes
 
-COMPONENTS = ("und", "gen")
-SUBLAYERS = ("attn", "mlp")
 #: weight-name suffix of each component's tower, as in BAGEL (``q_proj`` / ``q_proj_moe_gen``)
 SUFFIX = {"und": "", "gen": "_moe_gen"}
 #: what a dropped understanding attention sublayer still provides to generation tokens
-SKIPPED_ATTENTION_KV = ("keep", "none")
 #: the vision tower: a linear patch encoder (the tiny default) or BAGEL's SigLIP NaViT
 VISIONS = ("patch", "siglip_navit")
 #: the image <-> latent codec: identity patchify (tiny) or the FLUX autoencoder (BAGEL)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling_mot import patchify, unpatchify
+from .patches import patchify, unpatchify
 
 #: FLUX.1 AE sizes as BAGEL's ``load_ae`` sets them. ``downsample`` is not a key: it follows from
 #: ``ch_mult`` (see ``FluxAutoEncoder.downsample``).

@@ -19,9 +19,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .blocks import SwiGLUMLP
+from .patches import patchify, unpatchify
 from .configuration_mot import COMPONENTS, SUFFIX, MoTConfig
 from .moe_block import MoEMLP
-from .sampling import SAMPLER_DEFAULTS, CFG_RENORM_TYPES, guided_velocity, sampler_settings  # noqa: F401  (re-exported)
+from .sampling import guided_velocity
 
 UND, GEN, PAD = 0, 1, -1
 TOKEN_TYPE = {"und": UND, "gen": GEN}
@@ -284,24 +285,6 @@ def sincos_2d(grid: int, dim: int, device=None) -> torch.Tensor:
 
     emb = torch.cat([enc(cols), enc(rows)], dim=1).float()
     return F.pad(emb, (0, dim - emb.shape[1]))
-
-
-def patchify(images, patch: int):
-    """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C]: patches in row-major order, each in (ph, pw, c) order (the
-    layout of BAGEL's Linear ViT patch embedding and of its latent patches)."""
-    B, H, W, C = images.shape
-    if H % patch or W % patch:
-        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch}")
-    x = images.reshape(B, H // patch, patch, W // patch, patch, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
-
-
-def unpatchify(tokens, patch: int, grid, channels: int):
-    """Inverse of ``patchify``: [B, h*w, p*p*C] -> [B, h*p, w*p, C]; ``grid`` is h = w or (h, w)."""
-    B = tokens.shape[0]
-    h, w = (grid, grid) if isinstance(grid, int) else grid
-    x = tokens.reshape(B, h, w, patch, patch, channels).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(B, h * patch, w * patch, channels)
 
 
 class IdentityCodec:

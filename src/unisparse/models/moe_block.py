@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import DISPATCHES, ROUTERS
 from .blocks import GELUMLP, MLP_KINDS, MLPWeights, SwiGLUMLP, activate
+from .moe_routing import route_plan
 
-ROUTERS = ("paper", "softmax")
-DISPATCHES = ("auto", "dense_equivalent", "nosync", "grouped", "grouped_mm", "triton", "loop")
 SPEC_DEFAULTS = {"shared_size": 0, "router": "paper", "dispatch": "auto", "activation": "swiglu"}
 
 
@@ -226,23 +226,6 @@ def _cuda_capability(device) -> tuple:
     if index not in _CAPABILITY:
         _CAPABILITY[index] = torch.cuda.get_device_capability(index)
     return _CAPABILITY[index]
-
-
-def route_plan(expert_idx, num_experts: int):
-    """The sort behind the sync-free dispatches, with fixed-size ops only (no ``nonzero``,
-    ``unique``, ``.item()``), so it never waits for the device and traces into one graph.
-
-    Returns ``order`` [N*k] (flat pair index, ``token * k + slot``, in expert-then-token order),
-    ``inverse`` [N*k] (the sorted position of each flat pair; a permutation, so un-permuting is a
-    gather and needs no atomics) and ``ends`` [E] int32 (cumulative group sizes, the ``offs`` of
-    a grouped GEMM; empty experts repeat the previous end).
-    """
-    flat = expert_idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    ends = torch.searchsorted(flat.index_select(0, order), torch.arange(num_experts, device=flat.device),
-                              right=True, out_int32=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return order, inverse, ends
 
 
 def dispatch_nosync(x, expert_idx, expert_weights, gate_up, down, kind="swiglu", up_bias=None):

@@ -4,7 +4,7 @@ Only :func:`unisparse.models.moe_block.dispatch_triton` imports this module, and
 (``dispatch: triton``); ``triton`` itself is imported here, so a CPU install never needs it.
 
 The (token, slot) pairs are sorted by expert with the same sync-free plan as ``nosync``
-(:func:`unisparse.models.moe_block.route_plan`); the sorted list is cut into blocks of ``BLOCK_M`` rows
+(:func:`unisparse.models.moe_routing.route_plan`); the sorted list is cut into blocks of ``BLOCK_M`` rows
 that never straddle two experts. A fixed grid of ``ceil(N*k / BLOCK_M) + E`` row blocks (an upper
 bound of the blocks needed, whatever the routing) is launched, and each program reads its expert
 and row range from a small table built on the device, so nothing waits for the host:
@@ -32,6 +32,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .moe_routing import route_plan
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -150,7 +152,6 @@ def block_table(ends, num_pairs: int, block_m: int):
 def moe_forward(x, expert_idx, expert_weights, gate_up, down):
     """Sum over each token's chosen experts of ``w * expert(x)`` (same contract as the other
     dispatches); no autograd."""
-    from .moe_block import route_plan
 
     E, two_i, H = gate_up.shape
     size = two_i // 2

@@ -2,6 +2,11 @@
 evaluation and calibration settings) and classifier-free guidance with optional renormalisation."""
 from __future__ import annotations
 
+from ..choices import CFG_RENORM_TYPES
+
+#: the renormalisations of BAGEL's sampler (``pipeline`` is the Qwen-Image family's)
+MOT_RENORMS = tuple(r for r in CFG_RENORM_TYPES if r != "pipeline")
+
 #: the sampler's settings and their defaults (the tiny default's; BAGEL's inferencer: 50 timesteps =
 #: 49 steps, cfg 4, interval [0.4, 1] ([0, 1] for GenEval), global renormalisation with min 0); evaluation
 #: and calibration settings carry these keys, and ``generate_images`` takes them as keyword arguments
@@ -15,13 +20,12 @@ def sampler_settings(spec: dict) -> dict:
 
 #: CFG renormalisation (BAGEL): scale the guided velocity down to the conditional one's norm, per sample
 #: over all its tokens (``global``) or per token (``channel``); ``none`` leaves it as is
-CFG_RENORM_TYPES = ("none", "global", "channel")
 
 
 def guided_velocity(v_c, v_u, scale: float, renorm: str = "none", renorm_min: float = 0.0):
     """Classifier-free guidance ``v_u + s (v_c - v_u)``, optionally renormalised (``CFG_RENORM_TYPES``)."""
-    if renorm not in CFG_RENORM_TYPES:
-        raise ValueError(f"unknown cfg_renorm {renorm!r}; expected one of {CFG_RENORM_TYPES}")
+    if renorm not in CFG_RENORM_TYPES or renorm == "pipeline":
+        raise ValueError(f"cfg_renorm {renorm!r} is not one of this sampler's {MOT_RENORMS}")
     v = v_u + scale * (v_c - v_u)
     if renorm == "none":
         return v

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from ..choices import PARTITION_METHODS
 from ..sizes import check_partition_sizes
 from ..models.moe_block import MoEMLP
 
-PARTITION_METHODS = ("snake", "contiguous", "random", "cluster")
 
 
 def partition_neurons(importance, num_experts: int, shared_size: int = 0, method: str = "snake", seed: int = 0, coact=None):

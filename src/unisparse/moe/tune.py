@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import tasks
+from ..choices import TUNING_MODES as MODES
 from ..families import family_for
 from ..models.moe_block import load_balancing_loss
 from ..spec import merge_spec
@@ -22,7 +23,6 @@ from ..worlds import shapes
 
 log = logging.getLogger(__name__)
 
-MODES = ("frozen", "full")
 TUNE_DEFAULTS = dict(steps=400, batch_gen=32, lr=1e-3, weight_decay=0.0, warmup_frac=0.05, min_lr_frac=0.1,
                      cond_dropout=0.1, grad_clip=1.0, balance_coef=0.0, checkpoint_every=100, seed=0, threads=2)
 

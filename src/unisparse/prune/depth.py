@@ -13,13 +13,13 @@ import logging
 
 import torch
 
+from ..choices import DEPTH_SCORES as SCORE_DEFINITIONS
+from ..choices import GRANULARITIES
 from ..families import family_for, like_given
 
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES = ("block", "attn", "mlp", "sublayer")
-SCORE_DEFINITIONS = ("ld", "bagel")
 
 
 def drop_scores(calibration, component: str, granularity: str, score: str = "ld") -> torch.Tensor:

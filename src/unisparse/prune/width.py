@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..families import family_for, like_given
-from ..importance import NEURON_SCORES, neuron_scores
-
-WIDTH_SCORES = NEURON_SCORES
+from ..choices import WIDTH_SCORES  # noqa: F401  (re-exported)
+from ..importance import neuron_scores
 
 
 def kept_neurons(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
