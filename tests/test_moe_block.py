@@ -4,16 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unisparse.models.blocks import SwiGLUMLP
+from unisparse.models.blocks import GELUMLP, MLPWeights, SwiGLUMLP
 from unisparse.models.moe_block import DISPATCHES, MoEMLP, load_balancing_loss, make_moe_spec
 from unisparse.moe.partition import dense_to_moe, partition_neurons
 
 H, WIDTH = 16, 48
 
 
-def _dense(seed=0):
+def _dense(seed=0, kind="swiglu"):
     torch.manual_seed(seed)
-    mlp = SwiGLUMLP(H, WIDTH)
+    mlp = SwiGLUMLP(H, WIDTH) if kind == "swiglu" else GELUMLP(H, WIDTH)
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0, 0.3)
@@ -23,7 +23,7 @@ def _dense(seed=0):
 def _moe(mlp, E, k, shared=0, router="paper", dispatch="grouped", method="snake"):
     imp = torch.rand(WIDTH, generator=torch.Generator().manual_seed(5))
     s, e = partition_neurons(imp, E, shared_size=shared, method=method)
-    spec = make_moe_spec([1], E, k, (WIDTH - shared) // E, shared, router, dispatch)
+    spec = make_moe_spec([1], E, k, (WIDTH - shared) // E, shared, router, dispatch, activation=mlp.kind)
     return dense_to_moe(mlp, s, e, spec), s, e
 
 
@@ -37,14 +37,47 @@ def _masked_dense(mlp, x, neuron_scale):
     return (act * neuron_scale) @ mlp.down_proj.weight.t()
 
 
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
 @pytest.mark.parametrize("shared", [0, 8])
 @pytest.mark.parametrize("dispatch", DISPATCHES)
-def test_all_experts_equal_dense(shared, dispatch):
-    mlp = _dense()
+def test_all_experts_equal_dense(shared, dispatch, kind):
+    mlp = _dense(kind=kind)
     moe, _, _ = _moe(mlp, E=4, k=4, shared=shared, dispatch=dispatch)
     x = _x()
     with torch.no_grad():
         assert torch.allclose(moe(x), mlp(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", [d for d in DISPATCHES if d != "loop"])
+def test_gelu_experts_every_dispatch_matches_the_reference_with_gradients(dispatch):
+    """Top-k of GELU experts (per-expert first-layer bias, output bias added once): every dispatch
+    computes the reference's output and gradients."""
+    mlp = _dense(kind="gelu")
+    ref, _, _ = _moe(mlp, E=4, k=2, router="softmax", dispatch="loop")
+    fast, _, _ = _moe(mlp, E=4, k=2, router="softmax", dispatch=dispatch)
+    fast.load_state_dict(ref.state_dict())
+    x = _x()
+    outs = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        m.zero_grad()
+        m(xi).square().sum().backward()
+        outs.append((xi.grad, m.experts.up_bias.grad, m.experts.up_proj.grad, m.down_bias.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_weights_select_and_module_round_trip():
+    for kind in ("swiglu", "gelu"):
+        mlp = _dense(kind=kind)
+        idx = torch.tensor([3, 0, 7])
+        narrow = MLPWeights.of(mlp).select(idx).module()
+        x = _x()
+        act = mlp(x, return_aux=True)[1]["act"][:, idx]
+        down = mlp.down_proj.weight[:, idx]
+        bias = mlp.down_proj.bias if kind == "gelu" else 0
+        with torch.no_grad():
+            torch.testing.assert_close(narrow(x), act @ down.t() + bias)
 
 
 @pytest.mark.parametrize("shared", [0, 8])
