@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from unisparse.models import MoTForUnifiedModel
+from unisparse.models.modeling_mot import MoTForUnifiedModel
 from unisparse.models.bagel import published_config
 from unisparse.runtime import describe, synchronize
 

@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from unisparse.models import MoTConfig  # noqa: E402
+from unisparse.models.configuration_mot import MoTConfig  # noqa: E402
 from unisparse.models.modeling_mot import MoTDecoderLayer, SwiGLUMLP, rope_cos_sin  # noqa: E402
 from unisparse.moe import DISPATCHES, dense_to_moe, make_moe_spec, partition_neurons  # noqa: E402
 from unisparse.models.moe_block import choose_dispatch  # noqa: E402

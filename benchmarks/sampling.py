@@ -91,7 +91,7 @@ def main() -> None:
 
     models = tiny_models(device, dtype) if args.tiny else {}
     if args.models:
-        from unisparse.models import load_model
+        from unisparse.models.loading import load_model
 
         models.update({path[-60:]: load_model(path, device=device, dtype=dtype) for path in args.models})
     runs = []  # (label, model, dispatch or None)

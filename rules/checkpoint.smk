@@ -2,6 +2,9 @@
 # killed run continues from results/checkpoints/train if that was made from the same settings), or
 # downloaded from the Hub at a locked commit and imported strictly (`checkpoint: {source: huggingface}`).
 CHECKPOINT = config.get("checkpoint", {"source": "train"})
+FAMILY = config["model"].get("family", "mot")
+# the MoT's sizes (what train-tiny builds and import-bagel expects): `model:` without the family's keys
+MODEL_SIZES = {k: v for k, v in config["model"].items() if k not in ("family", "settings")}
 
 if CHECKPOINT["source"] == "train":
 
@@ -12,7 +15,7 @@ if CHECKPOINT["source"] == "train":
             model=directory(f"{R}/models/dense"),
             summary=f"{R}/train/summary.json",
         params:
-            model=spec(config["model"]),
+            model=spec(MODEL_SIZES),
             train=spec(config["train"]),
             launch=launcher("train", "train-tiny"),
             runtime=runtime_args("train"),
@@ -65,7 +68,6 @@ if CHECKPOINT["source"] == "huggingface":
     # exactly one parameter (the loader names any missing, unexpected or mis-shaped key) and the tokenizer
     # travels with the weights. For the MoT the sizes must also be the config's `model:` (so the DAG's
     # checks, made from `model:` before any job runs, hold for the real weights).
-    FAMILY = config["model"].get("family", "mot")
     IMPORT_VERB = {"mot": "import-bagel", "qwen_image": "import-qwen-image"}[FAMILY]
 
     rule import_checkpoint:
@@ -76,7 +78,7 @@ if CHECKPOINT["source"] == "huggingface":
             model=directory(f"{R}/models/dense"),
         params:
             verb=IMPORT_VERB,
-            expect=f"--expect {shlex.quote(spec(config['model']))}" if FAMILY == "mot" else "",
+            expect=f"--expect {shlex.quote(spec(MODEL_SIZES))}" if FAMILY == "mot" else "",
             settings=f"--settings {shlex.quote(spec(config['model']['settings']))}" if "settings" in config["model"] else "",
             runtime=runtime_args("import"),
         threads: res("import", "threads")

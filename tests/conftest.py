@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from unisparse.models import MoTConfig, MoTForUnifiedModel
+from unisparse.models.configuration_mot import MoTConfig
+from unisparse.models.modeling_mot import MoTForUnifiedModel
 from unisparse.tasks import model_config_kwargs
 
 

@@ -8,8 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from unisparse.io import IntegrityError
-from unisparse.models import load_model
-from unisparse.models import MoTForUnifiedModel
+from unisparse.models.loading import load_model
+from unisparse.models.modeling_mot import MoTForUnifiedModel
 from unisparse.models.bagel import (AE, EMA, LLM_CONFIG, PUBLISHED, VIT_CONFIG, load_bagel, published_config,
                                     write_fake_checkpoint)
 from unisparse.models.siglip_navit import conv_patch_weight_to_linear

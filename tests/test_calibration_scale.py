@@ -19,7 +19,7 @@ from unisparse.calibrate import (CALIB_DEFAULTS, LEGACY_COACT_KEY, SKETCH_KEY, C
 from unisparse.cli import main
 from unisparse.config_checks import ConfigError, check_config
 from unisparse.io import MANIFEST, save_model, sha256_file, state_digest
-from unisparse.models import load_model
+from unisparse.models.loading import load_model
 from unisparse.moe.partition import partition_neurons
 from unisparse.worlds import shapes
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import make_model
 from unisparse.io import save_model
-from unisparse.models import load_model
+from unisparse.models.loading import load_model
 from unisparse.moe.convert import convert_to_moe
 from unisparse.moe.tune import tune_moe
 from unisparse.train import train_tiny
@@ -69,7 +69,7 @@ def test_two_process_tuning_equals_one_process(moe_dir, tmp_path):
 
 
 STOP = """import json, sys
-from unisparse.models import load_model
+from unisparse.models.loading import load_model
 from unisparse.moe.tune import tune_moe
 tune_moe(load_model(sys.argv[1]), "gen", "full", json.loads(sys.argv[2]), checkpoint_dir=sys.argv[3], progress=False,
          stop_after=int(sys.argv[4]))

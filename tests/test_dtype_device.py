@@ -30,7 +30,7 @@ def test_bfloat16_answers_and_images_agree_with_float32(chains):
     answers on nearly every question, nearly the same images."""
     from unisparse.evaluate.generation import generate_for
     from unisparse.evaluate.understanding import answer_questions
-    from unisparse.models import load_model
+    from unisparse.models.loading import load_model
     from unisparse.worlds import shapes
 
     root = chains["float32"][1]

@@ -18,7 +18,7 @@ from conftest import make_model
 from unisparse.calibrate import Calibration, run_calibration, save_stats
 from unisparse.cli import main
 from unisparse.io import MANIFEST, IntegrityError, directory_digest, save_model
-from unisparse.models import load_model
+from unisparse.models.loading import load_model
 from unisparse.moe.convert import convert_to_moe
 from unisparse.moe.tune import tune_moe
 

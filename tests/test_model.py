@@ -3,8 +3,8 @@ import torch
 
 from unisparse import tasks
 from unisparse.io import save_model
-from unisparse.models import load_model
-from unisparse.models import COMPONENTS, SUFFIX
+from unisparse.models.loading import load_model
+from unisparse.models.configuration_mot import COMPONENTS, SUFFIX
 from unisparse.worlds import shapes
 
 from conftest import make_model

@@ -6,7 +6,7 @@ from conftest import make_model
 from unisparse.accounting import parameter_counts
 from unisparse.calibrate import Calibration, run_calibration
 from unisparse.io import save_model
-from unisparse.models import load_model
+from unisparse.models.loading import load_model
 from unisparse.moe.convert import convert_to_moe
 from unisparse.moe.tune import trainable_names, tune_moe
 from unisparse.worlds import shapes

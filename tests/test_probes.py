@@ -7,7 +7,7 @@ from unisparse import tasks
 from unisparse.accounting import parameter_counts
 from unisparse.calibrate import Calibration, run_calibration, save_stats
 from unisparse.io import save_model
-from unisparse.models import load_model
+from unisparse.models.loading import load_model
 from unisparse.prune import drop_scores, prune_depth, prune_width
 from unisparse.importance import neuron_scores
 from unisparse.worlds import shapes

@@ -99,7 +99,7 @@ def test_evaluate_scores_geneval_and_mme(offline, dense, tmp_path):
 def test_shapes_tokenizer_cannot_run_mme(dense, tmp_path, offline):
     """The tiny default has no text tokenizer: MME is refused with a message, not scored on garbage."""
     from unisparse.evaluate import evaluate_model
-    from unisparse.models import load_model
+    from unisparse.models.loading import load_model
 
     with pytest.raises(ValueError, match="text tokenizer"):
         evaluate_model(load_model(dense), {**REAL, "benchmarks": {"und": "mme", "gen": "shapes_geneval"}})

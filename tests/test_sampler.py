@@ -7,7 +7,7 @@ import torch
 from conftest import make_model
 from unisparse.config_checks import config_schema
 from unisparse.evaluate import EVAL_DEFAULTS
-from unisparse.models import SAMPLER_DEFAULTS
+from unisparse.models.sampling import SAMPLER_DEFAULTS
 from unisparse.models.sampling import CFG_RENORM_TYPES, guided_velocity
 
 REPO = Path(__file__).resolve().parents[1]

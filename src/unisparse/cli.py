@@ -491,7 +491,8 @@ def cmd_count_params(args) -> None:
     """Parameter counts per top-level module, on the meta device (nothing is allocated)."""
     import torch
 
-    from .models import MoTConfig, MoTForUnifiedModel
+    from .models.configuration_mot import MoTConfig
+    from .models.modeling_mot import MoTForUnifiedModel
     from .models.bagel import config_from_bagel, published_config
 
     if args.published:

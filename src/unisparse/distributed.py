@@ -67,7 +67,11 @@ def rank_device(device, w: World):
 
 
 def sharded_twin(model, trainable: set[str], device):
-    """A copy of ``model`` sharded with FSDP2 over the process group, holding its weights."""
+    """A copy of ``model`` sharded with FSDP2 over the process group, holding its weights (the MoT
+    family: its decoder layers are the units sharded)."""
+    if not hasattr(model, "layers") or not hasattr(model, "config"):
+        raise ValueError(f"sharded training under torchrun supports the MoT family only, not {type(model).__name__}: "
+                         "run this family's tuning as one process")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 

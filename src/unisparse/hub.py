@@ -25,7 +25,6 @@ from .io import IntegrityError, atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
-#: where the dense checkpoint comes from (config ``checkpoint.source``; the schema states the same list)
 #: the manifest a fetched directory carries: repository, commit and the verified sums
 MANIFEST = "checkpoint.json"
 #: ``note`` is free text for people (where the values came from); the code ignores it

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from . import tasks
 from .families import family_for
 from .io import save_model
-from .models import MoTConfig, MoTForUnifiedModel
+from .models.configuration_mot import MoTConfig
+from .models.modeling_mot import MoTForUnifiedModel
 from .spec import merge_spec
 from .trainloop import lr_at, run_training  # noqa: F401  (lr_at: part of this module's API)
 from .worlds import shapes

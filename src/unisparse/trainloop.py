@@ -49,11 +49,12 @@ def lr_at(step: int, steps: int, lr: float, warmup_frac: float, min_lr_frac: flo
 
 
 def data_digest() -> str:
-    """Identity of the training data: the sources of the world that generates it (every module the
-    ``worlds.shapes`` facade draws on, so an edit to any of them is a different world)."""
+    """Identity of the training data: the sources of the world that generates it (every module of
+    ``worlds`` the ``worlds.shapes`` facade draws on, so an edit to any of them is a different world)."""
     h = hashlib.sha256()
     for path in module_sources(shapes.__name__):
-        h.update(f"{Path(path).name}:{sha256_file(path)}\n".encode())
+        if Path(path).parent.name == "worlds":  # the world's modules (not the package's version or choices)
+            h.update(f"{Path(path).name}:{sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 

@@ -511,7 +511,7 @@ def run_mme(model, tokenizer, spec: dict | None = None, progress: bool = False,
             transform: Callable | None = None) -> dict:
     """Score ``model`` on MME (settings: ``MME_DEFAULTS``; other keys of ``spec`` are ignored).
 
-    The prompt is BAGEL's (``mme_prompt``), the image goes through ``transform(image, model.config)``
+    The prompt is BAGEL's (``mme_prompt``), the image goes through ``transform(image, family.image_config)``
     (default ``bagel_transform``: BAGEL's own resolution on a NaViT model), and the answer is the
     greedy first token of ``understanding_logits``, decoded with ``tokenizer`` and parsed by MME's rules
     (``answer_label``); BAGEL generates a short answer (up to 20 tokens), but for these prompts its first
@@ -628,5 +628,5 @@ def calibration_items(spec: dict | None = None) -> list[tuple[object, str]]:
     three negative-sampling settings), images in a fixed hash order, one question per image per round,
     the first ``calib_items``; a larger count extends a smaller one. The image is a lazily decoded PIL
     image, the prompt the full MME-style text (``calibration_prompt``); stream them with
-    ``prepare_batch(images, prompts, tokenizer, model.config)`` into ``understanding_logits``."""
+    ``prepare_batch(images, prompts, tokenizer, family.image_config)`` into ``understanding_logits``."""
     return calibration_set(spec)[0]

@@ -54,7 +54,7 @@ def family_for(model, tokenizer=None) -> Family:
     """Wrap a model in memory (library use): a ``Family`` is returned as is."""
     if isinstance(model, Family):
         return model
-    from ..models import MoTForUnifiedModel
+    from ..models.modeling_mot import MoTForUnifiedModel
 
     if isinstance(model, MoTForUnifiedModel):
         from ..text import tokenizer_for

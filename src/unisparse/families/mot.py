@@ -14,7 +14,9 @@ import torch
 
 from ..choices import COMPONENTS
 from ..io import read_json, save_model
-from ..models import SUFFIX, MoTConfig, MoTForUnifiedModel, load_model
+from ..models.configuration_mot import SUFFIX, MoTConfig
+from ..models.modeling_mot import MoTForUnifiedModel
+from ..models.loading import load_model
 from ..models.blocks import MLPWeights, SwiGLUMLP
 from .base import Family
 

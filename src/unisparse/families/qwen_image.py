@@ -548,7 +548,6 @@ class QwenImageFamily(Family):
                                                      position_ids=position_ids, use_cache=False, observer=rows)
         return out.last_hidden_state
 
-    @torch.no_grad()
     @property
     def image_config(self):
         """How an understanding benchmark sizes its images for this family (``evaluate.mme``'s
@@ -559,6 +558,7 @@ class QwenImageFamily(Family):
         size = int(self.settings["und_image_size"])
         return SimpleNamespace(vision="patch", vit_image_size=size, vit_patch_size=28, vit_max_num_patch_per_side=size // 28)
 
+    @torch.no_grad()
     def understanding_logits(self, images, question_ids, observer=None):
         te = self.text_encoder
         pixel_values, grid, n_image = self._pixel_inputs(images)

@@ -1,5 +1,5 @@
 """Load a model directory written by the pipeline: the class comes from the saved config through
-transformers' Auto registration (``models/__init__.py`` registers the MoT), never from the caller."""
+transformers' Auto registration (``modeling_mot`` registers the MoT when imported), never from the caller."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from ..io import MANIFEST, IntegrityError, check_weights_match, verify_manifest
+from . import modeling_mot  # noqa: F401  (registers the MoT's config type with the Auto classes)
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .blocks import SwiGLUMLP
 from .patches import patchify, unpatchify
@@ -619,3 +619,8 @@ class MoTForUnifiedModel(PreTrainedModel):
 
 def _device_of(generator):
     return generator.device if generator is not None else torch.device("cpu")
+
+
+# the config's model type resolves to this class through transformers' Auto classes (models.loading)
+AutoConfig.register(MoTConfig.model_type, MoTConfig, exist_ok=True)
+AutoModel.register(MoTConfig, MoTForUnifiedModel, exist_ok=True)

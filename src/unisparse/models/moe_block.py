@@ -32,7 +32,7 @@ up to float rounding (tests/test_moe_dispatch.py: forward and gradients against 
     two matmuls on views of the stacked weights and adds its scaled output back. Syncs per expert;
     fastest on CPU for large token counts (per-expert gathers stay cache-sized).
   * ``grouped_mm``: host-sorted pairs, one gather, two ``F.grouped_mm`` calls, ``index_add_`` back.
-  * ``triton``: optional Triton kernels (``triton_dispatch.py``; gather fused into the first GEMM,
+  * ``triton``: optional Triton kernels (``moe_triton.py``; gather fused into the first GEMM,
     scatter into the second), CUDA inference only, opt-in (``auto`` never picks it); elsewhere it
     computes ``nosync``.
   * ``loop``: the plain reference (``torch.where`` per expert), the reference of truth for tests.
@@ -230,7 +230,7 @@ def _cuda_capability(device) -> tuple:
 
 def dispatch_nosync(x, expert_idx, expert_weights, gate_up, down, kind="swiglu", up_bias=None):
     """The GPU dispatch: sort the (token, slot) pairs by expert (:func:`route_plan`), gather the
-    rows of x once, two grouped GEMMs with the routing weight folded into the SwiGLU activation
+    rows of x once, two grouped GEMMs with the routing weight folded into the expert activation
     (the narrow side) before the down projection, then un-permute by a gather through the inverse
     permutation and sum the k slots of each token (no ``index_add_``/``index_put``, no atomics).
 
@@ -255,7 +255,7 @@ def dispatch_nosync(x, expert_idx, expert_weights, gate_up, down, kind="swiglu",
 
 
 def dispatch_triton(x, expert_idx, expert_weights, gate_up, down, kind="swiglu", up_bias=None):
-    """Triton kernels (``triton_dispatch.py``, ScatterMoE's idea: the gather of x fused into the
+    """Triton kernels (``moe_triton.py``, ScatterMoE's idea: the gather of x fused into the
     first grouped GEMM, SwiGLU and the routing weight into its epilogue, the scatter back to
     (token, slot) order into the second's). Inference only and CUDA only: with autograd
     recording, or off CUDA, or without the ``triton`` package, it computes :func:`dispatch_nosync`.

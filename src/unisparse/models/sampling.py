@@ -18,12 +18,10 @@ def sampler_settings(spec: dict) -> dict:
     return {k: spec.get(k, v) for k, v in SAMPLER_DEFAULTS.items()}
 
 
-#: CFG renormalisation (BAGEL): scale the guided velocity down to the conditional one's norm, per sample
-#: over all its tokens (``global``) or per token (``channel``); ``none`` leaves it as is
-
-
 def guided_velocity(v_c, v_u, scale: float, renorm: str = "none", renorm_min: float = 0.0):
-    """Classifier-free guidance ``v_u + s (v_c - v_u)``, optionally renormalised (``CFG_RENORM_TYPES``)."""
+    """Classifier-free guidance ``v_u + s (v_c - v_u)``, optionally renormalised as BAGEL does: scaled
+    down to the conditional velocity's norm, per sample over all its tokens (``global``) or per token
+    (``channel``), by a factor of at least ``renorm_min``; ``none`` leaves it as is."""
     if renorm not in CFG_RENORM_TYPES or renorm == "pipeline":
         raise ValueError(f"cfg_renorm {renorm!r} is not one of this sampler's {MOT_RENORMS}")
     v = v_u + scale * (v_c - v_u)

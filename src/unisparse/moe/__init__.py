@@ -1,4 +1,4 @@
-"""Dense -> MoE conversion of SwiGLU MLPs: expert partitioning, the MoE block and its dispatch."""
+"""Dense -> MoE conversion of SwiGLU and GELU MLPs: expert partitioning, the MoE block and its dispatch."""
 from ..models.moe_block import (
     DISPATCHES,
     ROUTERS,

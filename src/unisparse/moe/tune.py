@@ -47,6 +47,8 @@ def trainable_names(family, component: str, mode: str) -> list[str]:
         if layers is not None and layer not in layers:
             continue  # a layer kept dense in an MoE component: not tuned
         block = family.mlp(component, layer, slot)
+        if mode == "frozen" and not hasattr(block, "router_parameter_names"):
+            continue  # a dense MLP in an MoE layer (a family may convert some slots only): no router
         routers = set(block.router_parameter_names()) if mode == "frozen" else None
         chosen.update(id(p) for n, p in block.named_parameters() if routers is None or n in routers)
     names = [name for name, p in family.model.named_parameters() if id(p) in chosen]

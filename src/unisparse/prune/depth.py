@@ -77,7 +77,12 @@ def apply_drop(model, component: str, sublayers: dict, skipped_attention_kv: str
 def _options(family, skipped_attention_kv):
     """The depth options this family understands (the MoT's rule for a dropped joint-attention
     sublayer; a family without joint attention across components has none)."""
-    if skipped_attention_kv is None or "skipped_attention_kv" not in getattr(family, "options", ()):
+    if skipped_attention_kv is None:
+        return {}
+    if "skipped_attention_kv" not in getattr(family, "options", ()):
+        if skipped_attention_kv != "keep":
+            raise ValueError(f"skipped_attention_kv {skipped_attention_kv!r}: the {family.name} family has no joint "
+                             "attention across components to withhold keys and values from")
         return {}
     return {"skipped_attention_kv": skipped_attention_kv}
 
