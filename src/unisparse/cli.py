@@ -268,10 +268,11 @@ def cmd_prune_depth(args) -> None:
 
 
 def cmd_prune_width(args) -> None:
+    from .choices import DATA_FREE_WIDTH_SCORES
     from .prune import prune_width
 
     settings = _output_settings(args)
-    if args.score in ("act_norm", "published") and not args.calibration:
+    if args.score not in DATA_FREE_WIDTH_SCORES and not args.calibration:
         raise UsageError(f"--score {args.score} needs --calibration")
     family, digest = _load(args)
     calibration = _load_calibration(args.calibration, family, digest) if args.calibration else None

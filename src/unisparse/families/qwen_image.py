@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import CFG_RENORM_TYPES, COMPONENTS, SUBLAYERS
 from ..io import IntegrityError, atomic_path, read_json, verify_manifest, write_manifest
 from ..models.blocks import MLPWeights
 from ..models.qwen_image import (
@@ -40,7 +41,6 @@ from ..models.qwen_image import (
     unpack_latents,
 )
 from ..worlds import shapes
-from ..choices import CFG_RENORM_TYPES, COMPONENTS, SUBLAYERS
 from .base import Family
 
 log = logging.getLogger(__name__)
