@@ -68,28 +68,50 @@ if CHECKPOINT["source"] == "huggingface":
     # exactly one parameter (the loader names any missing, unexpected or mis-shaped key) and the tokenizer
     # travels with the weights. For the MoT the sizes must also be the config's `model:` (so the DAG's
     # checks, made from `model:` before any job runs, hold for the real weights).
-    IMPORT_VERB = {"mot": "import-bagel", "qwen_image": "import-qwen-image"}[FAMILY]
+    if FAMILY == "mot":
 
-    rule import_checkpoint:
-        input:
-            code=code(IMPORT_VERB),
-            checkpoint=rules.download_checkpoint.output.checkpoint,
-        output:
-            model=directory(f"{R}/models/dense"),
-        params:
-            verb=IMPORT_VERB,
-            expect=f"--expect {shlex.quote(spec(MODEL_SIZES))}" if FAMILY == "mot" else "",
-            settings=f"--settings {shlex.quote(spec(config['model']['settings']))}" if "settings" in config["model"] else "",
-            runtime=runtime_args("import"),
-        threads: res("import", "threads")
-        resources:
-            **resources_for("import"),
-        log:
-            f"{LOGS}/import_checkpoint.log",
-        benchmark:
-            f"{LOGS}/benchmarks/import_checkpoint.tsv"
-        conda:
-            "../environment.yml"
-        shell:
-            "unisparse --no-progress {params.verb} {params.runtime:q} --src {input.checkpoint:q} {params.expect} {params.settings}"
-            " --out {output.model:q} 2> {log:q}"
+        rule import_checkpoint:
+            input:
+                code=code("import-bagel"),
+                checkpoint=rules.download_checkpoint.output.checkpoint,
+            output:
+                model=directory(f"{R}/models/dense"),
+            params:
+                expect=spec(MODEL_SIZES),
+                runtime=runtime_args("import"),
+            threads: res("import", "threads")
+            resources:
+                **resources_for("import"),
+            log:
+                f"{LOGS}/import_checkpoint.log",
+            benchmark:
+                f"{LOGS}/benchmarks/import_checkpoint.tsv"
+            conda:
+                "../environment.yml"
+            shell:
+                "unisparse --no-progress import-bagel {params.runtime:q} --src {input.checkpoint:q} --expect {params.expect:q}"
+                " --out {output.model:q} 2> {log:q}"
+
+    else:  # qwen_image: the diffusers snapshot, with the family's settings (image sizes, templates)
+
+        rule import_checkpoint:
+            input:
+                code=code("import-qwen-image"),
+                checkpoint=rules.download_checkpoint.output.checkpoint,
+            output:
+                model=directory(f"{R}/models/dense"),
+            params:
+                settings=spec(config["model"].get("settings", {})),
+                runtime=runtime_args("import"),
+            threads: res("import", "threads")
+            resources:
+                **resources_for("import"),
+            log:
+                f"{LOGS}/import_checkpoint.log",
+            benchmark:
+                f"{LOGS}/benchmarks/import_checkpoint.tsv"
+            conda:
+                "../environment.yml"
+            shell:
+                "unisparse --no-progress import-qwen-image {params.runtime:q} --src {input.checkpoint:q}"
+                " --settings {params.settings:q} --out {output.model:q} 2> {log:q}"

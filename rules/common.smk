@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import shlex
 
 from snakemake.exceptions import WorkflowError
 

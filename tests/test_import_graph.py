@@ -211,20 +211,15 @@ def rule_verbs() -> dict[str, tuple[str, str]]:
             code = re.search(r'code=code\("([\w-]+)"\)', block)
             if name and code:
                 shell = block.split("shell:", 1)[1]
-                out[name.group(1)] = (code.group(1), " ".join(re.findall(r'"([^"]*)"', shell)))
-            elif name and "code=code(IMPORT_VERB)" in block:  # the import verb is the model family's
-                shell = " ".join(re.findall(r'"([^"]*)"', block.split("shell:", 1)[1]))
-                assert "verb=IMPORT_VERB" in block and "--no-progress {params.verb} " in shell
-                verbs = re.search(r"IMPORT_VERB = (\{[^}]*\})", path.read_text()).group(1)
-                for verb in eval(verbs).values():
-                    out[f"{name.group(1)}[{verb}]"] = (verb, shell.replace("{params.verb}", verb))
+                key = name.group(1) if name.group(1) not in out else f"{name.group(1)}[{code.group(1)}]"  # per family
+                out[key] = (code.group(1), " ".join(re.findall(r'"([^"]*)"', shell)))
     return out
 
 
 def test_every_rule_maps_the_verb_it_runs():
     rules = rule_verbs()
     assert {"train_tiny", "calibrate", "prune_depth", "prune_width", "partition", "tune_moe", "tune_control",
-            "evaluate", "probes_table", "moe_table", "import_checkpoint[import-bagel]",
+            "evaluate", "probes_table", "moe_table", "import_checkpoint",
             "import_checkpoint[import-qwen-image]"} <= set(rules)
     for rule, (verb, shell) in rules.items():
         assert re.search(rf"--no-progress {re.escape(verb)} ", shell), (rule, verb, shell)

@@ -376,6 +376,10 @@ class ScriptedModel:
     def eval(self):
         return self
 
+    @property
+    def image_config(self):  # what a family adapter says about its understanding images
+        return self.config
+
     def understanding_logits(self, images, question_ids):
         assert images.dtype == torch.float32 and images.shape[1:] == (28, 28, 3)
         self.calls.append(len(question_ids))

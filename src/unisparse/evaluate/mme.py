@@ -487,6 +487,10 @@ def answer_mme(family, tokenizer, items: list[MMEItem], batch_size: int = 16, pr
     """Per-question records (``category``, ``question_id``, ``question``, ``answer``, ``token_id``,
     ``response``, ``pred``, ``correct``): the greedy first answer token, decoded and parsed."""
     _check_tokenizer(tokenizer)
+    if isinstance(family, torch.nn.Module):  # a bare model (library use): its family's adapter
+        from ..families import family_for
+
+        family = family_for(family, tokenizer)
     family.eval()
     out = []
     for i in tqdm(range(0, len(items), batch_size), desc="MME", disable=not progress):
