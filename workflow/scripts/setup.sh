@@ -10,7 +10,7 @@ fi
 # torch is pinned: 2.13.0 (CPU) lies on the project's machines as a local wheel; an unpinned
 # torch would pull several GB of CUDA wheels.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[workflow,test,qwen_image]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[workflow,test,qwen]"
 # make `snakemake --profile slurm` find the repo's profile (~/.config/snakemake/slurm)
 bash workflow/scripts/install_profile.sh
 echo "unisparse environment ready: . .venv/bin/activate" >&2

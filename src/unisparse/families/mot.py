@@ -86,6 +86,8 @@ class MoTFamily(Family):
                 self.check_component(component)
                 prefix = self._mlp_prefix(component, layer)
                 if isinstance(block, MLPWeights):
+                    if block.kind != "swiglu":
+                        raise ValueError(f"a MoT's MLPs are SwiGLU; got {block.kind} weights for {component} layer {layer}")
                     widths.setdefault(component, [self.config.mlp_width(component, i)
                                                   for i in range(self.config.num_hidden_layers)])
                     widths[component][layer] = block.width
