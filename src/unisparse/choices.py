@@ -25,6 +25,8 @@ GENEVAL_PROMPT_SETS = ("short", "long")
 #: classifier-free guidance renormalisation of the sampler (BAGEL's global / per-token rescale, clamped at 1;
 #: ``pipeline``: QwenImagePipeline's own unclamped per-token rescale, Qwen-Image family only)
 CFG_RENORM_TYPES = ("none", "global", "channel", "pipeline")
+#: the renormalisations of BAGEL's (the MoT's) sampler
+MOT_RENORMS = tuple(r for r in CFG_RENORM_TYPES if r != "pipeline")
 #: ShapesQA question types, in the order of train.qa_weights
 QA_TYPES = ("colour", "shape", "count", "relation")
 

@@ -212,7 +212,7 @@ def check_config(config: dict) -> None:
         for stage in ("evaluate", "calibrate"):  # QwenImagePipeline's own rescale exists in that family only
             if config.get(stage, {}).get("cfg_renorm") == "pipeline":
                 raise ConfigError(f"{stage}.cfg_renorm: 'pipeline' is the Qwen-Image family's guidance rescale; "
-                                  f"a MoT takes {[r for r in choices.CFG_RENORM_TYPES if r != 'pipeline']}")
+                                  f"a MoT takes {list(choices.MOT_RENORMS)}")
     sizes = component_sizes(config["model"])
     _check_depth(config, sizes)
     _check_moe(config, sizes)

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..choices import CFG_RENORM_TYPES, COMPONENTS, SUBLAYERS
+from ..choices import COMPONENTS, SUBLAYERS
 from ..io import IntegrityError, atomic_path, read_json, verify_manifest, write_manifest
 from ..models.blocks import MLPWeights
+from ..models.sampling import check_renorm, guided_velocity
 from ..models.qwen_image import (
     GEN_SLOTS,
     UND_SLOTS,
@@ -127,21 +128,6 @@ class RowObserver:
         elif self.with_slot and mlp_update is not None:
             aux = {"slot": slot}
         self.observer.on_layer(layer, self.component, pick(h_in), pick(attn_update), pick(mlp_update), aux)
-
-
-def guided_velocity(v_c, v_u, scale: float, renorm: str = "none", renorm_min: float = 0.0):
-    """True classifier-free guidance ``v_u + s (v_c - v_u)`` with optional renormalisation
-    (``CFG_RENORM_TYPES``); velocities are [B, L, D] token tensors."""
-    if renorm not in CFG_RENORM_TYPES:
-        raise ValueError(f"unknown cfg_renorm {renorm!r}; expected one of {CFG_RENORM_TYPES}")
-    v = v_u + scale * (v_c - v_u)
-    if renorm == "none":
-        return v
-    if renorm == "pipeline":
-        return v * (v_c.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
-    dims = (1, 2) if renorm == "global" else (2,)
-    ratio = v_c.norm(dim=dims, keepdim=True) / (v.norm(dim=dims, keepdim=True) + 1e-8)
-    return v * ratio.clamp(min=renorm_min, max=1.0)
 
 
 def calculate_shift(seq_len: int, config) -> float:
@@ -673,8 +659,7 @@ class QwenImageFamily(Family):
         """Euler sampling on the scheduler's sigmas with true CFG where ``cfg_interval[0] < sigma <=
         cfg_interval[1]`` (unconditional prompt: empty). Each sample's noise is drawn on the CPU from
         its own seed, so an image does not depend on its batch or device. Returns [B, H, W, 3]."""
-        if cfg_renorm not in CFG_RENORM_TYPES:
-            raise ValueError(f"unknown cfg_renorm {cfg_renorm!r}; expected one of {CFG_RENORM_TYPES}")
+        check_renorm(cfg_renorm)
         B = len(prompt_ids)
         cond = self.encode_prompts(prompt_ids, observer)
         both = self._cat_text(cond, self.encode_prompts([[]] * B, observer)) if cfg_scale != 1.0 else None

@@ -22,7 +22,7 @@ from .blocks import SwiGLUMLP
 from .patches import patchify, unpatchify
 from .configuration_mot import COMPONENTS, SUFFIX, MoTConfig
 from .moe_block import MoEMLP
-from .sampling import guided_velocity
+from .sampling import MOT_RENORMS, check_renorm, guided_velocity
 
 UND, GEN, PAD = 0, 1, -1
 TOKEN_TYPE = {"und": UND, "gen": GEN}
@@ -577,6 +577,7 @@ class MoTForUnifiedModel(PreTrainedModel):
         ``cfg_interval[0] < t <= cfg_interval[1]`` (the unconditional pass sees no prompt) and optional
         CFG renormalisation (``CFG_RENORM_TYPES``). Each sample's noise comes from its own seed, so an
         image does not depend on what else is in the batch. Returns [B, H, W, C] in [0, 1]."""
+        check_renorm(cfg_renorm, MOT_RENORMS)
         c = self.config
         shift = c.timestep_shift if shift is None else shift
         B, L = len(prompt_ids), c.num_latent_tokens

@@ -2,10 +2,7 @@
 evaluation and calibration settings) and classifier-free guidance with optional renormalisation."""
 from __future__ import annotations
 
-from ..choices import CFG_RENORM_TYPES
-
-#: the renormalisations of BAGEL's sampler (``pipeline`` is the Qwen-Image family's)
-MOT_RENORMS = tuple(r for r in CFG_RENORM_TYPES if r != "pipeline")
+from ..choices import CFG_RENORM_TYPES, MOT_RENORMS  # noqa: F401  (MOT_RENORMS: the MoT's sampler checks it)
 
 #: the sampler's settings and their defaults (the tiny default's; BAGEL's inferencer: 50 timesteps =
 #: 49 steps, cfg 4, interval [0.4, 1] ([0, 1] for GenEval), global renormalisation with min 0); evaluation
@@ -18,15 +15,26 @@ def sampler_settings(spec: dict) -> dict:
     return {k: spec.get(k, v) for k, v in SAMPLER_DEFAULTS.items()}
 
 
+def check_renorm(renorm: str, allowed=CFG_RENORM_TYPES) -> str:
+    """``renorm`` if the sampler at hand has it (``allowed``: the MoT's ``MOT_RENORMS``), else a
+    ValueError naming the choices."""
+    if renorm not in allowed:
+        raise ValueError(f"cfg_renorm {renorm!r} is not one of this sampler's {list(allowed)}")
+    return renorm
+
+
 def guided_velocity(v_c, v_u, scale: float, renorm: str = "none", renorm_min: float = 0.0):
-    """Classifier-free guidance ``v_u + s (v_c - v_u)``, optionally renormalised as BAGEL does: scaled
-    down to the conditional velocity's norm, per sample over all its tokens (``global``) or per token
-    (``channel``), by a factor of at least ``renorm_min``; ``none`` leaves it as is."""
-    if renorm not in CFG_RENORM_TYPES or renorm == "pipeline":
-        raise ValueError(f"cfg_renorm {renorm!r} is not one of this sampler's {MOT_RENORMS}")
+    """Classifier-free guidance ``v_u + s (v_c - v_u)`` on [B, L, D] velocities, optionally
+    renormalised: as BAGEL does, scaled down to the conditional velocity's norm, per sample over all its
+    tokens (``global``) or per token (``channel``), by a factor of at least ``renorm_min``; or as
+    QwenImagePipeline does (``pipeline``), rescaled per token to the conditional norm, up or down;
+    ``none`` leaves it as is."""
+    check_renorm(renorm)
     v = v_u + scale * (v_c - v_u)
     if renorm == "none":
         return v
+    if renorm == "pipeline":
+        return v * (v_c.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
     dims = (1, 2) if renorm == "global" else (2,)
     ratio = v_c.norm(dim=dims, keepdim=True) / (v.norm(dim=dims, keepdim=True) + 1e-8)
     return v * ratio.clamp(min=renorm_min, max=1.0)
