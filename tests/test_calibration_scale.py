@@ -18,7 +18,7 @@ from unisparse.calibrate import (CALIB_DEFAULTS, LEGACY_COACT_KEY, SKETCH_KEY, C
                                  run_calibration, sketch_projection)
 from unisparse.cli import main
 from unisparse.config_checks import ConfigError, check_config
-from unisparse.io import MANIFEST, save_model, sha256_file, state_digest
+from unisparse.io import ALLOW_UNVERIFIED_ENV, MANIFEST, save_model, sha256_file, state_digest
 from unisparse.models.loading import load_model
 from unisparse.moe.partition import partition_neurons
 from unisparse.worlds import shapes
@@ -199,7 +199,7 @@ def test_statistics_memory_is_flat_in_tokens_and_far_below_the_full_matrix():
 
 # --- provenance -------------------------------------------------------------------------------------
 
-def test_sidecar_records_what_was_run(tmp_path):
+def test_sidecar_records_what_was_run(tmp_path, monkeypatch):
     model = make_model(intermediate_size=64, num_hidden_layers=2)
     save_model(model, tmp_path / "dense")
     gen_spec = dict(samples_per_prompt=2, max_prompts_per_tag=1, num_steps=3, cfg_scale=2.5, batch_size=4,
@@ -226,6 +226,7 @@ def test_sidecar_records_what_was_run(tmp_path):
     # understanding: the number of QA items (and their images) streamed; no sampler, no sketch
     und_spec = dict(qa_items=10, batch_size=4, threads=1)
     (tmp_path / "dense" / MANIFEST).unlink()  # a directory without a manifest: the weights are hashed instead
+    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")  # (loading it needs the user's opt-out)
     cli("calibrate", tmp_path / "dense", "--task", "und", "--spec", json.dumps(und_spec), "--out", tmp_path / "und.safetensors")
     side = json.loads((tmp_path / "und.safetensors.json").read_text())
     assert side["data"] == {"split": "calib", "batches": 3, "qa_items": 10, "images": 10, "qa_seed": CALIB_DEFAULTS["qa_seed"]}

@@ -17,7 +17,7 @@ import torch
 from conftest import make_model
 from unisparse.calibrate import Calibration, run_calibration, save_stats
 from unisparse.cli import main
-from unisparse.io import MANIFEST, IntegrityError, directory_digest, save_model
+from unisparse.io import ALLOW_UNVERIFIED_ENV, MANIFEST, IntegrityError, directory_digest, save_model
 from unisparse.models.loading import load_model
 from unisparse.moe.convert import convert_to_moe
 from unisparse.moe.tune import tune_moe
@@ -74,7 +74,8 @@ def refused(capsys, *argv, naming):
 # --- item 5: strict loading, calibrations of other models, layers that do not exist ------------------
 
 
-def test_config_disagreeing_with_weights_is_refused_listing_keys(tmp_path):
+def test_config_disagreeing_with_weights_is_refused_listing_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")  # a hand-edited model has no valid manifest: the user opts out
     save_dense(tmp_path / "m")
     config = json.loads((tmp_path / "m/config.json").read_text())
     for layers, what in ((4, "missing"), (2, "unexpected")):
@@ -85,7 +86,8 @@ def test_config_disagreeing_with_weights_is_refused_listing_keys(tmp_path):
             load_model(tmp_path / "m")
 
 
-def test_mis_shaped_tensor_is_refused(tmp_path):
+def test_mis_shaped_tensor_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     save_dense(tmp_path / "m")
     config = json.loads((tmp_path / "m/config.json").read_text())
     config["intermediate_size"] = 32

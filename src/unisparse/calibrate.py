@@ -47,6 +47,8 @@ COSINES = ("block_ld", "block_bagel", "attn", "mlp_ld", "mlp_bagel")
 #: tensor names of the co-activation statistic: the [I, d] sketch; files written before the sketch
 #: hold the full [I, I] matrix under the old name (still read: its rows are features as well)
 SKETCH_KEY, LEGACY_COACT_KEY = "coactivation_sketch", "coactivation"
+#: how far past +-1 an fp32 mean of cosines may lie by rounding alone
+COSINE_SLACK = 1e-4
 CALIB_DEFAULTS = dict(benchmarks=DEFAULT_BENCHMARKS, qa_items=512, qa_seed=2, samples_per_prompt=2,
                       max_prompts_per_tag=16, gen_seed=3, **SAMPLER_DEFAULTS, batch_size=128, coactivation=False,
                       coactivation_dim=256, coactivation_seed=0, threads=1,
@@ -325,12 +327,58 @@ class Calibration:
             tensors = load_file(str(path))
         except Exception as e:  # safetensors reports a damaged header as a generic error
             raise IntegrityError(f"calibration {path} is unreadable: {e}") from None
-        return cls(tensors, meta["task"], meta.get("model_sha256"), str(path))
+        calibration = cls(tensors, meta["task"], meta.get("model_sha256"), str(path))
+        calibration.check_values()
+        return calibration
+
+    def check_values(self) -> None:
+        """Refuse statistics no calibration can produce (an edited or damaged file whose hash was
+        updated with it): an infinite value anywhere, a cosine outside [-1, 1], a negative or
+        non-finite mean of absolute activations, a NaN cosine on a layer that saw tokens where the
+        sublayer ran (see ``_unused_sublayer_nans``; NaN is what ``tensors`` writes for no tokens)."""
+        bad = []
+        for key, t in sorted(self.t.items()):
+            t, name = t.float(), key.split(".")[2]  # {task}.{component}.{name}[.layer[.slot]]
+            if bool(torch.isinf(t).any()):
+                bad.append(f"{key} holds an infinite value")
+            elif name.startswith("cos_") and bool((t.nan_to_num(0.0).abs() > 1 + COSINE_SLACK).any()):
+                bad.append(f"{key} holds a cosine outside [-1, 1] ({float(t.nan_to_num(0.0).abs().max()):g})")
+            elif name == "act_abs_mean" and not bool(torch.isfinite(t).all()):
+                bad.append(f"{key} holds a non-finite mean")
+            elif name in ("act_abs_mean", "published_scalar", "tokens") and bool((t < 0).any()):
+                bad.append(f"{key} holds a negative value ({float(t.nan_to_num(0.0).min()):g}), "
+                           "impossible for a mean of absolute values or a count")
+        if bad:
+            raise IntegrityError(f"calibration {self.source} holds impossible statistics: " + "; ".join(bad[:6])
+                                 + (f"; ... ({len(bad) - 6} more)" if len(bad) > 6 else ""))
+
+    def _check_nans(self, family) -> None:
+        """A NaN cosine is written only for a layer that saw no tokens or a sublayer the model skips;
+        anywhere else it is damage, and ranking on it would pick an arbitrary layer."""
+        needs = {"attn": ("attn",), "mlp_ld": ("mlp",), "mlp_bagel": ("mlp",), "block_bagel": ("mlp",),
+                 "block_ld": ("attn", "mlp")}  # the sublayer(s) whose absence leaves the cosine undefined
+        bad = []
+        for c in family.components:
+            tokens = self.t.get(f"{self.task}.{c}.tokens")
+            if tokens is None:
+                continue
+            skipped = family.skipped(c)
+            for name, sublayers in needs.items():
+                cos = self.t.get(f"{self.task}.{c}.cos_{name}")
+                if cos is None:
+                    continue
+                for layer in torch.nonzero(cos.isnan() & (tokens > 0)).flatten().tolist():
+                    if not all(layer in skipped.get(sub, []) for sub in sublayers):
+                        bad.append(f"{c} cos_{name} at layer {layer}")
+        if bad:
+            raise IntegrityError(f"calibration {self.source} holds NaN cosines on layers that saw tokens: "
+                                 + ", ".join(bad[:6]) + (f", ... ({len(bad) - 6} more)" if len(bad) > 6 else ""))
 
     def check_applies_to(self, family, model_sha256: str | None = None) -> None:
         """Refuse statistics of another model: the layer counts and MLP widths must match, and where
         both content hashes are known, the model must be the one the statistics were computed on."""
         family = family_for(family)
+        self._check_nans(family)
         for c in family.components:
             layers = family.num_layers(c)
             tokens = self.t.get(f"{self.task}.{c}.tokens")

@@ -51,5 +51,20 @@ def tokenizer_for(model_dir=None):
 
 
 def tokenizer_files(model_dir) -> list[Path]:
-    """The tokenizer files a model directory holds (copied into every model derived from it)."""
-    return [Path(model_dir) / n for n in TOKENIZER_FILES if (Path(model_dir) / n).is_file()]
+    """The tokenizer files a model directory holds (copied into every model derived from it). Where
+    the directory has a ``SHA256SUMS``, only the files it lists: a derived model's manifest would
+    otherwise turn an unverified file into a verified one."""
+    import logging
+
+    from .io import MANIFEST, manifest_entries
+
+    model_dir = Path(model_dir)
+    present = [model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
+    if not (model_dir / MANIFEST).is_file():
+        return present
+    listed = manifest_entries(model_dir)
+    for path in present:
+        if path.name not in listed:
+            logging.getLogger(__name__).warning("%s is not in %s's %s: not carried into the derived model",
+                                                path.name, model_dir, MANIFEST)
+    return [p for p in present if p.name in listed]

@@ -7,6 +7,7 @@ Deterministic from the seed on one device for a fixed thread count; resumable; s
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,10 @@ def check_model_spec(model_spec: dict) -> MoTConfig:
     unknown = sorted(set(model_spec) - set(MODEL_SPEC_KEYS))
     if unknown:
         raise ValueError(f"unknown model keys {unknown}; known: {list(MODEL_SPEC_KEYS)}")
-    bad = [f"{k}={v!r}" for k, v in model_spec.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
+    bad = [f"{k}={v!r}" for k, v in model_spec.items()
+           if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0]
     if bad:
-        raise ValueError(f"model sizes must be positive numbers: {', '.join(bad)}")
+        raise ValueError(f"model sizes must be finite positive numbers: {', '.join(bad)}")
     sizes = dict(model_spec)
     gen_width = sizes.pop("gen_intermediate_size", None)
     if gen_width is not None:  # a generation tower with its own MLP width (BAGEL's towers share one)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .codemap import module_sources
-from .io import aside_copies, atomic_path, sha256_file, state_digest
+from .io import NonFiniteError, aside_copies, atomic_path, sha256_file, state_digest
 from .worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,36 @@ def data_digest() -> str:
         if Path(path).parent.name == "worlds":  # the world's modules (not the package's version or choices)
             h.update(f"{Path(path).name}:{sha256_file(path)}\n".encode())
     return h.hexdigest()
+
+
+def check_trainable_dtype(dtype, what: str) -> None:
+    """Refuse float16 parameters before any work: AdamW's update in float16 divides by
+    ``sqrt(v) + eps`` where both underflow to 0 (eps 1e-8 is below float16's smallest subnormal,
+    6e-8), so the weights turn inf/NaN within steps on every device; no loss scale fixes the
+    optimizer's own arithmetic. bfloat16 has float32's range; float16 stays fine for inference."""
+    if dtype in (torch.float16, "float16"):
+        raise ValueError(f"{what}: dtype float16 cannot train (AdamW's eps and second moments underflow in float16 "
+                         "and the weights become NaN); train in bfloat16 or float32 (evaluation may use float16)")
+
+
+def check_finite_weights(model, names, what: str) -> None:
+    """Every trained parameter finite, else ``NonFiniteError`` naming the first few."""
+    params = dict(model.named_parameters())
+    bad = [n for n in names if not bool(torch.isfinite(params[n].detach()).all())]
+    if bad:
+        raise NonFiniteError(f"{what}: {len(bad)} trained tensor(s) hold non-finite values ({', '.join(bad[:4])}"
+                             f"{', ...' if len(bad) > 4 else ''}); nothing was saved")
+
+
+def _step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, w) -> bool:
+    """Whether this step's loss and gradient norm are finite on every process (one flag all-reduced
+    under torchrun, so all ranks stop together instead of one waiting in a collective)."""
+    grad_norm = distributed.full_tensor(grad_norm) if w.sharded else grad_norm
+    bad = (~torch.isfinite(loss.detach().float())).float() + (~torch.isfinite(grad_norm.detach().float())).float()
+    if w.sharded:
+        bad = bad.reshape(1).clone()
+        torch.distributed.all_reduce(bad)
+    return not bool(bad.sum() > 0)
 
 
 class Checkpoint:
@@ -130,6 +160,7 @@ def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, wh
     if missing:
         raise ValueError(f"{what} settings lack {missing}")
     device = next(model.parameters()).device
+    check_trainable_dtype(next(model.parameters()).dtype, what)
     w = distributed.world(device)
     provenance = {"input_model_sha256": state_digest(model), "data_sha256": data_digest(),
                   "spec": json.loads(json.dumps(cfg)), "names": list(names)}
@@ -166,7 +197,11 @@ def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, wh
         loss, parts = batch_loss(trained, rng, gen, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([params[n] for n in names], cfg["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_([params[n] for n in names], cfg["grad_clip"])
+        if not _step_is_finite(loss, grad_norm, w):
+            raise NonFiniteError(f"{what}: non-finite loss ({float(loss.detach()):g}) or gradient norm at step {step} "
+                                 f"(lr {opt.param_groups[0]['lr']:g}, dtype {str(next(trained.parameters()).dtype)[6:]}); "
+                                 "training diverged and nothing was saved: lower the learning rate or use float32")
         opt.step()
         if step % log_every == 0 or step == steps - 1:
             record = {"step": step, **{k: _global_mean(v, w) for k, v in parts.items()}}
@@ -178,6 +213,7 @@ def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, wh
     trained.eval()
     if w.sharded:
         distributed.copy_back(trained, model, w)
+    check_finite_weights(model, names, what)
     model.eval()
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen_by_design)

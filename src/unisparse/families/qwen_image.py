@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import COMPONENTS, SUBLAYERS
-from ..io import IntegrityError, atomic_path, read_json, verify_manifest, write_manifest
+from ..io import (IntegrityError, atomic_path, check_finite_state, check_stored_dtypes, read_json,
+                  safetensors_header, verify_model_dir, write_manifest)
 from ..models.blocks import MLPWeights
 from ..models.sampling import check_renorm, guided_velocity
 from ..models.qwen_image import (
@@ -151,15 +152,11 @@ def default_dtype(dtype: torch.dtype):
 
 def _stored_dtype(directory: Path) -> torch.dtype:
     """The dtype of the first floating tensor stored in a component directory."""
-    from safetensors import safe_open
-
     for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_slice(key)
-                dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
-                if dtype is not None:
-                    return dtype
+        for _, stored in safetensors_header(path).values():
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored)
+            if dtype is not None:
+                return dtype
     raise FileNotFoundError(f"{directory} holds no floating-point .safetensors weights")
 
 
@@ -185,6 +182,7 @@ def _load_component(cls, directory: Path, dtype, library: str):
     with default_dtype(dtype):  # diffusers without accelerate builds the model before loading: build it in dtype
         model, info = cls.from_pretrained(directory, use_safetensors=True, output_loading_info=True, **kwargs)
     _check_loading(directory, info)
+    check_stored_dtypes(directory, {k: v.dtype for k, v in model.state_dict().items()})
     return model.eval()
 
 
@@ -234,17 +232,18 @@ class QwenImageFamily(Family):
             return False
 
     @classmethod
-    def load(cls, model_dir, device=None, dtype=None, settings: dict | None = None) -> "QwenImageFamily":
-        """Load a model directory of this family (or a raw ``Qwen/Qwen-Image`` snapshot): manifest
-        verified where present, safetensors only, every weight present and of the right shape.
-        ``dtype`` None keeps each component's stored dtype."""
+    def load(cls, model_dir, device=None, dtype=None, settings: dict | None = None,
+             require_manifest: bool = True) -> "QwenImageFamily":
+        """Load a model directory of this family (or, with ``require_manifest`` False, a raw
+        ``Qwen/Qwen-Image`` snapshot, which has no ``SHA256SUMS``): manifest verified, safetensors only,
+        every weight present, of the right shape and dtype kind. ``dtype`` None keeps each component's
+        stored dtype."""
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
 
         model_dir = Path(model_dir)
         if not cls.is_model_dir(model_dir):
             raise FileNotFoundError(f"{model_dir} is not a {PIPELINE_CLASS} directory (model_index.json)")
-        if not verify_manifest(model_dir):
-            log.warning("%s has no SHA256SUMS: its content cannot be verified", model_dir)
+        verify_model_dir(model_dir, required=require_manifest)
         index = read_json(model_dir / "model_index.json")
         for name, expected in UPSTREAM_CLASSES.items():
             if index.get(name) != expected:
@@ -264,6 +263,7 @@ class QwenImageFamily(Family):
     def save(self, out_dir, extra_files=()) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler, __version__
 
+        check_finite_state(self.model, f"model for {out_dir}")
         with atomic_path(out_dir, is_dir=True) as tmp:
             tmp.mkdir(parents=True, exist_ok=True)
             self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
@@ -720,10 +720,11 @@ def _has_buffer(module: nn.Module, name: str) -> bool:
 
 def import_qwen_image(src, out, device=None, dtype=None, settings: dict | None = None) -> Path:
     """Read a diffusers ``Qwen/Qwen-Image`` snapshot strictly (safetensors only, every weight present
-    and of the right shape) and write it as a model directory of this family."""
+    and of the right shape) and write it as a model directory of this family. A snapshot has no
+    ``SHA256SUMS`` (``fetch-checkpoint`` verified it against its lock); the written directory has one."""
     src = Path(src)
     if not QwenImageFamily.is_model_dir(src):
         raise FileNotFoundError(f"{src} is not a {PIPELINE_CLASS} snapshot (model_index.json)")
-    family = QwenImageFamily.load(src, device=device, dtype=dtype, settings=settings)
+    family = QwenImageFamily.load(src, device=device, dtype=dtype, settings=settings, require_manifest=False)
     family.save(out)
     return Path(out)

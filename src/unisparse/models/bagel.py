@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import IntegrityError, atomic_path, safetensors_shapes, weight_mismatches
+from ..io import IntegrityError, atomic_path, dtype_mismatches, safetensors_header, weight_mismatches
 from .configuration_mot import MoTConfig
 from .modeling_mot import MoTForUnifiedModel
 
@@ -70,10 +70,15 @@ def special_token_ids(src) -> dict[str, int]:
     return {name: added[tok] for name, tok in SPECIAL_TOKENS.items()}
 
 
-def _stored_shapes(path: Path, prefix: str = "") -> dict[str, tuple]:
+def _stored_header(path: Path, prefix: str = "") -> dict[str, tuple[tuple, str]]:
+    """{prefix + key: (shape, dtype name)} of one of BAGEL's safetensors files (headers only)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent} is not a BAGEL checkpoint: no {path.name}")
-    return safetensors_shapes(path, prefix)
+    return safetensors_header(path, prefix)
+
+
+def _stored_shapes(path: Path, prefix: str = "") -> dict[str, tuple]:
+    return {k: shape for k, (shape, _) in _stored_header(path, prefix).items()}
 
 
 def flux_sizes_from_shapes(ae_shapes: dict[str, tuple]) -> dict:
@@ -164,16 +169,20 @@ def check_bagel_keys(src, model) -> dict[str, tuple[Path, str]]:
     """Map every model tensor to (file, key in file) or raise naming each problem. Headers only."""
     src = Path(src)
     sources = {}
-    stored = {}
+    stored, dtypes = {}, {}
     for path, prefix in ((src / EMA, ""), (src / AE, AE_PREFIX)):
-        for key, shape in _stored_shapes(path, prefix).items():
+        for key, (shape, dtype) in _stored_header(path, prefix).items():
             if key in stored:
                 raise IntegrityError(f"{src}: tensor {key} is stored twice ({sources[key][0].name}, {path.name})")
-            stored[key] = shape
+            stored[key], dtypes[key] = shape, dtype
             sources[key] = (path, key[len(prefix):])
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     problems = _diagnose(stored, expected, model.config.vit_config.get("num_hidden_layers", 0))
     problems += weight_mismatches(stored, expected)
+    for path, _ in ((src / EMA, ""), (src / AE, AE_PREFIX)):
+        problems += dtype_mismatches({k: d for k, d in dtypes.items() if sources[k][0] == path},
+                                     {k: v.dtype for k, v in state.items()}, where=f"{path.name}:")
     if problems:
         raise IntegrityError(f"{src} does not match BAGEL-7B-MoT's layout: " + "; ".join(problems))
     return sources

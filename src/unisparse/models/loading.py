@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel
 
-from ..io import MANIFEST, IntegrityError, check_weights_match, verify_manifest
+from ..io import IntegrityError, check_weights_match, verify_model_dir
 from . import modeling_mot  # noqa: F401  (registers the MoT's config type with the Auto classes)
 
 log = logging.getLogger(__name__)
@@ -24,15 +24,14 @@ def model_class_for(config):
 
 def load_model(model_dir, device=None, dtype=None, **kwargs):
     """Load a model directory onto ``device`` in ``dtype`` (default: CPU, the stored dtype): safetensors
-    only (never pickle), content verified against ``SHA256SUMS``, and strict (see
+    only (never pickle), content verified against ``SHA256SUMS`` (required: ``io.verify_model_dir``), and strict (see
     ``io.check_weights_match``)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
     if not any(model_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"{model_dir} holds no .safetensors weights")
-    if not verify_manifest(model_dir):
-        log.warning("%s has no %s: its content cannot be verified", model_dir, MANIFEST)
+    verify_model_dir(model_dir)
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, TypeError, OSError, KeyError) as e:
