@@ -30,6 +30,7 @@ def test_cuda_float32_matches_cpu(checkpoint, cpu_float32, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cuda_half_precision_runs_every_verb(checkpoint, cpu_float32, tmp_path, dtype):
+    """Every verb in bfloat16; in float16 every inference verb, while tune-moe is refused (run_chain)."""
     half = run_chain(checkpoint, tmp_path, "cuda", dtype)
     diffs = score_differences(cpu_float32, half)
     assert max(diffs.values()) <= 0.05, {k: round(v, 3) for k, v in diffs.items() if v > 0.05}

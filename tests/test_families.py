@@ -30,7 +30,10 @@ def build(name: str, tmp_path) -> Family:
     pytest.importorskip("diffusers")
     from qwen_image_helpers import write_tiny_pipeline
 
-    return load_family(write_tiny_pipeline(tmp_path / "qwen"))
+    from unisparse.families.qwen_image import import_qwen_image
+
+    # a raw diffusers snapshot has no SHA256SUMS: imported, as the pipeline does, it has one
+    return load_family(import_qwen_image(write_tiny_pipeline(tmp_path / "raw"), tmp_path / "qwen"))
 
 
 @pytest.fixture(params=FAMILIES)
