@@ -247,3 +247,14 @@ def test_a_model_directory_without_its_manifest_is_refused_unless_the_user_opts_
             naming=f"has no {MANIFEST}")
     monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     assert load_model(tmp_path / "m") is not None  # the user's explicit choice: loaded, unverified
+
+
+def test_statistics_of_an_overflowing_model_are_not_written(tmp_path):
+    from unisparse.calibrate import run_calibration, save_stats
+
+    stats = run_calibration(make_model(), "gen", {"qa_items": 4, "samples_per_prompt": 1, "max_prompts_per_tag": 1,
+                                                  "num_steps": 2})
+    next(iter(stats.sums["gen"]["act_abs"].values()))[0] = float("inf")  # what an overflow leaves in the sums
+    with pytest.raises(NonFiniteError, match="infinite value.*nothing was written"):
+        save_stats(stats, "gen", tmp_path / "gen.safetensors")
+    assert not (tmp_path / "gen.safetensors").exists()

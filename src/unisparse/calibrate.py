@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import tasks
-from .io import IntegrityError, atomic_path, read_json, sha256_file, write_json
+from .io import IntegrityError, NonFiniteError, atomic_path, read_json, sha256_file, write_json
 from .benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
 from .choices import TASKS
 from .families import family_for
@@ -291,8 +291,13 @@ def save_stats(stats: CalibrationStats, task: str, path, meta: dict | None = Non
     and, from ``run_calibration``, what was streamed (``data``: split and item counts), the sampler
     (``sampler``: steps, CFG scale, interval and renormalisation, shift, samples per prompt, every
     sample seed; None for understanding) and the co-activation sketch (``coactivation``: key, kind,
-    dim, seed; None if off)."""
+    dim, seed; None if off). Statistics ``Calibration.load`` would refuse (an overflowing model's
+    inf) are refused here, before anything is written."""
     tensors = stats.tensors(task)
+    try:
+        Calibration(tensors, task, source=f"computed for {path}").check_values()
+    except IntegrityError as e:
+        raise NonFiniteError(f"{e}; the model overflowed in its dtype (try float32); nothing was written") from None
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"task": task})
         digest = sha256_file(tmp)
