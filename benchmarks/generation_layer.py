@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from unisparse.models.configuration_mot import MoTConfig  # noqa: E402
 from unisparse.models.modeling_mot import MoTDecoderLayer, SwiGLUMLP, rope_cos_sin  # noqa: E402
 from unisparse.moe import DISPATCHES, dense_to_moe, make_moe_spec, partition_neurons  # noqa: E402
-from unisparse.models.moe_block import choose_dispatch  # noqa: E402
+from unisparse.models.moe_dispatch import choose_dispatch  # noqa: E402
 
 # hidden, MLP width, attention heads, KV heads, head dim, latent tokens per image
 SHAPES = {

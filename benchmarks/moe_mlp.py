@@ -32,7 +32,7 @@ import torch  # noqa: E402  (after the OpenMP setting on purpose)
 
 from unisparse.models.blocks import SwiGLUMLP  # noqa: E402
 from unisparse.moe import DISPATCHES, dense_to_moe, make_moe_spec, partition_neurons  # noqa: E402
-from unisparse.models.moe_block import choose_dispatch  # noqa: E402
+from unisparse.models.moe_dispatch import choose_dispatch  # noqa: E402
 
 SHAPES = {"tiny": (64, 256), "scaled": (1024, 4096), "bagel": (3584, 18944)}  # (hidden H, MLP width I)
 

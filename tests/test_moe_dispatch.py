@@ -9,20 +9,18 @@ import sys
 import pytest
 import torch
 
-from unisparse.models.moe_block import (
+from unisparse.models.moe_block import DISPATCHES, MoEMLP, make_moe_spec
+from unisparse.models.moe_dispatch import (
     AUTO_CPU_MAX_GATHER_BYTES,
     AUTO_CPU_MIN_EXPERT_SIZE,
     AUTO_CPU_MIN_WORK,
     DISPATCH,
-    DISPATCHES,
-    MoEMLP,
     choose_dispatch,
     dispatch_dense_equivalent,
     dispatch_loop,
     dispatch_nosync,
-    make_moe_spec,
-    route_plan,
 )
+from unisparse.models.moe_routing import route_plan
 
 H = 16
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -224,7 +222,7 @@ def test_nosync_makes_no_host_sync_on_cuda():
         moe(x)  # warm-up (first-call capability query)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            from unisparse.models.moe_block import dispatch_nosync
+            from unisparse.models.moe_dispatch import dispatch_nosync
             idx, w = moe.route(moe.gate(x))
             dispatch_nosync(x, idx, w, moe.experts.gate_up_proj, moe.experts.down_proj)
         finally:
@@ -261,7 +259,7 @@ def test_triton_kernels_on_cuda(dtype):
 _INTERPRETED = """
 import torch
 from unisparse.models import moe_triton as triton_dispatch
-from unisparse.models.moe_block import DISPATCH, dispatch_loop
+from unisparse.models.moe_dispatch import DISPATCH, dispatch_loop
 g = torch.Generator().manual_seed(0)
 for E, I, hidden, k, n, pool in [(7, 8, 16, 3, 25, 7), (16, 40, 72, 8, 130, 16), (8, 24, 32, 2, 50, 3), (4, 16, 16, 4, 1, 4)]:
     gu, dn = torch.randn(E, 2 * I, hidden, generator=g) * hidden**-0.5, torch.randn(E, hidden, I, generator=g) * I**-0.5

@@ -1,6 +1,6 @@
 """Optional Triton kernels for the MoE forward (inference), ScatterMoE's idea in two kernels.
 
-Only :func:`unisparse.models.moe_block.dispatch_triton` imports this module, and only when asked for
+Only :func:`unisparse.models.moe_dispatch.dispatch_triton` imports this module, and only when asked for
 (``dispatch: triton``); ``triton`` itself is imported here, so a CPU install never needs it.
 
 The (token, slot) pairs are sorted by expert with the same sync-free plan as ``nosync``

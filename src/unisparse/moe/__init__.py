@@ -1,20 +1,14 @@
 """Dense -> MoE conversion of SwiGLU and GELU MLPs: expert partitioning, the MoE block and its dispatch."""
-from ..models.moe_block import (
-    DISPATCHES,
-    ROUTERS,
-    MoEExperts,
-    MoEMLP,
-    check_spec,
+from ..models.moe_block import DISPATCHES, ROUTERS, MoEExperts, MoEMLP, check_spec, load_balancing_loss, make_moe_spec
+from ..models.moe_dispatch import (
     choose_dispatch,
     dispatch_dense_equivalent,
     dispatch_grouped,
     dispatch_grouped_mm,
     dispatch_loop,
     dispatch_nosync,
-    load_balancing_loss,
-    make_moe_spec,
-    route_plan,
 )
+from ..models.moe_routing import route_plan
 from .partition import PARTITION_METHODS, balanced_kmeans, check_partition_sizes, dense_to_moe, partition_neurons
 
 __all__ = [
