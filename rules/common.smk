@@ -8,10 +8,22 @@ from snakemake.exceptions import WorkflowError
 import unisparse.runtime as unisparse_runtime  # pure Python: no torch at import
 from unisparse import choices  # every allowed value, defined once (pure Python)
 from unisparse.codemap import verb_sources
-from unisparse.config_checks import ConfigError, check_config, check_path_setting, validate_config
+from unisparse.config_checks import (
+    KEEP_RATIO_WILDCARD,
+    ConfigError,
+    calibration_reaches,
+    check_config,
+    check_config_file,
+    check_path_setting,
+    validate_config,
+)
 
 try:
-    # the schema with its `{choices: NAME}` filled from unisparse.choices; fills in the schema's defaults
+    # Snakemake's loader keeps the last of a key given twice: read each config file again, strictly
+    for configfile_path in workflow.configfiles:
+        check_config_file(configfile_path)
+    # the schema with its `{choices: NAME}` and `range:` filled from unisparse.choices and unisparse.ranges;
+    # fills in the schema's defaults
     validate_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
     check_config(config)  # what the schema cannot say: values checked against each other
 except ConfigError as e:
@@ -72,11 +84,6 @@ def product(sweep, keys):
 
     lists = [sweep[k] if isinstance(sweep[k], list) else [sweep[k]] for k in keys]
     return [dict(zip(keys, values)) for values in itertools.product(*lists)]
-
-
-def calibration_reaches(component, task):
-    """The generation tower computes nothing on the understanding task: no statistics to rank it."""
-    return not (component == "gen" and task == "und")
 
 
 DEPTH_KEYS = ["component", "calib_task", "granularity", "score", "kv", "mode", "drop"]
@@ -164,7 +171,7 @@ def control_sources():
 
 
 STATIC_CONTROL = WIDTH_PATH.format(component=f"(?:{one_of(choices.COMPONENTS)})", calib_task=f"(?:{one_of(choices.TASKS)})",
-                                   score=f"(?:{one_of(choices.WIDTH_SCORES)})", keep_ratio="[0-9.]+")
+                                   score=f"(?:{one_of(choices.WIDTH_SCORES)})", keep_ratio=KEEP_RATIO_WILDCARD)
 CONTROL_SOURCE = f"dense|{STATIC_CONTROL}"
 
 

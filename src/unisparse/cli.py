@@ -6,6 +6,7 @@ JSON/YAML file (``--spec @file.yaml``), so a Snakemake rule hands over exactly i
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import shutil
@@ -22,22 +23,28 @@ class UsageError(ValueError):
 
 
 def parse_spec(text: str | None, option: str = "--spec") -> dict:
-    """A JSON/YAML mapping given inline or as ``@file``; an error names the option."""
+    """A JSON/YAML mapping given inline or as ``@file``; an error names the option. JSON first (YAML
+    1.1 reads a JSON number such as 3e-3 as a string); a key given twice is refused in both."""
+    from .spec import DuplicateKeyError, load_yaml_strict, non_finite
+
     if not text:
         return {}
+    name = text[1:] if text.startswith("@") else option
     try:
         if text.startswith("@"):
             text = Path(text[1:]).read_text()
-        try:  # JSON first: YAML 1.1 reads a JSON number such as 3e-3 as a string
-            spec = json.loads(text)
-        except ValueError:
-            spec = yaml.safe_load(text)
+        spec = load_yaml_strict(text, name)
+    except DuplicateKeyError as e:
+        raise UsageError(f"{option}: {e}") from None
     except (OSError, yaml.YAMLError) as e:
         raise UsageError(f"{option}: not a readable JSON/YAML mapping ({str(e).splitlines()[0]})") from None
     if spec is None:
         return {}
     if not isinstance(spec, dict):
         raise UsageError(f"{option}: must be a mapping, got {type(spec).__name__}")
+    bad = non_finite(spec)
+    if bad is not None:  # JSON's NaN / Infinity, YAML's .nan / .inf: never a usable size or setting
+        raise UsageError(f"{option}: {bad[0].lstrip('.')}={bad[1]!r}: not a finite number (nan and inf are refused)")
     return spec
 
 
@@ -139,11 +146,19 @@ def setup_logging(log_file: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True)
 
 
+def _check_trainable(args) -> None:
+    """Refuse a parameter dtype that cannot train (float16) before anything is loaded or built."""
+    from .trainloop import check_trainable_dtype
+
+    check_trainable_dtype(args.dtype, "--dtype")
+
+
 def cmd_train_tiny(args) -> None:
     from .io import write_json
     from .distributed import world
     from .train import TRAIN_DEFAULTS, check_model_spec, train_tiny
 
+    _check_trainable(args)
     model_spec = parse_spec(args.model, "--model")
     try:
         check_model_spec(model_spec)
@@ -362,6 +377,7 @@ def cmd_tune_moe(args) -> None:
     from .distributed import world
     from .moe.tune import TUNE_DEFAULTS, tune_moe
 
+    _check_trainable(args)
     settings = _output_settings(args)
     spec = _settings(args, args.spec, "--spec", TUNE_DEFAULTS, "tuning")
     family, _ = _load(args)
@@ -496,12 +512,15 @@ def cmd_count_params(args) -> None:
     from .models.modeling_mot import MoTForUnifiedModel
     from .models.bagel import config_from_bagel, published_config
 
+    local = args.bagel or args.model_dir
+    if not args.published and local and not Path(local).is_dir():  # never a Hub id: a local verb asks no server
+        raise UsageError(f"{local}: no such model directory")
     if args.published:
         config = published_config()
     elif args.bagel:
         config = config_from_bagel(args.bagel)
     elif args.model_dir:
-        config = MoTConfig.from_pretrained(args.model_dir)
+        config = MoTConfig.from_pretrained(args.model_dir, local_files_only=True)
     else:
         raise UsageError("name a model directory, --bagel DIR or --published")
     with torch.device("meta"):
@@ -584,9 +603,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the options naming what a verb writes (named when the system's error names no file)
+OUTPUT_OPTIONS = ("out", "metrics", "summary", "checkpoint_dir")
+
+
+#: errors of a write that the system reports without a file name (a failed ``write`` or ``close``)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _outputs(args) -> list[str]:
+    return [f"--{o.replace('_', '-')} {getattr(args, o)}" for o in OUTPUT_OPTIONS
+            if isinstance(getattr(args, o, None), str)]  # aggregate's `metrics` are its inputs (a list)
+
+
+def os_error_line(e: OSError, args) -> str:
+    """An OS error (a full disk, a file too large, a symlink loop, a missing file) as one line naming
+    the path: the system's file name, else, for a failed write, the outputs the verb writes."""
+    if e.filename is not None:
+        line = f"{e.filename}: {e.strerror or e}"
+        return line + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    if e.errno in WRITE_ERRNOS and _outputs(args):
+        return f"{e.strerror or e} (while writing {', '.join(_outputs(args))})"
+    return str(e)
+
+
+def _safetensors_errors() -> tuple:
+    """safetensors' own error class, where a verb imported it: its I/O errors (a full disk while a
+    model is saved) are no OSError."""
+    module = sys.modules.get("safetensors")
+    error = getattr(module, "SafetensorError", None)
+    return (error,) if isinstance(error, type) else ()
+
+
+def error_line(e: Exception, args) -> str:
+    """The one line a refused or failed verb ends with."""
+    if isinstance(e, OSError):
+        return os_error_line(e, args)
+    line = str(e)
+    if isinstance(e, _safetensors_errors()) and "I/O error" in line and _outputs(args):
+        line += f" (while writing {', '.join(_outputs(args))})"
+    return line
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run one verb. A bad input (value, file, corrupted artifact) ends with one line naming it and
-    exit status 2; set UNISPARSE_DEBUG=1 for the traceback."""
+    """Run one verb. A bad input (value, file, corrupted artifact) or an OS error (a full disk) ends
+    with one line naming it and exit status 2; set UNISPARSE_DEBUG=1 for the traceback."""
     import os
 
     from .io import IntegrityError
@@ -596,10 +657,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log_file)
     try:
         args.func(args)
-    except (UsageError, IntegrityError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (UsageError, IntegrityError, ValueError, OSError, *_safetensors_errors()) as e:
         if os.environ.get("UNISPARSE_DEBUG"):
             raise
-        parser.exit(2, f"unisparse {args.command}: error: {e}\n")
+        parser.exit(2, f"unisparse {args.command}: error: {' '.join(error_line(e, args).splitlines())}\n")
     finally:
         dist = sys.modules.get("torch.distributed")  # only where a verb imported torch
         if dist is not None and dist.is_available() and dist.is_initialized():

@@ -5,7 +5,12 @@ and the allowed values, which it takes from ``unisparse.choices``: ``config_sche
 ``validate_config`` validates against the result). What depends on two values (a depth drop against
 the number of layers, a shared expert against the MLP width, a path setting against the directory
 DVC versions) is checked by ``check_config``, so a bad config fails before the first job, with the
-key named, instead of inside a job after earlier jobs ran. Library-side checks
+key named, instead of inside a job after earlier jobs ran. Numbers follow one rule, shared with every
+verb's settings (``spec.merge_spec``): nothing non-finite anywhere (``validate_config`` walks the whole
+config first: JSON-schema bounds never reject NaN), and each stage setting's range comes from
+``unisparse.ranges`` (a schema node ``range: training.lr``, filled in by ``config_schema``). Every
+``pattern`` of the schema must match the whole string, and config files are read with duplicate keys
+refused (``check_config_file``). Library-side checks
 (``MoTConfig.validate_structure``, ``check_partition_sizes``) are reused, not restated.
 Pure Python (no torch): Snakemake imports this module at DAG-build time.
 """
@@ -15,13 +20,24 @@ import posixpath
 import re
 from pathlib import Path
 
-from . import choices
+import yaml
+
+from . import choices, ranges
 from .sizes import GEOMETRY_DEFAULTS, check_model_sizes, check_partition_sizes, moe_layers
+from .spec import DuplicateKeyError, load_yaml_strict, non_finite
 
 #: path settings and the directory each must lie inside (DVC versions results/; logs/ is ignored)
 PATH_ROOTS = {"results_dir": "results", "logs_dir": "logs"}
 #: characters allowed in a path setting: they reach shell commands, file names and DVC
-_SAFE_PATH = re.compile(r"^[A-Za-z0-9._/-]+$")
+_SAFE_PATH = re.compile(r"[A-Za-z0-9._/-]+")  # full match only: `$` would let a trailing newline through
+#: the wildcard spelling of a width sweep's keep_ratio in its output path (rules/width.smk's constraint)
+KEEP_RATIO_WILDCARD = r"[0-9.]+"
+#: the largest model a config may plan: a trillion parameters (4 TB in float32, 2 TB in bfloat16) is
+#: beyond the memory of any machine this pipeline runs on (BAGEL-7B-MoT has 1.4e10); a larger size is a
+#: typo that would otherwise end in a raw allocator error inside the first job
+MAX_PARAMETERS = 10**12
+#: parameter dtypes that cannot train (``trainloop.check_trainable_dtype``: AdamW underflows in float16)
+UNTRAINABLE_DTYPES = ("float16",)
 
 
 class ConfigError(ValueError):
@@ -57,11 +73,41 @@ def fill_choices(node):
     return node
 
 
-def config_schema(path) -> dict:
-    """The config schema at ``path`` (YAML), with the allowed values of ``unisparse.choices`` filled in."""
-    import yaml
+def fill_ranges(node):
+    """A copy of a schema with every ``{range: KIND.KEY, ...}`` given the bounds of ``unisparse.ranges``
+    (``minimum`` / ``exclusiveMinimum`` / ``maximum``); a bound written beside it is an error (the
+    range is defined once)."""
+    if isinstance(node, dict):
+        out = {k: fill_ranges(v) for k, v in node.items() if not (k == "range" and isinstance(v, str))}
+        if isinstance(node.get("range"), str):
+            if {"minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"} & set(node):
+                raise ValueError(f"schema: `range: {node['range']}` beside a bound written out")
+            out.update(ranges.bounds(node["range"]))
+        return out
+    if isinstance(node, list):
+        return [fill_ranges(v) for v in node]
+    return node
 
-    return fill_choices(yaml.safe_load(Path(path).read_text()))
+
+def check_config_file(path) -> dict:
+    """A config file as Snakemake reads it, but with a key given twice refused, naming key and file
+    (Snakemake's own loader keeps the last silently: `steps: 40, steps: 4000` ran 4000 steps)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"configfile {path}: {e.strerror or e}") from None
+    try:
+        return load_yaml_strict(text, str(path))
+    except DuplicateKeyError as e:
+        raise ConfigError(str(e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"configfile {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def config_schema(path) -> dict:
+    """The config schema at ``path`` (YAML), with the allowed values of ``unisparse.choices`` and the
+    ranges of ``unisparse.ranges`` filled in."""
+    return fill_ranges(fill_choices(load_yaml_strict(Path(path).read_text(), str(path))))
 
 
 def key_path(path) -> str:
@@ -74,14 +120,22 @@ def key_path(path) -> str:
 
 def validate_config(config: dict, schema_path) -> None:
     """Validate ``config`` against the schema (``config_schema``), filling in the schema's defaults
-    as Snakemake's ``validate`` does; ``ConfigError`` naming the key of the most relevant error."""
-    from jsonschema import validators
+    as Snakemake's ``validate`` does; ``ConfigError`` naming the key of the most relevant error.
+    First, anywhere in the config, a non-finite number is refused (``check_finite``); a ``pattern``
+    must match the whole string (JSON schema's is a search, where ``$`` matches before a trailing
+    newline, so ``results/x`` and a newline would pass ``^...$``)."""
+    from jsonschema import ValidationError, validators
     from jsonschema.exceptions import best_match
 
+    check_finite(config)
     schema = config_schema(schema_path)
     base = validators.validator_for(schema)
     base.check_schema(schema)
     check_properties = base.VALIDATORS["properties"]
+
+    def full_pattern(validator, pattern, instance, schema):
+        if validator.is_type(instance, "string") and not re.fullmatch(pattern, instance):
+            yield ValidationError(f"{instance!r} does not match {pattern!r} (the whole string)")
 
     def properties_with_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
@@ -90,7 +144,7 @@ def validate_config(config: dict, schema_path) -> None:
                     instance.setdefault(name, sub["default"])
         yield from check_properties(validator, properties, instance, schema)
 
-    validator = validators.extend(base, {"properties": properties_with_defaults})(schema)
+    validator = validators.extend(base, {"properties": properties_with_defaults, "pattern": full_pattern})(schema)
     error = best_match(validator.iter_errors(config))
     if error is None:
         return
@@ -101,13 +155,21 @@ def validate_config(config: dict, schema_path) -> None:
     raise ConfigError(f"{key_path(error.absolute_path)}: {error.message}")
 
 
+def check_finite(config: dict) -> None:
+    """``ConfigError`` naming the key (``evaluate.cfg_interval[1]``) of the first nan or inf anywhere in
+    ``config``: the schema's bounds never reject NaN, and inf passes ``exclusiveMinimum: 0``."""
+    bad = non_finite(config)
+    if bad is not None:
+        raise ConfigError(f"{bad[0].lstrip('.')}: {bad[1]!r} is not a finite number (nan and inf are refused)")
+
+
 def check_path_setting(key: str, value) -> str:
     """``value`` normalised; refused unless a relative path inside ``PATH_ROOTS[key]``."""
     root = PATH_ROOTS[key]
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{key}: must be a non-empty path inside {root}/, got {value!r}")
-    if not _SAFE_PATH.match(value):
-        bad = sorted({c for c in value if not re.match(r"[A-Za-z0-9._/-]", c)})
+    if not _SAFE_PATH.fullmatch(value):
+        bad = sorted({c for c in value if not re.fullmatch(r"[A-Za-z0-9._/-]", c)})
         raise ConfigError(f"{key}: {value!r} contains {''.join(bad)!r}; only letters, digits, '.', '_', '-' and '/' "
                           f"are allowed (the path reaches shell commands and DVC)")
     if value.startswith("/") or ".." in value.split("/"):
@@ -120,6 +182,32 @@ def check_path_setting(key: str, value) -> str:
 
 def _as_list(value):
     return value if isinstance(value, list) else [value]
+
+
+def estimate_parameters(model: dict) -> int:
+    """A lower estimate of the parameter count ``model:`` plans: for a MoT, both towers' attention
+    (q, o: hidden x hidden; k, v: hidden x kv width) and MLPs (3 x hidden x width) in every layer, plus
+    the vision connector; for another family, 3 x width per MLP and layer (its hidden size is not in
+    the config). Embeddings and norms are left out: it only has to catch sizes no machine can hold."""
+    if model.get("family", "mot") != "mot":
+        return sum(3 * model["layers"][c] * model["mlp_width"][c] for c in choices.COMPONENTS)
+    h, layers = model["hidden_size"], model["num_hidden_layers"]
+    kv_width = h * model["num_key_value_heads"] // max(1, model["num_attention_heads"])
+    widths = (model["intermediate_size"], model.get("gen_intermediate_size", model["intermediate_size"]))
+    return layers * sum(2 * h * h + 2 * h * kv_width + 3 * h * w for w in widths) + model.get("vit_hidden_size", 0) * h
+
+
+def _check_model_size(model: dict) -> None:
+    """Refuse a model no machine could hold (``MAX_PARAMETERS``), naming its largest size."""
+    n = estimate_parameters(model)
+    if n <= MAX_PARAMETERS:
+        return
+    sizes = {k: v for k, v in model.items() if isinstance(v, int)}
+    sizes.update({f"{k}.{c}": v for k in ("layers", "mlp_width") for c, v in model.get(k, {}).items()})
+    key = max(sizes, key=sizes.get)
+    raise ConfigError(f"model.{key}: {sizes[key]} makes a model of at least {n:.2g} parameters, more than the "
+                      f"{MAX_PARAMETERS:.0e} any machine this pipeline runs on can hold "
+                      "(unisparse.config_checks.MAX_PARAMETERS)")
 
 
 def _check_model(model: dict) -> None:
@@ -159,11 +247,20 @@ def _check_depth(config: dict, sizes: dict) -> None:
                                       f"(granularity {sweep['granularity']})")
 
 
+def calibration_reaches(component: str, task: str) -> bool:
+    """The generation tower computes nothing on the understanding task: no statistics to rank it."""
+    return not (component == "gen" and task == "und")
+
+
 def _check_moe(config: dict, sizes: dict) -> None:
     moe = config.get("moe")
     if not moe:
         return
-    layers, width = sizes[moe.get("component", "gen")]
+    component, task = moe.get("component", "gen"), moe.get("calib_task", "gen")
+    if not calibration_reaches(component, task):
+        raise ConfigError(f"moe.calib_task: {task!r} gives the {component} component no statistics (the generation "
+                          f"tower computes nothing on the understanding task); use calib_task: gen")
+    layers, width = sizes[component]
     for i, part in enumerate(moe["partitions"]):
         E, k, shared = part["num_experts"], part["top_k"], part.get("shared_size", 0)
         if k > E:
@@ -202,11 +299,45 @@ def _check_train(config: dict) -> None:
                           f"got {len(weights)}")
 
 
+def _check_sweep_paths(config: dict) -> None:
+    """Every width sweep's keep_ratio spelled in its output path (``keep{keep_ratio}``) as the
+    wildcard matches and parses back to the same value: ``1e-05`` would name a path no rule makes."""
+    for i, sweep in enumerate(config.get("width", {}).get("sweeps", [])):
+        for value in _as_list(sweep["keep_ratio"]):
+            spelled = f"{value}"
+            if not re.fullmatch(KEEP_RATIO_WILDCARD, spelled) or float(spelled) != value:
+                raise ConfigError(f"width.sweeps[{i}].keep_ratio: {value!r} is spelled 'keep{spelled}' in its output "
+                                  f"path, which the wildcard {KEEP_RATIO_WILDCARD} cannot match or read back; use a "
+                                  "plain decimal (at least 0.0001)")
+
+
+def trains(config: dict) -> list[str]:
+    """The config settings that make the pipeline train or tune a model (empty: inference only)."""
+    out = ["checkpoint.source: train"] if config.get("checkpoint", {}).get("source", "train") == "train" else []
+    moe = config.get("moe") or {}
+    tunings = [t for t in moe.get("tunings", []) if t != "none"]
+    out += [f"moe.tunings: {tunings}"] if tunings and moe.get("partitions") else []
+    out += [f"moe.controls: {moe['controls']}"] if moe.get("controls") else []
+    return out
+
+
+def _check_runtime(config: dict) -> None:
+    """runtime.dtype is every job's parameter dtype: refuse one that cannot train if any job trains."""
+    dtype = config.get("runtime", {}).get("dtype", "float32")
+    training = trains(config)
+    if dtype in UNTRAINABLE_DTYPES and training:
+        raise ConfigError(f"runtime.dtype: {dtype} cannot train (AdamW's eps and second moments underflow and the "
+                          f"weights become NaN), and this config trains ({'; '.join(training)}); use bfloat16 "
+                          "or float32")
+
+
 def check_config(config: dict) -> None:
     """Raise ``ConfigError`` naming the key for anything that would fail only inside a job."""
     for key in PATH_ROOTS:
         check_path_setting(key, config.get(key, PATH_ROOTS[key]))
+    _check_runtime(config)
     _check_train(config)
+    _check_model_size(config["model"])
     if config["model"].get("family", "mot") == "mot":
         _check_model(config["model"])
         for stage in ("evaluate", "calibrate"):  # QwenImagePipeline's own rescale exists in that family only
@@ -215,4 +346,5 @@ def check_config(config: dict) -> None:
                                   f"a MoT takes {list(choices.MOT_RENORMS)}")
     sizes = component_sizes(config["model"])
     _check_depth(config, sizes)
+    _check_sweep_paths(config)
     _check_moe(config, sizes)

@@ -53,10 +53,32 @@ def rows_of(metrics: dict) -> list[dict]:
     return rows
 
 
+#: what every metrics file holds (``evaluate.runner.evaluate_model``'s output)
+REQUIRED = ("understanding", "generation", "parameters", "flops_per_token", "latency")
+
+
+def metrics_rows(path) -> list[dict]:
+    """The rows of one metrics file; a ValueError naming the file for anything that is not one
+    (invalid JSON, ``{}``, a missing or malformed section)."""
+    try:
+        metrics = read_json(path)
+    except ValueError as e:  # OS errors (a symlink loop, a missing file) name the file themselves
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: not a metrics file (a JSON {type(metrics).__name__}, not an object)")  # noqa: TRY004
+    missing = [k for k in REQUIRED if k not in metrics]
+    if missing:
+        raise ValueError(f"{path}: not a metrics file (no {', '.join(missing)})")
+    try:
+        return rows_of(metrics)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: malformed metrics file ({type(e).__name__}: {e})") from None
+
+
 def aggregate(metric_files: list, out_csv) -> pd.DataFrame:
     rows = []
     for f in sorted(map(str, metric_files)):
-        rows += rows_of(read_json(f))
+        rows += metrics_rows(f)
     if not rows:
         raise ValueError("no metrics to aggregate")
     df = pd.DataFrame(rows)

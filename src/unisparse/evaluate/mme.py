@@ -475,10 +475,11 @@ def load_mme(repo_id: str = "lmms-lab/MME", revision: str | None = None, split: 
 
 
 # ------------------------------------------------------------------------------------------ runner
-def _settings(defaults: dict, spec: dict | None, what: str) -> dict:
-    """The keys of ``defaults`` from a larger settings section, type-checked (others are ignored)."""
+def _settings(defaults: dict, spec: dict | None, what: str, kind: str) -> dict:
+    """The keys of ``defaults`` from a larger settings section (others are ignored), checked like the
+    section they come from (``kind``: its types and ``unisparse.ranges``)."""
     spec = spec or {}
-    return merge_spec(defaults, {k: v for k, v in spec.items() if k in defaults}, what)
+    return merge_spec(defaults, {k: v for k, v in spec.items() if k in defaults}, what, kind)
 
 
 @torch.no_grad()
@@ -525,7 +526,7 @@ def run_mme(model, tokenizer, spec: dict | None = None, progress: bool = False,
     Returns ``mme_scores``' dict (``total``, ``perception``, ``cognition``, ``per_subtask``, ``se``,
     ``n_items``, ``missing_subtasks``) plus ``per_item`` (``answer_mme``'s records), ``data`` (the
     dataset's repository, resolved commit, files, subsample) and ``settings``."""
-    s = _settings(MME_DEFAULTS, spec, "MME")
+    s = _settings(MME_DEFAULTS, spec, "MME", "evaluation")
     items, info = _load_mme(s["mme_dataset"], s["mme_revision"], s["mme_split"], s["mme_max_images_per_subtask"],
                             s["hf_cache_dir"])
     per_item = answer_mme(model, tokenizer, items, int(s["batch_size"]), progress, transform)
@@ -569,7 +570,7 @@ def calibration_prompt(question: str) -> str:
 
 def calibration_set(spec: dict | None = None) -> tuple[list[tuple[object, str]], dict]:
     """``calibration_items`` and its provenance (repository, resolved commit, files, exclusions)."""
-    s = _settings(MME_CALIB_DEFAULTS, spec, "calibration")
+    s = _settings(MME_CALIB_DEFAULTS, spec, "calibration", "calibration")
     n = int(s["calib_items"])
     if n < 1:
         raise ValueError(f"calib_items must be >= 1, got {n}")
