@@ -22,10 +22,10 @@ def site_setting(name, default=None):
         workflow.basedir, "workflow", "profiles", "slurm", "site.yaml"
     )
     if os.path.isfile(path):
-        import yaml
+        from unisparse.spec import load_yaml_strict  # a duplicate key is an error, as in the config
 
         with open(path) as f:
-            value = (yaml.safe_load(f) or {}).get(name.lower())
+            value = (load_yaml_strict(f.read(), path) or {}).get(name.lower())
         if value not in (None, ""):
             return str(value)
     return default

@@ -13,7 +13,7 @@ rule prune_width:
         component=one_of(choices.COMPONENTS),
         calib_task=one_of(choices.TASKS, ["none"]),
         score=one_of(choices.WIDTH_SCORES),
-        keep_ratio=r"[0-9.]+",
+        keep_ratio=KEEP_RATIO_WILDCARD,
     params:
         eval=spec(config["evaluate"]),
         meta=lambda w: spec({"stage": "width", "variant_id": WIDTH_PATH.format(**w), **dict(w), "keep_ratio": float(w.keep_ratio)}),

@@ -174,7 +174,11 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path):
-    return json.loads(Path(path).read_text())
+    """A JSON file's content; invalid JSON is an ``IntegrityError`` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise IntegrityError(f"{path}: not valid JSON ({e})") from None
 
 
 def sha256_file(path, on_block=None) -> str:

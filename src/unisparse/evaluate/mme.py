@@ -365,7 +365,7 @@ def dataset_snapshot(repo_id: str, revision: str | None = None, patterns=None, c
             f"HF_HUB_CACHE / hf_cache_dir at a cache that has it ({e.__class__.__name__}: {e})") from None
 
 
-_SHARD = re.compile(r"^(?P<split>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})(?:-[0-9a-f]+)?\.parquet$")
+_SHARD = re.compile(r"(?P<split>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})(?:-[0-9a-f]+)?\.parquet")
 
 
 def parquet_files(root: Path, split: str, subdir: str = "data") -> list[Path]:
@@ -377,7 +377,7 @@ def parquet_files(root: Path, split: str, subdir: str = "data") -> list[Path]:
         raise FileNotFoundError(f"no {subdir}/{split}-*.parquet in the cached snapshot {root}")
     shards: dict[int, list[int]] = {}
     for p in files:
-        m = _SHARD.match(p.name)
+        m = _SHARD.fullmatch(p.name)
         if m and m["split"] == split:
             shards.setdefault(int(m["n"]), []).append(int(m["i"]))
     for n, idx in shards.items():
