@@ -99,3 +99,33 @@ def test_every_artifact_reloads_with_identical_outputs(family, tmp_path):
         reloaded = load_family(tmp_path / name)
         assert type(reloaded) is type(variant)
         assert_same(outputs(reloaded), outputs(variant))
+
+
+def test_understanding_images_are_sized_by_a_typed_geometry(family):
+    """Each family says how benchmarks size its images as one ``ImageGeometry``; the evaluators read
+    that object only, never a MoT config's field names."""
+    from pathlib import Path
+
+    from unisparse.evaluate import mme
+    from unisparse.families.base import ImageGeometry
+
+    g = family.image_geometry
+    assert isinstance(g, ImageGeometry) and ImageGeometry.of(family) == g
+    if family.name == "mot":
+        c = family.config
+        assert g == ImageGeometry("letterbox", c.vit_image_size, c.vit_patch_size, c.vit_max_num_patch_per_side)
+        assert ImageGeometry.of(c) == g  # library callers passing model.config
+    else:
+        assert g == ImageGeometry("letterbox", 448, 28, 16)  # Qwen2-VL's merged-patch grid
+    from PIL import Image
+
+    assert mme.bagel_transform(Image.new("RGB", (60, 30)), g).shape == (g.image_size, g.image_size, 3)
+    with pytest.raises(ValueError, match="resize"):
+        ImageGeometry("stretch", 28, 14, 2)
+    with pytest.raises(ValueError, match="patch_size"):
+        ImageGeometry("navit", 28, 0, 2)
+    evaluate = Path(mme.__file__).parent
+    for path in sorted(evaluate.glob("*.py")):
+        text = path.read_text()
+        for field in ("vit_image_size", "vit_patch_size", "vit_max_num_patch_per_side", "image_config", ".vision"):
+            assert field not in text, f"{path.name} names {field}"

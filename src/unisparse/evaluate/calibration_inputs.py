@@ -17,7 +17,8 @@ def calibration_inputs(task: str, spec: dict, family):
         from .mme import calibration_set, prepare_batch
 
         items, info = calibration_set(spec)
-        batches = (prepare_batch([im for im, _ in items[i : i + bs]], [q for _, q in items[i : i + bs]], tokenizer, family.image_config)
+        batches = (prepare_batch([im for im, _ in items[i : i + bs]], [q for _, q in items[i : i + bs]], tokenizer,
+                                 family.image_geometry)
                    for i in range(0, len(items), bs))
         return batches, {"split": "calib", "source": info}
     if bench == "geneval":

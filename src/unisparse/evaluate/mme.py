@@ -46,14 +46,14 @@ else ("The answer is yes") is "other" both here and in the official pipeline.
 
 Images: BAGEL's ViT takes each image at its own resolution (NaViT packing): the long side scaled to at
 most 980 px (the short side to at least 378), both sides rounded to multiples of 14, bicubic. The default
-``transform`` (``bagel_transform``) does exactly that for a model whose vision tower is SigLIP-NaViT
-(``config.vision == "siglip_navit"``, BAGEL's): ``navit_resize``, with the long side capped at
-``config.vit_image_size`` (BAGEL: 980, where the cap changes nothing) and by the position table
-(``vit_max_num_patch_per_side`` patches). A model with the fixed-size patch encoder (the tiny default)
-takes square ``vit_image_size`` images: ``letterbox`` applies BAGEL's resize rule, shrinks the result
-further only if it does not fit, and pads it centred (on the patch grid) on a mid-grey canvas (0.5, which
-SigLIP's normalisation maps to 0), never distorting the aspect ratio. ``run_mme`` takes any
-``transform(image, config)``.
+``transform`` (``bagel_transform``) reads the model's ``families.ImageGeometry`` and does exactly
+that for a model whose vision tower is SigLIP-NaViT (``resize`` ``navit``, BAGEL's): ``navit_resize``,
+with the long side capped at ``image_size`` (BAGEL: 980, where the cap changes nothing) and by the
+position table (``max_patches_per_side`` patches). A model with a fixed-size encoder (the tiny default,
+Qwen-Image's letterboxed square) takes square ``image_size`` images: ``letterbox`` applies BAGEL's
+resize rule, shrinks the result further only if it does not fit, and pads it centred (on the patch
+grid) on a mid-grey canvas (0.5, which SigLIP's normalisation maps to 0), never distorting the aspect
+ratio. ``run_mme`` takes any ``transform(image, geometry)``.
 
 Data: both datasets are read from the local Hugging Face cache only (never downloaded here), as the
 parquet shards of the Hub's datasets (``data/<split>-*.parquet``); see ``data/mme/SOURCE.md`` for their
@@ -73,6 +73,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..families.base import ImageGeometry
 from ..spec import merge_spec
 
 log = logging.getLogger(__name__)
@@ -249,27 +250,30 @@ def bagel_resize_shape(width: int, height: int, stride: int = 14, max_size: int 
     return w, h
 
 
-def navit_resize(image, config) -> np.ndarray:
+def navit_resize(image, geometry) -> np.ndarray:
     """A PIL image -> [h, w, 3] float32 in [0, 1] at BAGEL's resolution for it (``bagel_resize_shape``,
-    bicubic), the long side capped at ``config.vit_image_size`` and at the ViT's position table
-    (``vit_max_num_patch_per_side`` x ``vit_patch_size``); both sides multiples of the patch."""
+    bicubic), the long side capped at the geometry's ``image_size`` and at the ViT's position table
+    (``max_patches_per_side`` x ``patch_size``); both sides multiples of the patch. ``geometry``:
+    anything ``ImageGeometry.of`` reads."""
     from PIL import Image
 
-    patch = int(config.vit_patch_size)
-    cap = min(BAGEL_MAX_IMAGE_SIZE, int(config.vit_image_size), int(config.vit_max_num_patch_per_side) * patch)
+    g = ImageGeometry.of(geometry)
+    patch = g.patch_size
+    cap = min(BAGEL_MAX_IMAGE_SIZE, g.image_size, g.max_patches_per_side * patch)
     cap = max(patch, cap // patch * patch)
     image = image.convert("RGB")
     w, h = bagel_resize_shape(*image.size, stride=patch, max_size=cap, min_size=min(BAGEL_MIN_IMAGE_SIZE, cap))
     return np.asarray(image.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
 
 
-def letterbox(image, config) -> np.ndarray:
-    """A PIL image -> [S, S, 3] float32 in [0, 1], S = ``config.vit_image_size``: BAGEL's resize
+def letterbox(image, geometry) -> np.ndarray:
+    """A PIL image -> [S, S, 3] float32 in [0, 1], S = the geometry's ``image_size``: BAGEL's resize
     (``bagel_resize_shape``, bicubic), shrunk to fit S if needed (aspect kept), centred on a
-    ``PAD_VALUE`` grey canvas at an offset on the ``config.vit_patch_size`` grid."""
+    ``PAD_VALUE`` grey canvas at an offset on the ``patch_size`` grid."""
     from PIL import Image
 
-    size, patch = int(config.vit_image_size), int(config.vit_patch_size)
+    g = ImageGeometry.of(geometry)
+    size, patch = g.image_size, g.patch_size
     image = image.convert("RGB")
     w, h = bagel_resize_shape(*image.size, stride=patch)
     if max(w, h) > size:
@@ -282,20 +286,23 @@ def letterbox(image, config) -> np.ndarray:
     return canvas
 
 
-def bagel_transform(image, config) -> np.ndarray:
+def bagel_transform(image, geometry) -> np.ndarray:
     """The default image transform: ``navit_resize`` for a SigLIP-NaViT vision tower (images of their own
-    sizes, as BAGEL), else ``letterbox`` (the fixed-size patch encoder takes one square size)."""
-    if getattr(config, "vision", None) == "siglip_navit":
-        return navit_resize(image, config)
-    return letterbox(image, config)
+    sizes, as BAGEL), else ``letterbox`` (a fixed-size encoder takes one square size)."""
+    g = ImageGeometry.of(geometry)
+    if g.resize == "navit":
+        return navit_resize(image, g)
+    return letterbox(image, g)
 
 
-def prepare_batch(images, prompts, tokenizer, config, transform: Callable | None = None):
+def prepare_batch(images, prompts, tokenizer, geometry, transform: Callable | None = None):
     """PIL images and prompt texts -> (images, prompt token ids), the inputs of ``understanding_logits``
-    (which adds BAGEL's special tokens around the ids). Images: [B, H, W, 3] float32 in [0, 1] when the
-    transform gives them one size, else a list of [H_i, W_i, 3] (NaViT)."""
+    (which adds BAGEL's special tokens around the ids). ``geometry``: the family's ``image_geometry``
+    (or anything ``ImageGeometry.of`` reads), handed to ``transform``. Images: [B, H, W, 3] float32 in
+    [0, 1] when the transform gives them one size, else a list of [H_i, W_i, 3] (NaViT)."""
     transform = transform or bagel_transform
-    arrays = [transform(im, config) for im in images]
+    geometry = ImageGeometry.of(geometry)
+    arrays = [transform(im, geometry) for im in images]
     if len({a.shape for a in arrays}) == 1:
         pixels = torch.from_numpy(np.stack(arrays))
     else:
@@ -493,6 +500,7 @@ def answer_mme(family, tokenizer, items: list[MMEItem], batch_size: int = 16, pr
 
         family = family_for(family, tokenizer)
     family.eval()
+    geometry = ImageGeometry.of(family)
     out = []
     for i in tqdm(range(0, len(items), batch_size), desc="MME", disable=not progress):
         chunk = items[i : i + batch_size]
@@ -501,7 +509,7 @@ def answer_mme(family, tokenizer, items: list[MMEItem], batch_size: int = 16, pr
             if it.image_key not in decoded:
                 decoded[it.image_key] = it.image()
         images, ids = prepare_batch([decoded[it.image_key] for it in chunk], [mme_prompt(it.question) for it in chunk],
-                                    tokenizer, family.image_config, transform)
+                                    tokenizer, geometry, transform)
         tokens = family.understanding_logits(images, ids).argmax(-1).tolist()
         for it, tok in zip(chunk, tokens):
             response = tokenizer.decode([tok])
@@ -516,7 +524,7 @@ def run_mme(model, tokenizer, spec: dict | None = None, progress: bool = False,
             transform: Callable | None = None) -> dict:
     """Score ``model`` on MME (settings: ``MME_DEFAULTS``; other keys of ``spec`` are ignored).
 
-    The prompt is BAGEL's (``mme_prompt``), the image goes through ``transform(image, family.image_config)``
+    The prompt is BAGEL's (``mme_prompt``), the image goes through ``transform(image, family.image_geometry)``
     (default ``bagel_transform``: BAGEL's own resolution on a NaViT model), and the answer is the
     greedy first token of ``understanding_logits``, decoded with ``tokenizer`` and parsed by MME's rules
     (``answer_label``); BAGEL generates a short answer (up to 20 tokens), but for these prompts its first
@@ -633,5 +641,5 @@ def calibration_items(spec: dict | None = None) -> list[tuple[object, str]]:
     three negative-sampling settings), images in a fixed hash order, one question per image per round,
     the first ``calib_items``; a larger count extends a smaller one. The image is a lazily decoded PIL
     image, the prompt the full MME-style text (``calibration_prompt``); stream them with
-    ``prepare_batch(images, prompts, tokenizer, family.image_config)`` into ``understanding_logits``."""
+    ``prepare_batch(images, prompts, tokenizer, family.image_geometry)`` into ``understanding_logits``."""
     return calibration_set(spec)[0]

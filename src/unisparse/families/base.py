@@ -12,7 +12,8 @@ A family wraps one loaded model and says
 * **rebuild**: a new family with changed structure (sublayers skipped, MLPs replaced by narrower ones
   or by MoE blocks), weights carried over exactly, whose saved form reloads with ``load`` alone;
 * **tasks**: understanding (answer logits for images and questions) and generation (sampling, the
-  rectified-flow loss), each streaming per-layer tensors to an optional ``LayerObserver``.
+  rectified-flow loss), each streaming per-layer tensors to an optional ``LayerObserver``, and the
+  ``ImageGeometry`` an understanding benchmark sizes its images by.
 
 Families register themselves in ``families/__init__.py``; ``load_family`` picks one from what a model
 directory holds.
@@ -20,6 +21,7 @@ directory holds.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -28,6 +30,55 @@ from torch import nn
 from ..choices import COMPONENTS
 from ..models.blocks import MLPWeights
 
+#: how an understanding benchmark resizes its images (``ImageGeometry.resize``)
+RESIZES = ("navit", "letterbox")
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How an understanding benchmark sizes its images for a model (``evaluate.mme``'s transforms).
+
+    ``resize``: ``navit`` (each image at its own resolution, the long side capped at ``image_size``
+    pixels and at ``max_patches_per_side`` patches: a SigLIP-NaViT tower) or ``letterbox`` (one square
+    of ``image_size`` pixels, the image centred on a grey canvas); ``patch_size``: the pixel grid
+    both sides (and the letterbox's offset) are multiples of."""
+
+    resize: str
+    image_size: int
+    patch_size: int
+    max_patches_per_side: int
+
+    def __post_init__(self):
+        if self.resize not in RESIZES:
+            raise ValueError(f"image geometry: resize {self.resize!r} is not one of {RESIZES}")
+        for name in ("image_size", "patch_size", "max_patches_per_side"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"image geometry: {name} must be a positive integer, not {value!r}")
+
+    @classmethod
+    def from_mot_config(cls, config) -> "ImageGeometry":
+        """The geometry a MoT config spells (``vision``, ``vit_image_size``, ``vit_patch_size``,
+        ``vit_max_num_patch_per_side``): the one place these field names are read."""
+        size, patch = int(config.vit_image_size), int(config.vit_patch_size)
+        resize = "navit" if getattr(config, "vision", None) == "siglip_navit" else "letterbox"
+        side = getattr(config, "vit_max_num_patch_per_side", None)
+        return cls(resize, size, patch, int(side) if side is not None else size // patch)
+
+    @classmethod
+    def of(cls, source) -> "ImageGeometry":
+        """The geometry of ``source``: an ``ImageGeometry``, a family (``image_geometry``), an object
+        with an ``image_config`` (the interface before this type), or a MoT-style config (library
+        callers passing ``model.config``)."""
+        if isinstance(source, ImageGeometry):
+            return source
+        for attribute in ("image_geometry", "image_config"):
+            found = getattr(source, attribute, None)
+            if found is not None:
+                return cls.of(found)
+        if hasattr(source, "vit_image_size") and hasattr(source, "vit_patch_size"):
+            return cls.from_mot_config(source)
+        raise TypeError(f"no image geometry in a {type(source).__name__}: give an ImageGeometry or a Family")
 
 
 class LayerObserver(Protocol):
@@ -138,10 +189,8 @@ class Family:
         return {"family": self.name}
 
     @property
-    def image_config(self):
-        """What an understanding benchmark's image transform reads to size its images
-        (``vision``, ``vit_image_size``, ``vit_patch_size``, ``vit_max_num_patch_per_side``; see
-        ``evaluate.mme``)."""
+    def image_geometry(self) -> ImageGeometry:
+        """How an understanding benchmark sizes its images for this model (see ``ImageGeometry``)."""
         raise NotImplementedError(f"the {self.name} family does not say how its understanding images are sized")
 
     # ------------------------------------------------------------------ tasks

@@ -18,7 +18,7 @@ from ..models.configuration_mot import SUFFIX, MoTConfig
 from ..models.modeling_mot import MoTForUnifiedModel
 from ..models.loading import load_model
 from ..models.blocks import MLPWeights, SwiGLUMLP
-from .base import Family
+from .base import Family, ImageGeometry
 
 LAYERS_PREFIX = "language_model.model.layers."
 
@@ -132,8 +132,8 @@ class MoTFamily(Family):
         return name.startswith(LAYERS_PREFIX)
 
     @property
-    def image_config(self) -> MoTConfig:
-        return self.config
+    def image_geometry(self) -> ImageGeometry:
+        return ImageGeometry.from_mot_config(self.config)
 
     # ------------------------------------------------------------------ tasks
     def understanding_logits(self, images, question_ids, observer=None):

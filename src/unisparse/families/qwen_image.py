@@ -1,199 +1,46 @@
 """The Qwen-Image family: a Qwen2.5-VL text encoder (``und``) and an MMDiT (``gen``) around a video VAE.
 
 The understanding component is the text encoder, which as a Qwen2.5-VL model also answers questions
-about images (the understanding task); the generation component is the MMDiT. Its model directory is
-diffusers' pipeline layout (``model_index.json``, ``text_encoder/``, ``transformer/``, ``vae/``,
-``tokenizer/``, ``scheduler/``) plus a ``SHA256SUMS`` manifest; ``model_index.json`` names the upstream
-classes and carries this family's settings under ``_unisparse``. Structure (skipped sublayers, MLP
-widths, MoE blocks) lives in the component configs (``models.qwen_image``), so ``load`` needs nothing
-else. Generation follows ``QwenImagePipeline``: prompt embeddings are the text encoder's last hidden
-states after the chat template's system prefix, sampling is flow-matching Euler on the scheduler's
-sigmas with true classifier-free guidance (the unconditional prompt is empty).
+about images (the understanding task); the generation component is the MMDiT. This adapter names the
+structure (components, layers, MLP slots, skip lists, rebuild), which lives in the component configs
+(``models.qwen_image``), and delegates the rest to the model side: the files of a model directory
+(diffusers' pipeline layout plus ``SHA256SUMS``) and both tasks (Qwen2-VL's image preprocessing,
+prompt encoding, the flow-matching sampler, the flow loss) are ``models.qwen_image_pipeline``'s.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import logging
-import math
-import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..choices import COMPONENTS, SUBLAYERS
-from ..io import (IntegrityError, atomic_path, check_finite_state, check_stored_dtypes, read_json,
-                  safetensors_header, verify_model_dir, write_manifest)
 from ..models.blocks import MLPWeights
-from ..models.sampling import check_renorm, guided_velocity
 from ..models.qwen_image import (
     GEN_SLOTS,
     UND_SLOTS,
     QwenImageMMDiT,
     QwenImageTextEncoder,
     dense_mlp_weights,
-    mlp_state,
-    modulation_rows,
-    pack_latents,
-    resize_images,
-    unpack_latents,
+    restructured,
 )
-from ..worlds import shapes
-from .base import Family
-
-log = logging.getLogger(__name__)
-
-PIPELINE_CLASS = "QwenImagePipeline"
-SETTINGS_KEY = "_unisparse"
-#: the upstream classes a model directory's components load with (ours subclass the first two)
-UPSTREAM_CLASSES = {
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-    "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKLQwenImage"],
-}
-#: the family's settings (stored in model_index.json under ``_unisparse``; templates are
-#: QwenImagePipeline's and Qwen2.5-VL's chat templates)
-SETTINGS_DEFAULTS = {
-    "image_size": [shapes.CANVAS, shapes.CANVAS],  # what generate_images returns and flow_loss takes
-    "gen_template": "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
-                    "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
-                    "<|im_end|>\n<|im_start|>assistant\n",
-    "und_template": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-                    "{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n",
-    "max_sequence_length": 512,  # prompt tokens the MMDiT sees (the pipeline's default)
-    "und_min_pixels": 56 * 56,  # Qwen2-VL image processor's resize bounds
-    "und_max_pixels": 28 * 28 * 1280,
-    "und_image_size": 448,  # the square a benchmark letterboxes its images to (a multiple of patch x merge)
-}
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class QwenImageModel(nn.Module):
-    """Every weight of the family in one module (what training and accounting iterate)."""
-
-    def __init__(self, text_encoder: QwenImageTextEncoder, transformer: QwenImageMMDiT, vae: nn.Module):
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.transformer = transformer
-        self.vae = vae
-
-
-class TokenizerAdapter:
-    """``encode`` / ``decode`` of a transformers tokenizer without added special tokens (ids are spliced
-    into chat templates)."""
-
-    def __init__(self, hf_tokenizer):
-        self.hf = hf_tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False)
-
-    def decode(self, ids) -> str:
-        return self.hf.decode([int(i) for i in ids])
-
-    @property
-    def pad_id(self) -> int:
-        return self.hf.pad_token_id if self.hf.pad_token_id is not None else 0
-
-
-class RowObserver:
-    """Adapts a ``LayerObserver`` to the models' per-layer callable: keeps the rows of valid tokens
-    (``rows[slot]``: bool [B, T]) and names the component (and, in the MMDiT, the slot)."""
-
-    def __init__(self, observer, component: str, rows: dict, with_slot: bool):
-        self.observer, self.component, self.rows, self.with_slot = observer, component, rows, with_slot
-
-    def __call__(self, layer, slot, h_in, attn_update, mlp_update, mlp_aux):
-        mask = self.rows[slot]
-
-        def pick(x):
-            if x is None or not torch.is_tensor(x):
-                return x
-            if x.shape[:2] == mask.shape:
-                return x[mask]
-            if x.shape[0] == mask.numel():  # flattened tokens (an MoE block's router outputs)
-                return x[mask.reshape(-1)]
-            return x
-
-        aux = None
-        if mlp_aux is not None:
-            aux = {k: pick(v) for k, v in mlp_aux.items()}
-            if self.with_slot:
-                aux["slot"] = slot
-        elif self.with_slot and mlp_update is not None:
-            aux = {"slot": slot}
-        self.observer.on_layer(layer, self.component, pick(h_in), pick(attn_update), pick(mlp_update), aux)
-
-
-def calculate_shift(seq_len: int, config) -> float:
-    """The pipeline's resolution-dependent shift ``mu``: linear in the image token count."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    m = (top - base) / (max_len - base_len)
-    return seq_len * m + base - m * base_len
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    """Build modules directly in ``dtype`` (as transformers' from_pretrained does)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _stored_dtype(directory: Path) -> torch.dtype:
-    """The dtype of the first floating tensor stored in a component directory."""
-    for path in sorted(directory.glob("*.safetensors")):
-        for _, stored in safetensors_header(path).values():
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored)
-            if dtype is not None:
-                return dtype
-    raise FileNotFoundError(f"{directory} holds no floating-point .safetensors weights")
-
-
-def _check_loading(directory: Path, info: dict) -> None:
-    """Strict loading: every stored tensor lands in a parameter of the right shape and every parameter
-    is filled (the libraries only warn)."""
-    problems = [f"{len(info[k])} {k.replace('_', ' ')}: {sorted(map(str, info[k]))[:8]}"
-                for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(k)]
-    if problems:
-        raise IntegrityError(f"{directory}: weights do not match the config: " + "; ".join(problems))
-
-
-def _load_component(cls, directory: Path, dtype, library: str):
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is missing")
-    dtype = dtype or _stored_dtype(directory)
-    if library == "transformers":
-        kwargs = {"dtype": dtype}
-    else:  # without accelerate diffusers builds the model first, then loads (it only warns about it)
-        from diffusers.utils import is_accelerate_available
-
-        kwargs = {"torch_dtype": dtype, "low_cpu_mem_usage": is_accelerate_available()}
-    with default_dtype(dtype):  # diffusers without accelerate builds the model before loading: build it in dtype
-        model, info = cls.from_pretrained(directory, use_safetensors=True, output_loading_info=True, **kwargs)
-    _check_loading(directory, info)
-    check_stored_dtypes(directory, {k: v.dtype for k, v in model.state_dict().items()})
-    return model.eval()
-
-
-def _load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+from ..models.qwen_image_pipeline import (
+    PIPELINE_CLASS,
+    UND_GRID,
+    QwenImageModel,
+    QwenImageTasks,
+    TokenizerAdapter,
+    check_settings,
+    is_pipeline_dir,
+    load_pipeline,
+    save_pipeline,
+)
+from .base import Family, ImageGeometry
 
 
 class QwenImageFamily(Family):
-    """Adapter for Qwen-Image (see the module docstring); ``settings`` override ``SETTINGS_DEFAULTS``."""
+    """Adapter for Qwen-Image (see the module docstring); ``settings`` override the pipeline's
+    ``SETTINGS_DEFAULTS``."""
 
     name = "qwen_image"
     components = COMPONENTS
@@ -203,10 +50,7 @@ class QwenImageFamily(Family):
             tokenizer = TokenizerAdapter(tokenizer)
         super().__init__(model, tokenizer)
         self.scheduler_config = dict(scheduler_config)
-        self.settings = {**SETTINGS_DEFAULTS, **(settings or {})}
-        unknown = set(self.settings) - set(SETTINGS_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown Qwen-Image settings {sorted(unknown)}; expected {sorted(SETTINGS_DEFAULTS)}")
+        self.settings = check_settings(settings)
 
     @property
     def text_encoder(self) -> QwenImageTextEncoder:
@@ -220,66 +64,27 @@ class QwenImageFamily(Family):
     def vae(self):
         return self.model.vae
 
+    @property
+    def tasks(self) -> QwenImageTasks:
+        """The pipeline work on the current model (made on each use, so ``with_model``'s twin runs its own)."""
+        return QwenImageTasks(self.model, self.tokenizer, self.scheduler_config, self.settings)
+
     # ------------------------------------------------------------------ files
     @classmethod
     def is_model_dir(cls, path) -> bool:
-        index = Path(path) / "model_index.json"
-        if not index.is_file():
-            return False
-        try:
-            return read_json(index).get("_class_name") == PIPELINE_CLASS
-        except ValueError:
-            return False
+        return is_pipeline_dir(path)
 
     @classmethod
     def load(cls, model_dir, device=None, dtype=None, settings: dict | None = None,
              require_manifest: bool = True) -> "QwenImageFamily":
-        """Load a model directory of this family (or, with ``require_manifest`` False, a raw
-        ``Qwen/Qwen-Image`` snapshot, which has no ``SHA256SUMS``): manifest verified, safetensors only,
-        every weight present, of the right shape and dtype kind. ``dtype`` None keeps each component's
-        stored dtype."""
-        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
-
-        model_dir = Path(model_dir)
-        if not cls.is_model_dir(model_dir):
-            raise FileNotFoundError(f"{model_dir} is not a {PIPELINE_CLASS} directory (model_index.json)")
-        verify_model_dir(model_dir, required=require_manifest)
-        index = read_json(model_dir / "model_index.json")
-        for name, expected in UPSTREAM_CLASSES.items():
-            if index.get(name) != expected:
-                raise IntegrityError(f"{model_dir}/model_index.json: {name} is {index.get(name)}, expected {expected}")
-        model = QwenImageModel(
-            _load_component(QwenImageTextEncoder, model_dir / "text_encoder", dtype, "transformers"),
-            _load_component(QwenImageMMDiT, model_dir / "transformer", dtype, "diffusers"),
-            _load_component(AutoencoderKLQwenImage, model_dir / "vae", dtype, "diffusers"),
-        )
-        if device is not None:
-            model = model.to(device)
-        scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir / "scheduler"))
-        stored = index.get(SETTINGS_KEY, {}).get("settings", {})
-        return cls(model.eval(), _load_tokenizer(model_dir / "tokenizer"), scheduler_config,
-                   {**stored, **(settings or {})})
+        """Load a model directory of this family strictly (``load_pipeline``; ``require_manifest`` False
+        reads a raw ``Qwen/Qwen-Image`` snapshot); ``settings`` override the stored ones."""
+        model, tokenizer, scheduler_config, stored = load_pipeline(model_dir, device, dtype, require_manifest)
+        return cls(model, tokenizer, scheduler_config, {**stored, **(settings or {})})
 
     def save(self, out_dir, extra_files=()) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler, __version__
-
-        check_finite_state(self.model, f"model for {out_dir}")
-        with atomic_path(out_dir, is_dir=True) as tmp:
-            tmp.mkdir(parents=True, exist_ok=True)
-            self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-            self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-            self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-            FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config).save_pretrained(tmp / "scheduler")
-            self.tokenizer.hf.save_pretrained(tmp / "tokenizer")
-            ours = {"text_encoder": QwenImageTextEncoder, "transformer": QwenImageMMDiT}
-            index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": __version__, **UPSTREAM_CLASSES,
-                     "tokenizer": ["transformers", type(self.tokenizer.hf).__name__],
-                     SETTINGS_KEY: {"family": self.name, "settings": self.settings,
-                                    "classes": {k: f"{c.__module__}.{c.__name__}" for k, c in ours.items()}}}
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            for path in extra_files:
-                shutil.copyfile(path, tmp / Path(path).name)
-            write_manifest(tmp)
+        save_pipeline(out_dir, self.model, self.tokenizer.hf, self.scheduler_config, self.settings, self.name,
+                      extra_files)
 
     # ------------------------------------------------------------------ structure
     def _module(self, component: str):
@@ -379,7 +184,8 @@ class QwenImageFamily(Family):
         parts = {}
         for c in self.components:
             replace = {(layer, self._slot(c, slot)): v for (comp, layer, slot), v in mlps.items() if comp == c}
-            parts[c] = self._rebuild_component(c, skip.get(c), replace, moe.get(c))
+            structure = self._new_structure(c, skip.get(c), replace, moe.get(c))
+            parts[c] = restructured(self._module(c), structure, replace)
         model = QwenImageModel(parts["und"], parts["gen"], copy.deepcopy(self.vae)).eval()
         model.train(self.model.training)
         return type(self)(model, self.tokenizer, self.scheduler_config, self.settings)
@@ -432,290 +238,39 @@ class QwenImageFamily(Family):
             s["moe"], s["moe_slots"] = None, None
         return s
 
-    def _rebuild_component(self, component: str, skip, replace: dict, moe_spec) -> nn.Module:
-        old = self._module(component)
-        structure = self._new_structure(component, skip, replace, moe_spec)
-        with torch.device(old.device), default_dtype(old.dtype):
-            if component == "und":
-                new = QwenImageTextEncoder(type(old.config).from_dict({**old.config.to_dict(), **structure}))
-            else:
-                new = QwenImageMMDiT.from_config({**old.config, **structure})
-        old_state = old.state_dict()
-        state = {}
-        for key in new.state_dict():
-            if key in old_state:
-                state[key] = old_state[key]
-        for (layer, slot), value in replace.items():
-            prefix = self._mlp_prefix(component, layer, slot)
-            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-            target = getattr(self._layers_of(new, component)[layer], slot)
-            sub = mlp_state(target, value) if isinstance(value, MLPWeights) else value.state_dict()
-            state.update({prefix + k: v for k, v in sub.items()})
-        if component == "gen":
-            self._slice_modulation(old, new, state)
-        new.load_state_dict(state, strict=True)
-        for name, buf in old.named_buffers():  # non-persistent buffers (rotary tables) as they were
-            target = new.get_buffer(name) if _has_buffer(new, name) else None
-            if target is not None and target.shape == buf.shape:
-                target.data = buf.detach().clone()
-        return new.eval()
-
-    @staticmethod
-    def _layers_of(module, component):
-        return module.decoder_layers if component == "und" else module.transformer_blocks
-
-    @staticmethod
-    def _mlp_prefix(component: str, layer: int, slot: str) -> str:
-        if component == "und":
-            return f"model.language_model.layers.{layer}.mlp."
-        return f"transformer_blocks.{layer}.{slot}."
-
-    @staticmethod
-    def _slice_modulation(old: QwenImageMMDiT, new: QwenImageMMDiT, state: dict) -> None:
-        """Carry each block's AdaLN rows of the sublayers it keeps (a dropped sublayer's go)."""
-        dim = new.inner_dim
-        for i, (a, b) in enumerate(zip(old.transformer_blocks, new.transformer_blocks)):
-            if not hasattr(b, "img_mod"):
-                continue
-            rows = modulation_rows(dim, (a.keep_attn, a.keep_mlp), (b.keep_attn, b.keep_mlp))
-            for stream in ("img_mod", "txt_mod"):
-                for p in ("weight", "bias"):
-                    key = f"transformer_blocks.{i}.{stream}.1.{p}"
-                    state[key] = getattr(getattr(a, stream)[1], p)[rows.to(state[key].device)]
-
-    # ------------------------------------------------------------------ understanding
-    def _und_size(self, height: int, width: int) -> tuple[int, int]:
-        v = self.text_encoder.config.vision_config
-        return smart_resize(height, width, v.patch_size * v.spatial_merge_size,
-                            self.settings["und_min_pixels"], self.settings["und_max_pixels"])
-
-    def _pixel_inputs(self, images):
-        """Qwen2-VL's image processor in torch: resize, CLIP-normalise, cut into (temporal x patch x
-        patch) patches grouped by merge windows. Returns pixel_values, image_grid_thw, tokens per image."""
-        v = self.text_encoder.config.vision_config
-        images = torch.as_tensor(images, dtype=torch.float32, device=self.device)
-        B, H, W, _ = images.shape
-        h, w = self._und_size(H, W)
-        x = resize_images(images, (h, w), mode="bicubic").clamp(0, 1).permute(0, 3, 1, 2)  # the processor's
-        mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        p, m, tp = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
-        gh, gw = h // p, w // p
-        x = x.reshape(B, 3, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
-        x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, tp, -1, -1).reshape(B * gh * gw, 3 * tp * p * p)
-        grid = torch.tensor([[1, gh, gw]] * B, dtype=torch.long, device=self.device)
-        return x.to(self.text_encoder.dtype), grid, gh * gw // (m * m)
-
-    def _template_ids(self, template: str, *fields: str) -> list[list[int]]:
-        """Token ids of the template's text between its ``fields`` placeholders."""
-        pieces, rest = [], template
-        for field in fields:
-            head, sep, rest = rest.partition(field)
-            if not sep:
-                raise ValueError(f"template {template!r} has no {field} placeholder")
-            pieces.append(head)
-        return [self.tokenizer.encode(t) for t in pieces + [rest]]
-
-    def _pad(self, sequences: list[list[int]]):
-        """Right-padded ids [B, T] and the bool mask of real tokens."""
-        T = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), T), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(sequences), T, dtype=torch.bool)
-        for i, s in enumerate(sequences):
-            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, :len(s)] = True
-        return ids.to(self.device), mask.to(self.device)
-
-    def _run_text(self, embeds, mask, position_ids, observer):
-        """The text decoder over ``embeds`` [B, T, H]; the observer sees the valid rows."""
-        rows = RowObserver(observer, "und", {"mlp": mask}, with_slot=False) if observer is not None else None
-        out = self.text_encoder.model.language_model(inputs_embeds=embeds, attention_mask=mask.long(),
-                                                     position_ids=position_ids, use_cache=False, observer=rows)
-        return out.last_hidden_state
-
+    # ------------------------------------------------------------------ tasks (the pipeline's)
     @property
-    def image_config(self):
-        """How an understanding benchmark sizes its images for this family (``evaluate.mme``'s
-        ``letterbox``): one square of ``und_image_size`` pixels on the 28-pixel grid of Qwen2-VL's
-        patches merged 2 x 2, which its processor keeps as is."""
-        from types import SimpleNamespace
-
+    def image_geometry(self) -> ImageGeometry:
+        """One square of ``und_image_size`` pixels on the grid of Qwen2-VL's merged patches
+        (``UND_GRID``), which its processor keeps as is: benchmarks letterbox their images to it."""
         size = int(self.settings["und_image_size"])
-        return SimpleNamespace(vision="patch", vit_image_size=size, vit_patch_size=28, vit_max_num_patch_per_side=size // 28)
+        return ImageGeometry("letterbox", size, UND_GRID, size // UND_GRID)
 
-    @torch.no_grad()
     def understanding_logits(self, images, question_ids, observer=None):
-        te = self.text_encoder
-        pixel_values, grid, n_image = self._pixel_inputs(images)
-        pre, mid, post = self._template_ids(self.settings["und_template"], "{image}", "{question}")
-        ids, mask = self._pad([pre + [te.config.image_token_id] * n_image + mid + list(map(int, q)) + post
-                               for q in question_ids])
-        image_embeds = torch.cat(te.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output)
-        embeds = te.model.get_input_embeddings()(ids)
-        is_image = (ids == te.config.image_token_id) & mask
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
-        position_ids, _ = te.model.get_rope_index(ids, mm_token_type_ids=is_image.int(), image_grid_thw=grid,
-                                                  attention_mask=mask.long())
-        h = self._run_text(embeds, mask, position_ids, observer)
-        last = h[torch.arange(len(ids), device=self.device), mask.sum(1) - 1]
-        return te.lm_head(last).float()
+        return self.tasks.understanding_logits(images, question_ids, observer)
 
-    # ------------------------------------------------------------------ generation
-    def encode_prompts(self, prompt_ids, observer=None):
-        """Prompt embeddings [B, T, H] and their bool mask, as ``QwenImagePipeline``: the text encoder's
-        last hidden states of the templated prompt, without the template's system prefix."""
-        te = self.text_encoder
-        pre, post = self._template_ids(self.settings["gen_template"], "{}")
-        ids, mask = self._pad([pre + list(map(int, p)) + post for p in prompt_ids])
-        positions = torch.arange(ids.shape[1], device=self.device).view(1, 1, -1).expand(3, len(ids), -1)
-        h = self._run_text(te.model.get_input_embeddings()(ids), mask, positions, observer)
-        limit = self.settings["max_sequence_length"]
-        kept = [h[i, len(pre):int(mask[i].sum())][:limit] for i in range(len(ids))]
-        T = max(max(len(k) for k in kept), 1)
-        embeds = h.new_zeros(len(kept), T, h.shape[-1])
-        keep_mask = torch.zeros(len(kept), T, dtype=torch.bool, device=self.device)
-        for i, k in enumerate(kept):
-            embeds[i, :len(k)] = k
-            keep_mask[i, :len(k)] = True
-        return embeds, keep_mask
-
-    @property
-    def vae_scale(self) -> int:
-        return 2 ** len(self.vae.temperal_downsample)
-
-    @property
-    def sample_size(self) -> tuple[int, int]:
-        """The generated size: ``image_size`` rounded up to what the VAE and 2x2 patches allow."""
-        f = 2 * self.vae_scale
-        return tuple(-(-int(s) // f) * f for s in self.settings["image_size"])
-
-    def _latent_grid(self) -> tuple[int, int]:
-        return tuple(s // self.vae_scale for s in self.sample_size)
+    def generate_images(self, prompt_ids, seeds, observer=None, **sampler):
+        return self.tasks.generate_images(prompt_ids, seeds, observer, **sampler)
 
     def noise_shape(self, n: int) -> tuple[int, ...]:
-        h, w = self._latent_grid()
-        return (n, (h // 2) * (w // 2), 4 * self.vae.config.z_dim)
-
-    def _latent_stats(self):
-        z = self.vae.config.z_dim
-        mean = torch.tensor(self.vae.config.latents_mean, device=self.device, dtype=torch.float32).view(1, z, 1, 1, 1)
-        std = torch.tensor(self.vae.config.latents_std, device=self.device, dtype=torch.float32).view(1, z, 1, 1, 1)
-        return mean, std
-
-    def encode_images(self, images):
-        """[B, H, W, 3] in [0, 1] -> normalised latent tokens [B, L, 4 z] (the VAE posterior's mean)."""
-        x = resize_images(torch.as_tensor(images, dtype=torch.float32, device=self.device), self.sample_size)
-        x = (x.permute(0, 3, 1, 2).unsqueeze(2) * 2 - 1).to(self.vae.dtype)
-        mean, std = self._latent_stats()
-        latents = (self.vae.encode(x).latent_dist.mode().float() - mean) / std
-        return pack_latents(latents)
-
-    def decode_latents(self, tokens):
-        """Latent tokens [B, L, 4 z] -> images [B, H, W, 3] in [0, 1] at ``image_size``."""
-        mean, std = self._latent_stats()
-        latents = unpack_latents(tokens.float(), *self._latent_grid()) * std + mean
-        x = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0][:, :, 0]
-        images = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-        return resize_images(images, self.settings["image_size"]).clamp(0, 1)
-
-    def velocity(self, x, t, embeds, mask, observer=None):
-        """The MMDiT's velocity prediction (fp32) for latent tokens ``x`` at times ``t`` [B] in [0, 1]."""
-        tr = self.transformer
-        h, w = self._latent_grid()
-        rows = None
-        if observer is not None:
-            img_rows = torch.ones(x.shape[:2], dtype=torch.bool, device=self.device)
-            rows = RowObserver(observer, "gen", {"img_mlp": img_rows, "txt_mlp": mask}, with_slot=True)
-        # as the pipeline: no mask when every text token is real (lets attention use its fastest kernel)
-        out = tr(hidden_states=x.to(tr.dtype), timestep=t.to(tr.dtype), encoder_hidden_states=embeds.to(tr.dtype),
-                 encoder_hidden_states_mask=None if bool(mask.all()) else mask,
-                 img_shapes=[[(1, h // 2, w // 2)]] * len(x), observer=rows,
-                 return_dict=False)[0]
-        return out.float()
-
-    def _sigmas(self, num_steps: int, seq_len: int, shift):
-        """The scheduler's sigmas for ``num_steps`` steps (then 0), as the pipeline sets them; a given
-        ``shift`` replaces the dynamic shift by a static one."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        overrides = {} if shift is None else {"use_dynamic_shifting": False, "shift": float(shift)}
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config, **overrides)
-        mu = calculate_shift(seq_len, scheduler.config) if scheduler.config.use_dynamic_shifting else None
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-        return scheduler.sigmas.tolist()
-
-    @staticmethod
-    def _cat_text(a, b):
-        """Two (embeds, mask) batches padded to one length and stacked."""
-        T = max(a[0].shape[1], b[0].shape[1])
-        pad = lambda e, m: (F.pad(e, (0, 0, 0, T - e.shape[1])), F.pad(m, (0, T - m.shape[1])))
-        (ea, ma), (eb, mb) = pad(*a), pad(*b)
-        return torch.cat([ea, eb]), torch.cat([ma, mb])
-
-    @torch.no_grad()
-    def generate_images(self, prompt_ids, seeds, observer=None, num_steps: int = 20, cfg_scale: float = 4.0,
-                        cfg_interval=(0.0, 1.0), cfg_renorm: str = "none", cfg_renorm_min: float = 0.0, shift=None):
-        """Euler sampling on the scheduler's sigmas with true CFG where ``cfg_interval[0] < sigma <=
-        cfg_interval[1]`` (unconditional prompt: empty). Each sample's noise is drawn on the CPU from
-        its own seed, so an image does not depend on its batch or device. Returns [B, H, W, 3]."""
-        check_renorm(cfg_renorm)
-        B = len(prompt_ids)
-        cond = self.encode_prompts(prompt_ids, observer)
-        both = self._cat_text(cond, self.encode_prompts([[]] * B, observer)) if cfg_scale != 1.0 else None
-        shape = (1, self.vae.config.z_dim, 1, *self._latent_grid())  # drawn as the pipeline draws it, then packed
-        x = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        x = pack_latents(x).to(self.device)  # the Euler state stays fp32
-        sigmas = self._sigmas(num_steps, x.shape[1], shift)
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            guided = both is not None and cfg_interval[0] < sigma <= cfg_interval[1]
-            embeds, mask = both if guided else cond
-            xs = torch.cat([x, x]) if guided else x
-            t = torch.full((len(xs),), sigma, device=self.device)
-            v = self.velocity(xs, t, embeds, mask, observer)
-            if guided:
-                v = guided_velocity(v[:B], v[B:], cfg_scale, cfg_renorm, cfg_renorm_min)
-            x = x + (sigma_next - sigma) * v
-        return self.decode_latents(x)
+        return self.tasks.noise_shape(n)
 
     def flow_loss(self, prompt_ids, images, cond_keep=None, noise=None, t=None, observer=None):
-        """Rectified-flow loss (fp32) of the MMDiT: ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``
-        on normalised VAE latents; t = sigmoid(N(0, 1)) unless given. Text encoder and VAE run without
-        gradients (only the MMDiT trains); ``cond_keep`` False gives that sample the empty prompt."""
-        if cond_keep is not None:
-            prompt_ids = [p if bool(k) else [] for p, k in zip(prompt_ids, cond_keep.tolist())]
-        with torch.no_grad():
-            embeds, mask = self.encode_prompts(prompt_ids, observer)
-            x0 = self.encode_images(images)
-        B = len(x0)
-        noise = torch.randn(x0.shape) if noise is None else noise
-        t = torch.sigmoid(torch.randn(B)) if t is None else t
-        noise, t = noise.to(self.device, torch.float32), t.to(self.device, torch.float32)
-        x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
-        v = self.velocity(x_t, t, embeds, mask, observer)
-        return F.mse_loss(v, noise - x0)
+        return self.tasks.flow_loss(prompt_ids, images, cond_keep=cond_keep, noise=noise, t=t, observer=observer)
 
+    def encode_prompts(self, prompt_ids, observer=None):
+        """Prompt embeddings [B, T, H] and their bool mask (``QwenImageTasks.encode_prompts``)."""
+        return self.tasks.encode_prompts(prompt_ids, observer)
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's image processor rule: sides multiples of ``factor`` (patch x merge), pixel count within
-    [min_pixels, max_pixels], aspect ratio kept as well as that allows."""
-    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
+    # the pipeline's input builders, which the parity tests compare with transformers' own forward
+    def _pixel_inputs(self, images):
+        return self.tasks.pixel_inputs(images)
 
+    def _template_ids(self, template: str, *fields: str) -> list[list[int]]:
+        return self.tasks.template_ids(template, *fields)
 
-def _has_buffer(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_buffer(name)
-        return True
-    except AttributeError:
-        return False
+    def _pad(self, sequences: list[list[int]]):
+        return self.tasks.pad(sequences)
 
 
 def import_qwen_image(src, out, device=None, dtype=None, settings: dict | None = None) -> Path:

@@ -16,8 +16,14 @@ Structure (the same three keys in both configs; layers count from 0):
   * ``mlp_widths``: ``{slot: [width per layer]}`` (a missing slot has the config's default width);
   * ``moe``: the MoE spec (``layers``, ``num_experts``, ``top_k``, ...) or None, and ``moe_slots``:
     which MLP slots of those layers are MoE blocks (default: every slot).
+
+``restructured`` copies a component into a new structure, weights carried over exactly (what the
+family's ``rebuild`` calls). The pipeline work on these components (files, both tasks) is in
+``models.qwen_image_pipeline``.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,17 @@ GEN_SLOTS = ("img_mlp", "txt_mlp")
 
 
 # --------------------------------------------------------------------------- structure
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules directly in ``dtype`` (as transformers' from_pretrained does)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def normalise_structure(skip, mlp_widths, moe, moe_slots, slots, num_layers: int) -> tuple:
@@ -401,6 +418,63 @@ class QwenImageMMDiT(QwenImageTransformer2DModel):
                 encoder_hidden_states, hidden_states = block(*args)
         output = self.proj_out(self.norm_out(hidden_states, temb))
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+
+# --------------------------------------------------------------------------- rebuild
+
+
+def restructured(old: nn.Module, structure: dict, replace: dict) -> nn.Module:
+    """A copy of a component (``QwenImageTextEncoder`` or ``QwenImageMMDiT``) built with ``structure``
+    (its ``skip``, ``mlp_widths``, ``moe``, ``moe_slots``): every weight the new structure keeps is
+    carried over exactly, ``replace``'s MLPs (``{(layer, slot): MLPWeights or an MoE block}``) are
+    swapped in, and in the MMDiT a dropped sublayer's modulation rows go with it."""
+    text = isinstance(old, QwenImageTextEncoder)
+    with torch.device(old.device), default_dtype(old.dtype):
+        if text:
+            new = QwenImageTextEncoder(type(old.config).from_dict({**old.config.to_dict(), **structure}))
+        else:
+            new = QwenImageMMDiT.from_config({**old.config, **structure})
+    old_state = old.state_dict()
+    state = {}
+    for key in new.state_dict():
+        if key in old_state:
+            state[key] = old_state[key]
+    layers = new.decoder_layers if text else new.transformer_blocks
+    for (layer, slot), value in replace.items():
+        prefix = f"model.language_model.layers.{layer}.mlp." if text else f"transformer_blocks.{layer}.{slot}."
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        target = getattr(layers[layer], slot)
+        sub = mlp_state(target, value) if isinstance(value, MLPWeights) else value.state_dict()
+        state.update({prefix + k: v for k, v in sub.items()})
+    if not text:
+        _slice_modulation(old, new, state)
+    new.load_state_dict(state, strict=True)
+    for name, buf in old.named_buffers():  # non-persistent buffers (rotary tables) as they were
+        target = new.get_buffer(name) if _has_buffer(new, name) else None
+        if target is not None and target.shape == buf.shape:
+            target.data = buf.detach().clone()
+    return new.eval()
+
+
+def _slice_modulation(old: QwenImageMMDiT, new: QwenImageMMDiT, state: dict) -> None:
+    """Carry each block's AdaLN rows of the sublayers it keeps (a dropped sublayer's go)."""
+    dim = new.inner_dim
+    for i, (a, b) in enumerate(zip(old.transformer_blocks, new.transformer_blocks)):
+        if not hasattr(b, "img_mod"):
+            continue
+        rows = modulation_rows(dim, (a.keep_attn, a.keep_mlp), (b.keep_attn, b.keep_mlp))
+        for stream in ("img_mod", "txt_mod"):
+            for p in ("weight", "bias"):
+                key = f"transformer_blocks.{i}.{stream}.1.{p}"
+                state[key] = getattr(getattr(a, stream)[1], p)[rows.to(state[key].device)]
+
+
+def _has_buffer(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_buffer(name)
+        return True
+    except AttributeError:
+        return False
 
 
 # --------------------------------------------------------------------------- latents
