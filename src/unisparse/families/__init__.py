@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from ..choices import SUBLAYERS
-from .base import Family, LayerObserver
+from .base import Family, ImageGeometry, LayerObserver
 
 #: registered families: name -> ("module:Class", the file that marks its model directories); a new
 #: family adds one line here. The marker lets a directory be matched without importing every family.
@@ -70,4 +70,4 @@ def like_given(result: Family, given):
     return result if isinstance(given, Family) else result.model
 
 
-__all__ = ["FAMILIES", "Family", "LayerObserver", "SUBLAYERS", "family_class", "family_for", "family_name_of", "like_given", "load_family"]
+__all__ = ["FAMILIES", "Family", "ImageGeometry", "LayerObserver", "SUBLAYERS", "family_class", "family_for", "family_name_of", "like_given", "load_family"]
