@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from unisparse.families import family_for
 import yaml
 from conftest import make_model
 from torch.profiler import ProfilerActivity, profile
@@ -86,7 +88,7 @@ def planted_activations(width=256, groups=8, tokens=2000, fire=0.5, noise=0.3, s
 def streamed_sketch(act, dim, seed=0, chunk=300, device="cpu"):
     """The sketch as calibration writes it: forwards of ``chunk`` tokens through ``on_layer``."""
     model = make_model(intermediate_size=act.shape[1], num_hidden_layers=1).to(device)
-    stats = CalibrationStats(model, coactivation=True, coactivation_dim=dim, coactivation_seed=seed)
+    stats = CalibrationStats(family_for(model), coactivation=True, coactivation_dim=dim, coactivation_seed=seed)
     for part in act.to(device).split(chunk):
         stats.on_layer(0, "und", torch.randn(len(part), model.config.hidden_size, device=device), None, None, {"act": part})
     return Calibration.from_stats(stats, "und").coactivation("und", 0)
@@ -265,7 +267,7 @@ def test_sketch_on_cuda_matches_cpu_and_stays_flat_at_bagel_width():
     torch.testing.assert_close(streamed_sketch(act, 64, device="cuda"), streamed_sketch(act, 64), rtol=1e-5, atol=1e-6)
 
     model = make_model(intermediate_size=width, num_hidden_layers=1).to("cuda", torch.bfloat16)
-    stats = CalibrationStats(model, coactivation=True)
+    stats = CalibrationStats(family_for(model), coactivation=True)
     tokens, H = 4096, model.config.hidden_size
     g = torch.Generator(device="cuda").manual_seed(0)
     act = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, generator=g)

@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+
+from unisparse.families import family_for
 from safetensors.torch import load_file
 
 from conftest import make_model
@@ -37,10 +39,10 @@ def test_bfloat16_answers_and_images_agree_with_float32(chains):
     fp32 = load_model(root / "dense")
     bf16 = load_model(root / "dense", dtype=torch.bfloat16)
     items = shapes.qa_set("eval", 256, 1)
-    same = sum(a == b for a, b in zip(answer_questions(fp32, items), answer_questions(bf16, items))) / len(items)
+    same = sum(a == b for a, b in zip(answer_questions(family_for(fp32), items), answer_questions(family_for(bf16), items))) / len(items)
     assert same >= 0.9, same
     pairs = shapes.geneval_set("eval", 1, 2, 0)
-    images = [generate_for(m, pairs, dict(num_steps=8, cfg_scale=3.0)) for m in (fp32, bf16)]
+    images = [generate_for(family_for(m), pairs, dict(num_steps=8, cfg_scale=3.0)) for m in (fp32, bf16)]
     assert images[1].dtype == torch.float32
     assert (images[0] - images[1]).abs().mean() < 0.02, (images[0] - images[1]).abs().mean()
 

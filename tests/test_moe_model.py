@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import make_model
+from unisparse.families import family_for
 from unisparse.accounting import parameter_counts
 from unisparse.calibrate import Calibration, run_calibration
 from unisparse.io import save_model
@@ -51,7 +52,7 @@ def test_expert_frozen_tuning_changes_routers_only(dense_and_cal):
     tune_moe(moe, "gen", "frozen", TUNE, progress=False)
     changed = {k for k, v in moe.state_dict().items() if not torch.equal(v, before[k])}
     assert changed, "routers did not move"
-    assert changed <= set(trainable_names(moe, "gen", "frozen"))
+    assert changed <= set(trainable_names(family_for(moe), "gen", "frozen"))
     assert all(k.endswith("mlp_moe_gen.gate.weight") for k in changed)
 
 
@@ -85,7 +86,7 @@ def test_full_tuning_of_a_dense_component_changes_only_its_mlps(dense_and_cal):
     dense, _ = dense_and_cal
     model = copy.deepcopy(dense)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    names = set(trainable_names(model, "gen", "full"))
+    names = set(trainable_names(family_for(model), "gen", "full"))
     assert names and all(".mlp_moe_gen." in n for n in names)
     assert len(names) == 3 * model.config.num_hidden_layers
     tune_moe(model, "gen", "full", TUNE, progress=False)
@@ -103,3 +104,45 @@ def test_bad_moe_requests_fail_before_work(dense_and_cal):
         convert_to_moe(dense, "vision", 8, 4, calibration=cal)
     with pytest.raises(ValueError, match="no routers to tune"):
         tune_moe(dense, "gen", "frozen", TUNE, progress=False)
+
+
+def test_tuning_data_is_a_parameter(dense_and_cal):
+    """``tune_moe`` draws its batches from ``examples`` (the shapes world by default): the same
+    draws give the same weights, other data other weights."""
+    import copy
+
+    import numpy as np
+
+    from unisparse.moe.tune import shapes_examples
+
+    dense, cal = dense_and_cal
+    moe = convert_to_moe(dense, "gen", 4, 2, calibration=cal, dense_layers="none")
+    calls = []
+
+    def recorded(rng, n):
+        calls.append(n)
+        return shapes_examples(rng, n)
+
+    other_rng = np.random.default_rng(123)
+
+    def other(rng, n):  # the same world, other draws
+        return shapes_examples(other_rng, n)
+
+    tuned = {}
+    for name, data in (("default", shapes_examples), ("recorded", recorded), ("other", other)):
+        m = copy.deepcopy(moe)
+        tune_moe(m, "gen", "full", TUNE, progress=False, examples=data)
+        tuned[name] = m.state_dict()
+    assert calls == [TUNE["batch_gen"]] * TUNE["steps"]
+    assert all(torch.equal(v, tuned["recorded"][k]) for k, v in tuned["default"].items())
+    assert not all(torch.equal(v, tuned["other"][k]) for k, v in tuned["default"].items())
+
+
+def test_internals_take_a_family(dense_and_cal):
+    from unisparse.prune.depth import apply_drop
+
+    dense, _ = dense_and_cal
+    with pytest.raises(TypeError, match="trainable_names takes a families.Family.*family_for"):
+        trainable_names(dense, "gen", "full")
+    with pytest.raises(TypeError, match="apply_drop takes a families.Family"):
+        apply_drop(dense, "und", {"mlp": [0]})

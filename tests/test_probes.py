@@ -1,5 +1,7 @@
 import pytest
 import torch
+
+from unisparse.families import family_for
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -99,7 +101,7 @@ def _zeroed(model, comp, sub, layer):
 @pytest.mark.parametrize("sub", ["attn", "mlp"])
 def test_dropping_equals_zero_sublayer(tiny_model, comp, sub):
     from unisparse.prune.depth import apply_drop
-    pruned = apply_drop(tiny_model, comp, {sub: [1]})
+    pruned = apply_drop(family_for(tiny_model), comp, {sub: [1]}).model
     for a, b in zip(outputs(pruned), outputs(_zeroed(tiny_model, comp, sub, 1))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -120,7 +122,7 @@ def test_sublayer_granularity_ranks_attention_and_mlp_together(tiny_model):
     chosen = choose_sublayers(cal, "gen", "sublayer", 3)
     pruned = prune_depth(tiny_model, cal, "gen", "sublayer", 3)
     assert {s: sorted(v) for s, v in pruned.config.skip["gen"].items() if v} == {s: v for s, v in chosen.items() if v}
-    for a, b in zip(outputs(pruned), outputs(apply_drop(tiny_model, "gen", chosen))):
+    for a, b in zip(outputs(pruned), outputs(apply_drop(family_for(tiny_model), "gen", chosen).model)):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="one scale"):
         choose_sublayers(cal, "gen", "sublayer", 1, score="bagel")
@@ -130,8 +132,8 @@ def test_sublayer_granularity_ranks_attention_and_mlp_together(tiny_model):
 
 def test_published_kv_policy_hides_prompt_from_generation(tiny_model):
     from unisparse.prune.depth import apply_drop
-    keep = apply_drop(tiny_model, "und", {"attn": [1]}, "keep")
-    none = apply_drop(tiny_model, "und", {"attn": [1]}, "none")
+    keep = apply_drop(family_for(tiny_model), "und", {"attn": [1]}, "keep").model
+    none = apply_drop(family_for(tiny_model), "und", {"attn": [1]}, "none").model
     (u1, g1), (u2, g2) = outputs(keep), outputs(none)
     assert torch.equal(u1, u2)  # understanding has no generation tokens
     assert not torch.allclose(g1, g2)
@@ -148,7 +150,7 @@ def test_dropped_sublayer_costs_no_compute(tiny_model):
             m.understanding_logits(images, questions)
         return counter.get_total_flops()
 
-    dense, pruned = flops(tiny_model), flops(apply_drop(tiny_model, "und", {"mlp": [0]}))
+    dense, pruned = flops(tiny_model), flops(apply_drop(family_for(tiny_model), "und", {"mlp": [0]}).model)
     n_tokens = sum(3 + tiny_model.config.num_vit_tokens + len(q) for q in questions)
     c = tiny_model.config
     assert dense - pruned == 2 * n_tokens * 3 * c.hidden_size * c.intermediate_size
@@ -160,7 +162,7 @@ def test_width_score_ranks_dead_neuron_last(tiny_model):
         mlp.gate_proj.weight[5].zero_()
         mlp.up_proj.weight[5].zero_()
     cal = Calibration.from_stats(run_calibration(tiny_model, "und", CAL), "und")
-    scores = neuron_scores(tiny_model, "und", 0, "act_norm", cal)
+    scores = neuron_scores(family_for(tiny_model), "und", 0, "act_norm", cal)
     assert int(scores.argmin()) == 5 and float(scores[5]) == 0.0
     pruned = prune_width(tiny_model, "und", 0.5, "act_norm", cal)
     assert pruned.mlp(0, "und").gate_proj.weight.shape[0] == 32

@@ -36,7 +36,7 @@ from . import tasks
 from .io import IntegrityError, NonFiniteError, atomic_path, read_json, sha256_file, write_json
 from .benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
 from .choices import TASKS
-from .families import family_for
+from .families import family_for, require_family
 from .models.sampling import SAMPLER_DEFAULTS, sampler_settings
 from .spec import merge_spec
 from .worlds import shapes
@@ -98,7 +98,7 @@ class CalibrationStats:
 
     def __init__(self, family, coactivation: bool = False, coactivation_dim: int = CALIB_DEFAULTS["coactivation_dim"],
                  coactivation_seed: int = CALIB_DEFAULTS["coactivation_seed"]):
-        family = family_for(family)
+        require_family(family, "CalibrationStats")
         self.components = family.components
         self.layers = {c: family.num_layers(c) for c in self.components}
         self.coactivation = coactivation

@@ -15,15 +15,14 @@ from __future__ import annotations
 import torch
 
 from .choices import WIDTH_SCORES as NEURON_SCORES
-from .families import family_for
+from .families import require_family
 
 
 
 def neuron_scores(family, component: str, layer: int, score: str, calibration=None, seed: int = 0,
                   slot: str | None = None) -> torch.Tensor:
     """Scores [I] of the neurons of one dense MLP (``slot``: which MLP of the layer; default the first)."""
-    family = family_for(family)
-    slot = slot or family.mlp_slots(component)[0]
+    slot = slot or require_family(family, "neuron_scores").mlp_slots(component)[0]
     weights = family.mlp_weights(component, layer, slot)
     if weights is None:
         raise ValueError(f"layer {layer} of {component!r} ({slot}) has no dense MLP to score")

@@ -78,6 +78,7 @@ def train_tiny(model_spec: dict, train_spec: dict, out_dir: str | None = None, p
     cfg = merge_spec(TRAIN_DEFAULTS, train_spec, "training")
     torch.set_num_threads(int(cfg["threads"]))
     model = build_model(model_spec, cfg["seed"], device, dtype)
+    family = family_for(model)
 
     def batch_loss(m, rng, gen, world):
         qa = [shapes.sample_qa(rng, "train", cfg["qa_weights"]) for _ in range(cfg["batch_und"])]
@@ -86,7 +87,7 @@ def train_tiny(model_spec: dict, train_spec: dict, out_dir: str | None = None, p
         logits = m.understanding_logits(images[mine], questions[mine])
         ce = F.cross_entropy(logits, answers[mine].to(logits.device))
         examples = [shapes.sample_gen_example(rng, "train") for _ in range(cfg["batch_gen"])]
-        mse = tasks.gen_batch_loss(family_for(m), examples, cfg["cond_dropout"], gen, world)
+        mse = tasks.gen_batch_loss(family.with_model(m), examples, cfg["cond_dropout"], gen, world)
         return ce + mse, {"ce": ce, "mse": mse}
 
     run = run_training(model, [n for n, p in model.named_parameters() if p.requires_grad], cfg, batch_loss, what="train-tiny",

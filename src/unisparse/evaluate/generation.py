@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ..families import family_for
+from ..families import require_family
 from ..worlds import shapes
 
 
@@ -12,7 +12,7 @@ from ..worlds import shapes
 def generate_for(family, pairs, sampler: dict, batch_size: int = 128, progress: bool = False):
     """Images for (prompt, seed) pairs, in order; [N, H, W, 3] float in [0, 1]. ``sampler``: the
     settings of ``generate_images`` (``models.sampling.SAMPLER_DEFAULTS``)."""
-    family = family_for(family)
+    require_family(family, "generate_for")
     out = []
     for i in tqdm(range(0, len(pairs), batch_size), desc="generate", disable=not progress):
         chunk = pairs[i : i + batch_size]

@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 
 from .. import tasks
-from ..families import family_for
+from ..families import require_family
 from ..worlds import shapes
 
 
 @torch.no_grad()
 def answer_ids(family, items, batch_size: int = 256) -> list[int]:
     """The greedy next token after each item's image and question."""
-    family = family_for(family)
+    require_family(family, "answer_ids")
     out = []
     for i in range(0, len(items), batch_size):
         images, questions, _ = tasks.qa_batch(items[i : i + batch_size], family.encode)
@@ -21,7 +21,6 @@ def answer_ids(family, items, batch_size: int = 256) -> list[int]:
 
 def answer_questions(family, items, batch_size: int = 256) -> list[str]:
     """The greedy one-token answer to each item, decoded with the model's tokenizer."""
-    family = family_for(family)
     return [family.tokenizer.decode([j]) for j in answer_ids(family, items, batch_size)]
 
 
@@ -29,6 +28,5 @@ def evaluate_understanding(family, items, batch_size: int = 256) -> dict:
     """Accuracy of the greedy token against the answer's first token (what training teaches, as
     ``tasks.qa_batch`` gives it): one word of the shapes vocabulary, and the same rule for a tokenizer
     that splits an answer word into several tokens."""
-    family = family_for(family)
     predicted = answer_ids(family, items, batch_size)
     return shapes.qa_scores([(it, p == family.encode(it.answer)[0]) for it, p in zip(items, predicted)])

@@ -42,12 +42,7 @@ def family_name_of(model_dir) -> str:
 def load_family(model_dir, device=None, dtype=None) -> Family:
     """The model in ``model_dir`` on ``device`` in ``dtype``, wrapped in its family's adapter, with the
     tokenizer that travels with it."""
-    cls = family_class(family_name_of(model_dir))
-    if cls.name == "mot":
-        from ..text import tokenizer_for
-
-        return cls.load(model_dir, device=device, dtype=dtype, tokenizer=tokenizer_for(model_dir))
-    return cls.load(model_dir, device=device, dtype=dtype)
+    return family_class(family_name_of(model_dir)).load(model_dir, device=device, dtype=dtype)
 
 
 def family_for(model, tokenizer=None) -> Family:
@@ -64,10 +59,19 @@ def family_for(model, tokenizer=None) -> Family:
     raise TypeError(f"no family adapter for {type(model).__name__}; wrap it in a families.Family")
 
 
+def require_family(family, what: str) -> Family:
+    """``family`` itself, or a TypeError: internals take a ``Family``; a model becomes one once, at the
+    public entry point (``family_for``), never again on the way down."""
+    if not isinstance(family, Family):
+        raise TypeError(f"{what} takes a families.Family, got {type(family).__name__} (wrap a model once: "
+                        "unisparse.families.family_for(model))")
+    return family
+
+
 def like_given(result: Family, given):
     """An algorithm's result in the form its caller gave the input: a ``Family`` for a ``Family``,
     the bare model for a bare model (library users keep working with their own objects)."""
     return result if isinstance(given, Family) else result.model
 
 
-__all__ = ["FAMILIES", "Family", "ImageGeometry", "LayerObserver", "SUBLAYERS", "family_class", "family_for", "family_name_of", "like_given", "load_family"]
+__all__ = ["FAMILIES", "Family", "ImageGeometry", "LayerObserver", "SUBLAYERS", "family_class", "family_for", "family_name_of", "like_given", "load_family", "require_family"]

@@ -101,10 +101,24 @@ class Family:
     name: str = ""
     #: what a component is called in the study; the order is the canonical one
     components: tuple[str, ...] = COMPONENTS
+    #: the family-specific keywords ``rebuild`` accepts (the MoT's ``skipped_attention_kv``)
+    options: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, tokenizer=None):
         self.model = model  # the nn.Module holding every weight (training and accounting iterate it)
         self.tokenizer = tokenizer  # .encode(text) -> ids, .decode(ids) -> text
+
+    # ------------------------------------------------------------------ files (the registry's calls)
+    @classmethod
+    def is_model_dir(cls, path) -> bool:
+        """Whether ``path`` holds a model directory of this family (read cheaply: no weights)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, model_dir, device=None, dtype=None) -> "Family":
+        """The model directory on ``device`` in ``dtype`` (None: the stored dtype), verified, with the
+        tokenizer that travels with it."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ basics
     @property

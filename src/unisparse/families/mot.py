@@ -36,7 +36,10 @@ class MoTFamily(Family):
 
     @classmethod
     def load(cls, model_dir, device=None, dtype=None, tokenizer=None) -> "MoTFamily":
-        return cls(load_model(model_dir, device=device, dtype=dtype), tokenizer)
+        """``tokenizer`` None: the one that travels with the directory (``text.tokenizer_for``)."""
+        from ..text import tokenizer_for
+
+        return cls(load_model(model_dir, device=device, dtype=dtype), tokenizer or tokenizer_for(model_dir))
 
     @property
     def config(self) -> MoTConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ..families import family_for, like_given
+from ..families import family_for, like_given, require_family
 from ..importance import neuron_scores
 from ..models.moe_block import ROUTERS, make_moe_spec
 from ..sizes import check_partition_sizes, moe_layers
@@ -19,8 +19,7 @@ def check_moe_request(family, component: str, num_experts: int, top_k: int, shar
     """Validate before any work (a clear error naming the bad value); returns the layers to convert.
     Every converted MLP must be dense and of one width that ``num_experts`` (after ``shared_size``)
     divides."""
-    family = family_for(family)
-    family.check_component(component)
+    require_family(family, "check_moe_request").check_component(component)
     if not 1 <= top_k <= max(num_experts, 1):
         raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
     if router not in ROUTERS:

@@ -15,7 +15,7 @@ import torch
 
 from .. import tasks
 from ..choices import TUNING_MODES as MODES
-from ..families import family_for
+from ..families import family_for, require_family
 from ..models.moe_block import load_balancing_loss
 from ..spec import merge_spec
 from ..trainloop import run_training
@@ -33,8 +33,7 @@ def trainable_names(family, component: str, mode: str) -> list[str]:
     On a component without experts, ``full`` tunes every (remaining) MLP of the component: the tuned
     controls (a dense or statically cut model given the MoE's loss, data, steps and learning rate), so
     a recovery can be told apart from what any fine-tuning buys."""
-    family = family_for(family)
-    family.check_component(component)
+    require_family(family, "trainable_names").check_component(component)
     if mode not in MODES:
         raise ValueError(f"unknown tuning mode {mode!r}; expected one of {MODES}")
     spec = family.moe_spec(component)
@@ -69,11 +68,18 @@ class RouterCollector:
             self.aux.append((layer if "slot" not in mlp_aux else f"{layer}.{mlp_aux['slot']}", component, mlp_aux))
 
 
+def shapes_examples(rng, n: int) -> list:
+    """The embedded default's tuning data: ``n`` generation examples of the shapes world's training split."""
+    return [shapes.sample_gen_example(rng, "train") for _ in range(n)]
+
+
 def tune_moe(family, component: str, mode: str, spec: dict | None = None, checkpoint_dir=None,
-             progress: bool = True, stop_after: int | None = None) -> dict:
+             progress: bool = True, stop_after: int | None = None, examples=shapes_examples) -> dict:
     """Tune in place with the one training loop (resumable; sharded under torchrun). ``stop_after``
     ends the run early (used to test resumption). A checkpoint in ``checkpoint_dir`` is resumed only
-    if it was made from this very input model (content hash), the same data and the same settings."""
+    if it was made from this very input model (content hash), the same data and the same settings.
+    ``examples(rng, n)``: the training data, ``n`` (prompt, image) examples per call drawn with the
+    loop's generator (as ``tasks.gen_batch_loss`` takes them); the shapes world by default."""
     family = family_for(family)
     cfg = merge_spec(TUNE_DEFAULTS, spec, "tuning")
     torch.set_num_threads(int(cfg["threads"]))
@@ -81,9 +87,9 @@ def tune_moe(family, component: str, mode: str, spec: dict | None = None, checkp
     router_spec = family.moe_spec(component)  # None for a dense or width-cut control
 
     def batch_loss(m, rng, gen, world):
-        examples = [shapes.sample_gen_example(rng, "train") for _ in range(cfg["batch_gen"])]
+        batch = examples(rng, cfg["batch_gen"])
         collector = RouterCollector() if cfg["balance_coef"] and router_spec else None
-        loss = tasks.gen_batch_loss(family.with_model(m), examples, cfg["cond_dropout"], gen, world, observer=collector)
+        loss = tasks.gen_batch_loss(family.with_model(m), batch, cfg["cond_dropout"], gen, world, observer=collector)
         if collector is not None:
             bal = sum(load_balancing_loss(a["router_logits"], a["expert_idx"], router_spec["num_experts"])
                       for _, _, a in collector.aux)

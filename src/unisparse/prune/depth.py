@@ -15,7 +15,7 @@ import torch
 
 from ..choices import DEPTH_SCORES as SCORE_DEFINITIONS
 from ..choices import GRANULARITIES
-from ..families import family_for, like_given
+from ..families import family_for, like_given, require_family
 
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,13 @@ def choose_sublayers(calibration, component: str, granularity: str, n: int, scor
     return {sub: sorted(i for s, i in order[:n] if s == sub) for sub in per_sub}
 
 
-def apply_drop(model, component: str, sublayers: dict, skipped_attention_kv: str | None = None):
-    """A new model with the ``{sublayer: [layers]}`` of that component dropped (added to what is
-    already dropped; a ``Family`` for a ``Family``, a bare model for a bare model)."""
-    family = family_for(model)
-    family.check_component(component)
+def apply_drop(family, component: str, sublayers: dict, skipped_attention_kv: str | None = None):
+    """A new ``Family`` with the ``{sublayer: [layers]}`` of that component dropped (added to what is
+    already dropped)."""
+    require_family(family, "apply_drop").check_component(component)
     done = family.skipped(component)
     skip = {component: {sub: sorted(set(done.get(sub, [])) | set(layers)) for sub, layers in sublayers.items()}}
-    return like_given(family.rebuild(skip=skip, **_options(family, skipped_attention_kv)), model)
+    return family.rebuild(skip=skip, **_options(family, skipped_attention_kv))
 
 
 def _options(family, skipped_attention_kv):
@@ -79,7 +78,7 @@ def _options(family, skipped_attention_kv):
     sublayer; a family without joint attention across components has none)."""
     if skipped_attention_kv is None:
         return {}
-    if "skipped_attention_kv" not in getattr(family, "options", ()):
+    if "skipped_attention_kv" not in family.options:
         if skipped_attention_kv != "keep":
             raise ValueError(f"skipped_attention_kv {skipped_attention_kv!r}: the {family.name} family has no joint "
                              "attention across components to withhold keys and values from")
@@ -96,18 +95,20 @@ def prune_depth(model, calibration, component: str, granularity: str, n_drop: in
     family.check_component(component)
     if n_drop < 0:
         raise ValueError("n_drop must be >= 0")
+    if iterative and n_drop and recalibrate is None:
+        raise ValueError("iterative depth pruning needs a recalibrate function")
     if n_drop == 0:
-        return like_given(family.rebuild(**_options(family, skipped_attention_kv)), model)
-    if not iterative:
+        pruned = family.rebuild(**_options(family, skipped_attention_kv))
+    elif not iterative:
         chosen = choose_sublayers(calibration, component, granularity, n_drop, score)
         log.info("dropping %s %s sublayers %s", component, granularity, chosen)
-        return like_given(apply_drop(family, component, chosen, skipped_attention_kv), model)
-    if recalibrate is None:
-        raise ValueError("iterative depth pruning needs a recalibrate function")
-    for step in range(n_drop):
-        if step > 0:
-            calibration = recalibrate(like_given(family, model))
-        chosen = choose_sublayers(calibration, component, granularity, 1, score)
-        log.info("iterative step %d: dropping %s %s sublayer %s", step, component, granularity, chosen)
-        family = apply_drop(family, component, chosen, skipped_attention_kv)
-    return like_given(family, model)
+        pruned = apply_drop(family, component, chosen, skipped_attention_kv)
+    else:
+        pruned = family
+        for step in range(n_drop):
+            if step > 0:
+                calibration = recalibrate(like_given(pruned, model))  # the caller's own form
+            chosen = choose_sublayers(calibration, component, granularity, 1, score)
+            log.info("iterative step %d: dropping %s %s sublayer %s", step, component, granularity, chosen)
+            pruned = apply_drop(pruned, component, chosen, skipped_attention_kv)
+    return like_given(pruned, model)
