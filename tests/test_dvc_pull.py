@@ -6,13 +6,20 @@ and `dvc push` to a local remote), `git clone` afresh, fetch with the one docume
 (workflow/scripts/fetch_artifacts.sh), then check that every artifact is byte-identical,
 that Snakemake has nothing to do, and that later changes (a config value, a rule's code, an
 artifact's content) make Snakemake list exactly the jobs it lists in the producer's own checkout.
+On copies of the same finished run: a recording is refused while an output the workflow expects is
+missing (a deleted intermediate that `snakemake -n` does not rebuild, a job killed by SIGKILL), and
+following the refusals' commands, verbatim, makes it succeed; a killed writer's temporary is never
+recorded.
 """
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,14 +122,29 @@ def restore(cwd):
     sh("git", "checkout", "-q", "--", ".", cwd=cwd)
 
 
-def test_fetch_into_fresh_clone(tmp_path):
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished run of micro.yaml in a git repository holding the working tree, made once for
+    the module; each test works on its own copy (``copy_run``)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    run.mkdir()
+    copy_worktree(run)
+    sh("snakemake", "--cores", "2", "--configfile", CONFIG, cwd=run)
+    return run
+
+
+def copy_run(finished, dest):
+    """A copy of the finished run (timestamps kept, so Snakemake sees the same state)."""
+    shutil.copytree(finished, dest, symlinks=True)
+    return dest
+
+
+def test_fetch_into_fresh_clone(tmp_path, finished):
     producer, consumer, early = tmp_path / "producer", tmp_path / "consumer", tmp_path / "early"
     remote = tmp_path / "remote"
-    producer.mkdir()
-    copy_worktree(producer)
 
     # producer: run, record, push (the documented producer steps)
-    sh("snakemake", "--cores", "2", "--configfile", CONFIG, cwd=producer)
+    copy_run(finished, producer)
     assert planned(producer) == {}
     sh("dvc", "remote", "modify", "--local", "local", "url", str(remote), cwd=producer)
     recorded = sh("bash", "workflow/scripts/record_artifacts.sh", "--configfile", CONFIG, cwd=producer)
@@ -185,3 +207,136 @@ def test_fetch_into_fresh_clone(tmp_path):
     restore(early)
     edit_config(early, fewer_steps)
     assert planned(early) == expected["steps"]
+
+
+RECORD = "workflow/scripts/record_artifacts.sh"
+#: intermediates every later stage is made from: deleting one leaves every consumer up to date
+DENSE, CALIBRATION = "results/models/dense", "results/calibration/gen.safetensors"
+WIDTH = "results/models/width/gen/cal-gen/act_norm/keep0.5"
+PARTITION = "results/models/moe/gen/E4-k2-snake-paper-s0/none"
+
+
+def record(cwd):
+    """record_artifacts.sh (no push: the test remote is not set up): (exit status, its one line)."""
+    r = sh("bash", RECORD, "--configfile", CONFIG, "--no-push", cwd=cwd, check=False)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("record_artifacts.sh: not recording:")]
+    assert (r.returncode == 1) == bool(lines) and len(lines) <= 1, r.stdout + r.stderr
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    return r.returncode, lines[0] if lines else r.stderr
+
+
+def advice(line):
+    """The command a refusal ends with (after its last ': ')."""
+    command = line.rsplit(": ", 1)[1]
+    assert command.startswith("snakemake "), line
+    return command
+
+
+def follow(cwd, command):
+    """Run a refusal's command as a user would paste it."""
+    r = subprocess.run(["bash", "-c", command], cwd=cwd, env=env(), capture_output=True, text=True, check=False)
+    assert r.returncode == 0, f"{command}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}" + failed_job_logs(cwd, r.stdout + r.stderr)
+
+
+def recorded_files(cwd):
+    """Every file of results/ in the recording (dvc.lock's directory manifest, from the DVC cache)."""
+    import yaml as _yaml
+
+    lock = _yaml.safe_load((Path(cwd) / "dvc.lock").read_text())
+    oid = next(o["md5"] for st in lock["stages"].values() for o in st["outs"] if o["path"] == "results")
+    entries = json.loads((Path(cwd) / ".dvc/cache/files/md5" / oid[:2] / oid[2:]).read_text())
+    return {"results/" + e["relpath"] for e in entries}
+
+
+def test_record_refuses_missing_intermediates_until_rebuilt(tmp_path, finished):
+    """The dense model, a calibration file and a width model deleted from a finished run: Snakemake
+    has nothing to do, the recording names each of them. Its command rebuilds what is missing and
+    what was made from it, after which the recording holds it (run for the width model alone, the
+    cheapest to remake: the command has the same form for all; the killed run below remakes a
+    partition the same way)."""
+    run = copy_run(finished, tmp_path / "run")
+    for path in (DENSE, CALIBRATION, WIDTH):
+        shutil.rmtree(run / path) if (run / path).is_dir() else (run / path).unlink()
+    assert planned(run) == {}, "Snakemake would rebuild them itself: this test no longer reproduces anything"
+
+    status, line = record(run)
+    assert status == 1 and "3 output(s) the workflow expects are missing" in line, line
+    for path in (DENSE, CALIBRATION, WIDTH):
+        assert path in line
+    assert advice(line).endswith(f"--forcerun {CALIBRATION} {DENSE} {WIDTH}")
+    assert not (run / "dvc.lock").exists()
+
+    for path in (DENSE, CALIBRATION):  # back as they were (timestamps too): only the width model missing
+        (shutil.copytree if (finished / path).is_dir() else shutil.copy2)(finished / path, run / path)
+    status, line = record(run)
+    assert status == 1 and "1 output(s) the workflow expects are missing" in line and WIDTH in line, line
+    follow(run, advice(line))
+    status, out = record(run)
+    assert status == 0, out
+    held = recorded_files(run)
+    assert f"{DENSE}/model.safetensors" in held and CALIBRATION in held and f"{WIDTH}/model.safetensors" in held
+    assert planned(run) == {}
+
+
+def test_record_after_a_kill_follows_its_own_advice(tmp_path, finished):
+    """SIGKILL (no cleanup at all) while a forced rerun of `partition` runs: its old outputs are gone,
+    its consumers are up to date, locks and markers stay behind. The refusals' commands, followed as
+    given, lead to a recording: `snakemake --unlock`, then the rebuild (plain --rerun-incomplete
+    would not clear it: Snakemake ignores the marker of a missing output). A temporary the killed
+    writer left is not recorded."""
+    run = copy_run(finished, tmp_path / "run")
+    markers, locks = run / ".snakemake/incomplete", run / ".snakemake/locks"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(["snakemake", "--cores", "1", "--configfile", CONFIG, "--forcerun", "partition"],
+                                cwd=run, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(markers.glob("*")):  # marked once Snakemake has removed the job's old outputs
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the partition job never started"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert list(locks.glob("*.lock")) and list(markers.glob("*")) and not (run / PARTITION).exists()
+    leftover = run / PARTITION.rsplit("/", 1)[0] / ".none.tmp-otherhost-4242-abcd"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half written")
+
+    followed = []
+    for _ in range(4):
+        status, line = record(run)
+        if status == 0:
+            break
+        followed.append(advice(line))
+        follow(run, followed[-1])
+    assert status == 0, followed
+    assert followed[0].startswith("snakemake --unlock") and "--forcerun" in followed[1], followed
+    assert PARTITION in followed[1] and len(followed) == 2, followed
+    held = recorded_files(run)
+    assert f"{PARTITION}/model.safetensors" in held
+    assert not [f for f in held if ".tmp-" in f], "a killed writer's temporary was recorded"
+    assert "temporary file(s) of killed writers are not recorded" in line
+    assert not list(markers.glob("*")) and planned(run) == {}
+
+
+def test_fetch_names_outputs_missing_from_a_recording(tmp_path, finished):
+    """A recording made without the check (a bare `dvc commit`, or an older record_artifacts.sh) of
+    a run that lacked the dense model: the fetch does not say "nothing to do", it names the missing
+    output and the command that rebuilds it; with --check it exits 3."""
+    producer, consumer, remote = copy_run(finished, tmp_path / "producer"), tmp_path / "consumer", tmp_path / "remote"
+    shutil.rmtree(producer / DENSE)
+    sh("dvc", "remote", "modify", "--local", "local", "url", str(remote), cwd=producer)
+    sh("dvc", "commit", "-f", cwd=producer)
+    sh("dvc", "push", cwd=producer)
+    sh("git", "add", "dvc.lock", cwd=producer)
+    sh("git", "commit", "-q", "-m", "record a run without its dense model", cwd=producer)
+    sh("git", "clone", "-q", str(producer), str(consumer), cwd=tmp_path)
+    sh("dvc", "remote", "modify", "--local", "local", "url", str(remote), cwd=consumer)
+
+    r = sh("bash", "workflow/scripts/fetch_artifacts.sh", "--configfile", CONFIG, cwd=consumer)
+    assert "Snakemake has nothing to do" not in r.stderr, r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if "the recorded run is not complete" in x]
+    assert DENSE in line and advice(line).endswith(f"--forcerun {DENSE}")
+    r = sh("bash", "workflow/scripts/fetch_artifacts.sh", "--configfile", CONFIG, "--check", cwd=consumer, check=False)
+    assert r.returncode == 3, r.stderr

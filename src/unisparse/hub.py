@@ -16,17 +16,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
+from .io import MANIFEST as MODEL_MANIFEST
 from .io import IntegrityError, atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
 #: the manifest a fetched directory carries: repository, commit and the verified sums
 MANIFEST = "checkpoint.json"
+#: names a lock may not list: the fetch writes ``checkpoint.json`` over whatever had that name, and
+#: ``SHA256SUMS`` (at any depth) is what the loaders verify a model directory against, never a file of it
+RESERVED_TOP = (MANIFEST,)
+RESERVED_ANY_DEPTH = (MODEL_MANIFEST,)
 #: ``note`` is free text for people (where the values came from); the code ignores it
 LOCK_KEYS = ("repo_id", "revision", "files", "note")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -56,7 +63,7 @@ def read_lock(path, complete: bool = True) -> dict:
     filled in (``null``), naming the command that fills them; never guess a missing value."""
     path = Path(path)
     try:
-        lock = json.loads(path.read_text())
+        lock = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such lock file") from None
     except (OSError, ValueError) as e:
@@ -73,9 +80,8 @@ def read_lock(path, complete: bool = True) -> dict:
         raise LockError(f"{path}: revision must be a 40-hex commit hash (a branch or tag moves), got {revision!r}")
     if not isinstance(files, dict) or not files:
         raise LockError(f"{path}: files must be a non-empty mapping of file name -> {{sha256, size}}")
+    check_file_names(files, path)
     for name, entry in files.items():
-        if not _FILE_NAME.match(name) or ".." in name.split("/"):
-            raise LockError(f"{path}: file name {name!r} must be a relative path of letters, digits, '.', '_', '-'")
         if not isinstance(entry, dict) or set(entry) != {"sha256", "size"}:
             raise LockError(f"{path}: files[{name!r}] must be {{\"sha256\": ..., \"size\": ...}}, got {entry!r}")
         digest, size = entry["sha256"], entry["size"]
@@ -92,6 +98,40 @@ def read_lock(path, complete: bool = True) -> dict:
                             f"without a pinned commit and a sha256 and size for every file; write them from a "
                             f"trusted download with: {lock_command(path, repo_id, revision)}")
     return lock
+
+
+def _unique_keys(pairs):
+    """A JSON object whose keys are all distinct: ``json`` would keep the last of two silently."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _spelling_key(name: str) -> str:
+    """The path a file name denotes, so that ``./a``, ``a//b``, ``a/`` and ``a\\b`` compare equal to ``a``, ``a/b``."""
+    return posixpath.normpath(name.replace("\\", "/")).lstrip("/")
+
+
+def check_file_names(names, where) -> None:
+    """Every file name of a lock (or of ``lock-checkpoint --file``) is one plain relative path, not a
+    second spelling of another (``./config.json`` beside ``config.json`` would be fetched twice into
+    one file), and not a name the fetch reserves; else a ``LockError`` naming it (``where``: the lock)."""
+    seen = {}
+    for name in names:
+        key = _spelling_key(name)
+        if key in seen:
+            raise LockError(f"{where}: files lists {key!r} twice, as {seen[key]!r} and {name!r}; keep one spelling")
+        seen[key] = name
+    for name in names:
+        if not _FILE_NAME.match(name) or name != posixpath.normpath(name) or ".." in name.split("/"):
+            raise LockError(f"{where}: file name {name!r} must be a plain relative path of letters, digits, '.', '_', "
+                            f"'-' (no '.', '..' or empty part, no leading or trailing '/')")
+        if name in RESERVED_TOP or posixpath.basename(name) in RESERVED_ANY_DEPTH:
+            raise LockError(f"{where}: file name {name!r} is reserved ({MANIFEST} is the manifest the fetch writes, "
+                            f"{MODEL_MANIFEST} the one a model directory is verified against); a lock cannot list it")
 
 
 def checkpoint_name(repo_id: str) -> str:
@@ -154,14 +194,15 @@ def _bar(total: int, progress: bool, desc: str):
 def verify_files(directory, files: dict, progress: bool = True, where: dict | None = None, label=None) -> None:
     """Every file of ``files`` ({name: {sha256, size}}) is in ``directory`` with that size and sha256
     (streamed, one progress bar over all bytes); otherwise an ``IntegrityError`` naming each bad file,
-    with the expected and the found digest. ``where`` maps a name to where its bytes really live (the
-    cache blob), so the message says what to delete; ``label`` names the files in it (default: the directory)."""
+    with the expected and the found digest. ``where`` maps a name to its ``CacheEntry`` (bytes checked
+    to lie in the Hugging Face cache), so the message says which cache files to delete, and only those;
+    ``label`` names the files in it (default: the directory)."""
     directory, where = Path(directory), where or {}
     problems = []
     present = {}
 
     def blob(name):
-        return f" (its bytes: {where[name]}; delete that file to download it again)" if name in where else ""
+        return f" ({where[name].advice()})" if name in where else ""
 
     for name, entry in sorted(files.items()):
         path = directory / name
@@ -180,31 +221,83 @@ def verify_files(directory, files: dict, progress: bool = True, where: dict | No
         raise IntegrityError(f"{label or directory}: {len(problems)} file(s) do not match the lock: " + "; ".join(problems))
 
 
-def _materialise(snapshot: Path, names, target: Path) -> dict:
-    """Put each file of the snapshot into ``target``: a hard link to the cache blob where the file
-    system allows it and the blob is ours (no second copy of 30 GB; a link to another user's file
-    would share its inode and permissions), else a copy. Never a symlink into the cache: the result
-    must not change when the cache is cleaned. Returns name -> blob path; a file the snapshot lacks
-    is an error naming it."""
-    missing = sorted(n for n in names if not (snapshot / n).is_file())  # a dangling link counts as missing
+class CacheEntry:
+    """One file of a snapshot, checked to hold bytes of the cache itself: ``link`` is
+    ``snapshots/<commit>/<name>``, ``blob`` the regular file it resolves to, ``st`` that file's
+    ``os.stat`` at the check (so the file linked or copied later is provably the one checked)."""
+
+    def __init__(self, link: Path, blob: Path, st: os.stat_result, in_place: bool = False):
+        self.link, self.blob, self.st, self.in_place = link, blob, st, in_place
+
+    def advice(self) -> str:
+        if self.in_place:
+            return f"its bytes: {self.link} in the Hugging Face cache; delete that cache file to download it again"
+        return (f"its bytes: {self.blob} in the Hugging Face cache; delete that blob and its link {self.link} "
+                f"to download it again")
+
+
+def _cache_entries(snapshot: Path, names) -> dict:
+    """``{name: CacheEntry}`` for each file of the snapshot folder ``<repo>/snapshots/<commit>``, used
+    only if it resolves to a regular file directly in the repository's own ``blobs/`` (huggingface_hub's
+    layout), or is itself a regular file at that place with no link on the way (its layout where the
+    file system has no symlinks). Anything else (a link out of the cache, into another repository's
+    blobs, through a linked ``blobs/`` or snapshot folder) is refused, one line naming each entry,
+    before anything is linked or copied: a hard link to a file outside the cache would let a later
+    write through ``results/`` reach it, and the advice for wrong bytes would name it. A file the
+    snapshot lacks (a dangling link included) is a ``FileNotFoundError`` naming it."""
+    repo = Path(os.path.realpath(snapshot.parent.parent))
+    blobs = repo / "blobs"
+    if snapshot.parent.name != "snapshots":
+        raise IntegrityError(f"{snapshot}: not a snapshot folder of a Hugging Face cache (<repo>/snapshots/<commit>)")
+    missing = sorted(n for n in names if not (snapshot / n).is_file())
     if missing:
         raise FileNotFoundError(f"{snapshot}: missing from the downloaded snapshot: {', '.join(missing)}")
-    blobs = {}
+    entries, refused = {}, []
     for name in sorted(names):
-        blob = (snapshot / name).resolve()
+        link = snapshot / name
+        real = Path(os.path.realpath(link))
+        in_place = repo / "snapshots" / snapshot.name / name
+        st = os.stat(real)
+        if (real.parent == blobs or real == in_place) and stat.S_ISREG(st.st_mode):
+            entries[name] = CacheEntry(link, real, st, in_place=real == in_place)
+        else:
+            refused.append(f"{link} -> {real}")
+    if refused:
+        raise IntegrityError(f"{repo}: {len(refused)} cache entr{'y' if len(refused) == 1 else 'ies'} not a file of "
+                             f"the cache's own {blobs} (refused, nothing was linked or copied; remove the link itself "
+                             f"to download it again): " + "; ".join(refused))
+    return entries
+
+
+def _same_file(st: os.stat_result, other: os.stat_result) -> bool:
+    return (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino) and stat.S_ISREG(other.st_mode)
+
+
+def _materialise(entries: dict, target: Path) -> None:
+    """Put each checked cache file into ``target``: a hard link to it where the file system allows it
+    and the file is ours (no second copy of 30 GB; a link to another user's file would share its inode
+    and permissions), else a copy. Never a symlink into the cache: the result must not change when the
+    cache is cleaned. Links and copies never follow a symlink, and what was linked or read must be the
+    very file ``_cache_entries`` checked (an entry swapped meanwhile is an error naming it)."""
+    for name, entry in sorted(entries.items()):
         dst = target / name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        linked = False
-        if blob.stat().st_uid == os.getuid():
+        if entry.st.st_uid == os.getuid():
             try:
-                os.link(blob, dst)
-                linked = True
+                os.link(entry.blob, dst, follow_symlinks=False)
             except OSError:  # another file system, or links not allowed: copy
                 pass
-        if not linked:
-            shutil.copyfile(blob, dst)
-        blobs[name] = blob
-    return blobs
+            else:
+                if not _same_file(entry.st, os.lstat(dst)):
+                    dst.unlink()
+                    raise IntegrityError(f"{entry.blob}: changed in the Hugging Face cache while being fetched")
+                continue
+        fd = os.open(entry.blob, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as src:
+            if not _same_file(entry.st, os.fstat(src.fileno())):
+                raise IntegrityError(f"{entry.blob}: changed in the Hugging Face cache while being fetched")
+            with open(dst, "xb") as out:
+                shutil.copyfileobj(src, out, 1 << 24)
 
 
 def _discard_leftovers(out_dir: Path) -> None:
@@ -224,9 +317,10 @@ def fetch_checkpoint(lock_path, out_dir, cache_dir=None, progress: bool = True) 
     repo_id, revision, files = lock["repo_id"], lock["revision"], lock["files"]
     _discard_leftovers(out_dir)
     snapshot = _snapshot(repo_id, revision, files, cache_dir=cache_dir, progress=progress)
+    entries = _cache_entries(snapshot, files)  # before anything is written
     with atomic_path(out_dir, is_dir=True) as tmp:
-        blobs = _materialise(snapshot, files, tmp)
-        verify_files(tmp, files, progress=progress, where=blobs, label=f"{repo_id}@{revision} (for {out_dir})")
+        _materialise(entries, tmp)
+        verify_files(tmp, files, progress=progress, where=entries, label=f"{repo_id}@{revision} (for {out_dir})")
         manifest = {"source": "huggingface", "repo_id": repo_id, "revision": revision,
                     "lock": Path(lock_path).name, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -265,10 +359,9 @@ def lock_checkpoint(repo_id: str, revision: str, files, out_lock, cache_dir=None
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     files = sorted(dict.fromkeys(files))
-    bad = [n for n in files if not _FILE_NAME.match(n) or ".." in n.split("/")]
-    if not _REPO_ID.match(repo_id) or bad or not files:
-        raise LockError(f"cannot lock {repo_id!r}: " + (f"bad file name(s) {bad}" if bad else
-                                                        "no files" if files == [] else "repo id must be 'owner/name'"))
+    if not _REPO_ID.match(repo_id) or not files:
+        raise LockError(f"cannot lock {repo_id!r}: " + ("no files" if files == [] else "repo id must be 'owner/name'"))
+    check_file_names(files, f"cannot lock {repo_id}")
     try:
         info = _model_info(repo_id, revision)
     except OfflineModeIsEnabled:
@@ -283,13 +376,11 @@ def lock_checkpoint(repo_id: str, revision: str, files, out_lock, cache_dir=None
     if absent:
         raise FileNotFoundError(f"{repo_id}@{commit} has no file(s) {', '.join(absent)}")
     snapshot = _snapshot(repo_id, commit, files, cache_dir=cache_dir, progress=progress)
-    missing = [n for n in files if not (snapshot / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{snapshot}: missing from the downloaded snapshot: {', '.join(missing)}")
+    cached = _cache_entries(snapshot, files)  # hash only bytes of the cache, never a file a link points to elsewhere
     entries, problems = {}, []
-    with _bar(sum((snapshot / n).stat().st_size for n in files), progress, "hashing") as bar:
+    with _bar(sum(cached[n].st.st_size for n in files), progress, "hashing") as bar:
         for name in files:
-            path = snapshot / name
+            path = cached[name].blob
             digest, size = sha256_file(path, bar.update), path.stat().st_size
             sibling = listed[name]
             hub_sha, hub_size = _lfs_field(sibling.lfs, "sha256"), _lfs_field(sibling.lfs, "size")

@@ -9,7 +9,8 @@
 #   --remote NAME      DVC remote to pull from (default: the configured default remote)
 #   --jobs N           parallel downloads (dvc pull -j)
 #   --force            overwrite local changes to results/ (dvc pull --force)
-#   --check            exit with status 3 if, after the fetch, Snakemake would still run a job
+#   --check            exit with status 3 if, after the fetch, Snakemake would still run a job or an
+#                      output the workflow expects is missing (named, with the command that rebuilds it)
 #
 # Exit status 4: a file did not arrive as recorded (corrupted or missing in the remote): each one is
 # named by its path in the workspace, and its corrupted copy is removed from results/ (or .snakemake/
@@ -52,7 +53,7 @@ while [ $# -gt 0 ]; do
     --jobs|-j) jobs=(--jobs "$2"); shift 2 ;;
     --force|-f) force=(--force); shift ;;
     --check) check=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "fetch_artifacts.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -61,11 +62,8 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=workflow/scripts/common.sh
 . workflow/scripts/common.sh
 require_tools fetch_artifacts.sh
-# a Python with PyYAML: the one Snakemake runs on
-python="$(command -v python3)"
-for candidate in "$(dirname "$(command -v snakemake)")/python3" .venv/bin/python3; do
-  if [ -x "$candidate" ] && "$candidate" -c "import yaml" 2>/dev/null; then python="$candidate"; break; fi
-done
+# a Python with PyYAML and this package (the completeness check): the one Snakemake runs on
+find_python fetch_artifacts.sh "yaml, unisparse.records"
 [ -f dvc.lock ] || { echo "fetch_artifacts.sh: no dvc.lock in this commit: no artifacts were recorded (see 'dvc commit')" >&2; exit 1; }
 if compgen -G ".snakemake/locks/*.lock" >/dev/null; then
   echo "fetch_artifacts.sh: a Snakemake run holds locks in .snakemake/locks; let it finish (or 'snakemake --unlock') first" >&2
@@ -329,14 +327,22 @@ for line in changed:
     print(f"fetch_artifacts.sh: made from other input content than the checkout's: {line}", file=sys.stderr)
 PY
 
-# 4. what would still run (nothing, when the checkout is the one the artifacts were recorded with)
+# 4. what would still run (nothing, when the checkout is the one the artifacts were recorded with),
+# and what is missing although nothing would run (an intermediate absent from the recording, which
+# Snakemake does not rebuild while its consumers are up to date: unisparse.records)
+config_args="$([ ${#configfile[@]} -eq 0 ] || printf ' %q' "${configfile[@]}")"
+incomplete=0
+listed="$(snakemake --summary "${configfile[@]}" 2>&1)" || { echo "$listed" >&2; exit 1; }
+missing="$("$python" -m unisparse.records check --summary /dev/stdin --config-args "$config_args" <<<"$listed" 2>/dev/null)" || incomplete=1
 summary="$(snakemake -n --quiet rules "${configfile[@]}" 2>&1)" || { echo "$summary" >&2; exit 1; }
 if grep -q "^Job stats:" <<<"$summary"; then
   echo "fetch_artifacts.sh: fetched; with this checkout and config ${configfile[*]:-(the default)}, Snakemake would still run:" >&2
   awk '/^Job stats:/ {p = 1} p {print} p && /^total/ {exit}' <<<"$summary" >&2
   # a plain dry run lists each job with its reason (Snakemake 9 has no -r/--reason any more)
-  echo "fetch_artifacts.sh: reasons: snakemake -n$([ ${#configfile[@]} -eq 0 ] || printf ' %q' "${configfile[@]}")" >&2
-  if [ "$check" = 1 ]; then exit 3; fi
-else
+  echo "fetch_artifacts.sh: reasons: snakemake -n$config_args" >&2
+  incomplete=1
+elif [ "$incomplete" = 0 ]; then
   echo "fetch_artifacts.sh: fetched; Snakemake has nothing to do ${configfile[*]}" >&2
 fi
+if [ -n "$missing" ]; then echo "fetch_artifacts.sh: fetched, but the recorded run is not complete: $missing" >&2; fi
+if [ "$check" = 1 ] && [ "$incomplete" = 1 ]; then exit 3; fi
