@@ -228,3 +228,24 @@ def test_duplicate_key_in_a_lock_is_refused(tmp_path, no_fetch):
     path = lock_with(tmp_path, [*FILES.items(), ("vocab.json", b"other\n")])
     with pytest.raises(hub.LockError, match="'vocab.json' appears twice"):
         hub.read_lock(path)
+
+
+@pytest.mark.parametrize("key", ["revision", "repo_id", "sha256", "file"])
+def test_a_trailing_newline_in_a_lock_value_is_refused(tmp_path, key):
+    """Patterns match the whole value: ``$`` alone would let ``<commit>\\n`` through."""
+    from unisparse.hub import LockError, read_lock
+
+    path = write_lock(tmp_path / "lock.json")
+    lock = json.loads(path.read_text())
+    name = next(iter(lock["files"]))
+    if key == "revision":
+        lock["revision"] += "\n"
+    elif key == "repo_id":
+        lock["repo_id"] += "\n"
+    elif key == "sha256":
+        lock["files"][name]["sha256"] += "\n"
+    else:
+        lock["files"][name + "\n"] = lock["files"].pop(name)
+    path.write_text(json.dumps(lock))
+    with pytest.raises(LockError):
+        read_lock(path)

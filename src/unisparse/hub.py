@@ -36,11 +36,11 @@ RESERVED_TOP = (MANIFEST,)
 RESERVED_ANY_DEPTH = (MODEL_MANIFEST,)
 #: ``note`` is free text for people (where the values came from); the code ignores it
 LOCK_KEYS = ("repo_id", "revision", "files", "note")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # file names reach allow_patterns (fnmatch) and the file system: no glob characters, no escape
-_FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 
 class LockError(ValueError):
@@ -74,9 +74,9 @@ def read_lock(path, complete: bool = True) -> dict:
     if unknown:
         raise LockError(f"{path}: unknown key(s) {', '.join(unknown)} (a lock has {', '.join(LOCK_KEYS)})")
     repo_id, revision, files = lock.get("repo_id"), lock.get("revision"), lock.get("files")
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
         raise LockError(f"{path}: repo_id must be 'owner/name', got {repo_id!r}")
-    if revision is not None and (not isinstance(revision, str) or not _COMMIT.match(revision)):
+    if revision is not None and (not isinstance(revision, str) or not _COMMIT.fullmatch(revision)):
         raise LockError(f"{path}: revision must be a 40-hex commit hash (a branch or tag moves), got {revision!r}")
     if not isinstance(files, dict) or not files:
         raise LockError(f"{path}: files must be a non-empty mapping of file name -> {{sha256, size}}")
@@ -85,7 +85,7 @@ def read_lock(path, complete: bool = True) -> dict:
         if not isinstance(entry, dict) or set(entry) != {"sha256", "size"}:
             raise LockError(f"{path}: files[{name!r}] must be {{\"sha256\": ..., \"size\": ...}}, got {entry!r}")
         digest, size = entry["sha256"], entry["size"]
-        if digest is not None and (not isinstance(digest, str) or not _SHA256.match(digest)):
+        if digest is not None and (not isinstance(digest, str) or not _SHA256.fullmatch(digest)):
             raise LockError(f"{path}: files[{name!r}].sha256 must be 64 lower-case hex digits, got {digest!r}")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
             raise LockError(f"{path}: files[{name!r}].size must be a byte count, got {size!r}")
@@ -126,7 +126,7 @@ def check_file_names(names, where) -> None:
             raise LockError(f"{where}: files lists {key!r} twice, as {seen[key]!r} and {name!r}; keep one spelling")
         seen[key] = name
     for name in names:
-        if not _FILE_NAME.match(name) or name != posixpath.normpath(name) or ".." in name.split("/"):
+        if not _FILE_NAME.fullmatch(name) or name != posixpath.normpath(name) or ".." in name.split("/"):
             raise LockError(f"{where}: file name {name!r} must be a plain relative path of letters, digits, '.', '_', "
                             f"'-' (no '.', '..' or empty part, no leading or trailing '/')")
         if name in RESERVED_TOP or posixpath.basename(name) in RESERVED_ANY_DEPTH:
@@ -359,7 +359,7 @@ def lock_checkpoint(repo_id: str, revision: str, files, out_lock, cache_dir=None
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     files = sorted(dict.fromkeys(files))
-    if not _REPO_ID.match(repo_id) or not files:
+    if not _REPO_ID.fullmatch(repo_id) or not files:
         raise LockError(f"cannot lock {repo_id!r}: " + ("no files" if files == [] else "repo id must be 'owner/name'"))
     check_file_names(files, f"cannot lock {repo_id}")
     try:
@@ -369,7 +369,7 @@ def lock_checkpoint(repo_id: str, revision: str, files, out_lock, cache_dir=None
     except OSError as e:
         raise LockError(f"cannot resolve {repo_id}@{revision} on the Hub: {e}") from None
     commit = info.sha
-    if not commit or not _COMMIT.match(commit):
+    if not commit or not _COMMIT.fullmatch(commit):
         raise LockError(f"the Hub gave no commit hash for {repo_id}@{revision} (got {commit!r})")
     listed = {s.rfilename: s for s in (info.siblings or [])}
     absent = [n for n in files if n not in listed]
