@@ -14,9 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from test_figures import MICRO, copy_workflow, snakemake
+
+pytestmark = pytest.mark.slow  # drives Snakemake (or DVC) in subprocesses: outside the fast inner loop
 
 MOE = "moe/gen/E4-k2-snake-paper-s0"
 TARGET = f"results/models/{MOE}/frozen"

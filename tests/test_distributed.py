@@ -26,8 +26,9 @@ TORCHRUN = BIN / "torchrun"
 TUNE = {"steps": 6, "batch_gen": 4, "checkpoint_every": 2, "threads": 1, "seed": 3}
 TRAIN = {"steps": 5, "batch_und": 4, "batch_gen": 4, "threads": 1}
 
-pytestmark = pytest.mark.skipif(not (TORCHRUN.exists() and torch.distributed.is_available()),
-                                reason="needs torch.distributed and torchrun")
+pytestmark = [pytest.mark.slow,  # torchrun subprocesses: outside the fast inner loop
+              pytest.mark.skipif(not (TORCHRUN.exists() and torch.distributed.is_available()),
+                                 reason="needs torch.distributed and torchrun")]
 
 
 def torchrun(*argv, cwd):

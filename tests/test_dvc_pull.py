@@ -31,10 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "workflow/config/micro.yaml"
 BIN = Path(sys.executable).parent
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(  # subprocess-driven: outside the fast inner loop
     not all((BIN / t).exists() or shutil.which(t) for t in ("snakemake", "dvc", "git")),
     reason="needs snakemake, dvc (workflow extras: workflow/scripts/setup.sh) and git",
-)
+)]
 
 
 def env():

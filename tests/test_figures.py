@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # drives Snakemake (or DVC) in subprocesses: outside the fast inner loop
+
 REPO = Path(__file__).resolve().parents[1]
 MICRO = "workflow/config/micro.yaml"
 WORKFLOW_SOURCES = ["Snakefile", "environment.yml", "rules", "workflow", "notebooks", "data", "src"]

@@ -159,6 +159,7 @@ def test_verb_fetches_offline_from_the_environment_cache(tmp_path, cache, lock):
     check_fetched(out)
 
 
+@pytest.mark.slow
 def test_snakemake_rule_downloads_the_locked_checkpoint(tmp_path, offline, monkeypatch):
     from test_figures import MICRO, copy_workflow, snakemake
 

@@ -12,6 +12,8 @@ from test_workflow import planned_jobs
 
 from unisparse.config_checks import ConfigError, check_config, component_sizes
 
+pytestmark = pytest.mark.slow  # drives Snakemake (or DVC) in subprocesses: outside the fast inner loop
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "workflow/config/qwen_image.yaml"
 

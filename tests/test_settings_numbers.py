@@ -315,11 +315,13 @@ def dry_run_refuses(workdir, config, named):
     assert "MissingInputException" not in out and "KeyError" not in out
 
 
+@pytest.mark.slow
 def test_the_dag_refuses_a_duplicate_key(workdir):
     (workdir / "dup.yaml").write_text((workdir / MICRO).read_text().replace("  steps: 40\n", "  steps: 40\n  steps: 4000\n"))
     dry_run_refuses(workdir, "dup.yaml", "steps: duplicate key in")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit,named", [
     (lambda c: c["train"].__setitem__("lr", math.nan), "train.lr:"),
     (lambda c: c["width"]["sweeps"][0].__setitem__("keep_ratio", [0.00001]), "width.sweeps[0].keep_ratio:"),

@@ -31,10 +31,10 @@ CONFIG = "workflow/config/micro.yaml"
 BIN = Path(sys.executable).parent
 STATE = Path(os.environ.get("SLURM_TEST_STATE", "/var/tmp/unisparse-slurm"))
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(  # a SLURM cluster and Snakemake: outside the fast inner loop
     not ((BIN / "snakemake").exists() or shutil.which("snakemake")),
     reason="needs snakemake with the slurm executor plugin (workflow extras: workflow/scripts/setup.sh)",
-)
+)]
 
 
 def env(**extra):

@@ -8,6 +8,8 @@ import yaml
 
 from test_figures import MICRO, copy_workflow, micro_run, snakemake  # noqa: F401  (micro_run is a fixture)
 
+pytestmark = pytest.mark.slow  # drives Snakemake (or DVC) in subprocesses: outside the fast inner loop
+
 AGGREGATES = {"probes_table", "moe_table", "depth_figure", "width_figure", "moe_recovery_figure",
               "expert_load_figure", "quality_speed_figure", "all"}
 
