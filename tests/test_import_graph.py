@@ -27,7 +27,7 @@ from unisparse.codemap import Package, verb_sources
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "unisparse"
 
-#: algorithm modules: they see a model only through families/ (DESIGN.md section 2)
+#: algorithm modules: they see a model only through families/ (docs/models.md, "Model families")
 ALGORITHMS = ("unisparse.calibrate", "unisparse.importance", "unisparse.prune", "unisparse.moe", "unisparse.evaluate")
 #: the MoT's modelling files, which algorithms must not import
 MOT_MODULES = ("unisparse.models.modeling_mot", "unisparse.models.configuration_mot")

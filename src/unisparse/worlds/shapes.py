@@ -29,8 +29,8 @@ Design choices (read these before relying on details):
   differ by 0.5 in one channel) give 7,800 prompts, and the colour judge
   needs a generator precise to a quarter of the colour range. With open
   colours sampled, the generation MLPs carry real work: zeroing them took
-  ShapesGenEval from 0.92-0.97 to 0.07 in 128- and 256-wide models (README,
-  "Choosing the world").
+  ShapesGenEval from 0.92-0.97 to 0.07 in 128- and 256-wide models
+  (docs/results.md, "Choosing the world").
 * Circle template. A 6x6 disc with single-pixel corners cut has IoU 0.89 with
   the square, and the 24-pixel octagon contains the cross (IoU 0.83). To keep
   every pair of templates at IoU <= 0.8 the circle is a 28-pixel disc cut two
