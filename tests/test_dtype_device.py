@@ -12,6 +12,8 @@ from conftest import make_model
 from unisparse.runtime import resolve_device, resolve_dtype
 from verb_chain import MICRO_MODEL, cli, run_chain, score_differences, train_checkpoint
 
+pytestmark = pytest.mark.slow  # two whole verb chains on a trained checkpoint (minutes): outside the fast inner loop
+
 
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory):

@@ -20,6 +20,8 @@ from test_workflow import planned_jobs
 from unisparse.config_checks import config_schema
 from unisparse import runtime
 
+pytestmark = pytest.mark.slow  # drives Snakemake in subprocesses: outside the fast inner loop
+
 BIN = Path(sys.executable).parent
 #: the rules that call a `unisparse` verb other than `aggregate`, and that verb
 VERBS = {"train_tiny": "train-tiny", "calibrate": "calibrate", "evaluate": "evaluate", "prune_depth": "prune-depth",
@@ -30,8 +32,6 @@ TARGETS = ["results/tables/probes.csv", "results/tables/moe.csv"]  # everything 
 STAND_IN = '''#!/usr/bin/env python3
 """Stand-in for the unisparse CLI: creates the outputs named by --out, --metrics, --summary."""
 import os, sys
-
-pytestmark = pytest.mark.slow  # drives Snakemake (or DVC) in subprocesses: outside the fast inner loop
 args = sys.argv[1:]
 for flag, value in zip(args, args[1:]):
     if flag in ("--out", "--metrics", "--summary"):
