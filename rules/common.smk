@@ -7,7 +7,8 @@ from snakemake.exceptions import WorkflowError
 
 import unisparse.runtime as unisparse_runtime  # pure Python: no torch at import
 from unisparse import choices  # every allowed value, defined once (pure Python)
-from unisparse.codemap import verb_sources
+from unisparse.benchmarks import check_benchmarks  # pure Python
+from unisparse.codemap import code_identity, identity_file_name, write_code_identity
 from unisparse.config_checks import (
     KEEP_RATIO_WILDCARD,
     ConfigError,
@@ -67,15 +68,52 @@ def spec(value):
 
 
 PKG = "src/unisparse"
+#: each verb's code identity (unisparse.codemap): inside results_dir, so that DVC records it with the
+#: artifacts that code made (a fresh clone's fetch then sees them up to date)
+CODE_DIR = f"{R}/.code"
+
+
+def code_config():
+    """The configured family and benchmarks (evaluation's and calibration's): the code a job runs."""
+    benchmarks = set()
+    for section in ("evaluate", "calibrate"):
+        chosen = check_benchmarks((config.get(section) or {}).get("benchmarks"), implemented_only=False)
+        benchmarks |= set(chosen.values())
+    return (config.get("model") or {}).get("family", "mot"), tuple(sorted(benchmarks))
+
+
+CODE_CONFIG = code_config()
+#: the verbs with a code input, and whether their digest files are written (write_code_inputs)
+CODE_INPUTS = {"verbs": [], "written": False}
 
 
 def code(verb):
-    """The library sources `unisparse <verb>` runs, derived from their imports (unisparse.codemap):
-    inputs, so editing one reruns exactly the jobs whose verb uses it."""
+    """The code input of a `unisparse <verb>` job: a file holding the digest of what that verb runs for
+    the configured family and benchmarks (unisparse.codemap.code_identity: definitions, not files;
+    meaning, not text), rewritten only when the digest changes. So an edit that changes no code a job
+    runs (a comment, a docstring, formatting, another family's or benchmark's module) reruns nothing;
+    one that does reruns exactly the jobs whose verb runs it. Computed here (an error is one line at
+    parse time); written by write_code_inputs."""
     try:
-        return verb_sources(verb, PKG)
-    except (KeyError, OSError, SyntaxError) as e:
+        code_identity(verb, PKG, *CODE_CONFIG)
+    except (KeyError, OSError, SyntaxError, ValueError) as e:
         raise WorkflowError(f"code({verb!r}): {e}") from None
+    CODE_INPUTS["verbs"].append(verb)
+    if CODE_INPUTS["written"]:  # a rule read after `rule all`
+        write_code_inputs()
+    return f"{CODE_DIR}/{identity_file_name(verb, *CODE_CONFIG)}"
+
+
+def write_code_inputs():
+    """Write the digest files of the code inputs: when the Snakefile's `rule all` is read (all_targets),
+    after every rule file, so that a config refused while the rules are read leaves no file behind,
+    and before the DAG is built (Snakemake takes a file written later for a missing input)."""
+    for verb in dict.fromkeys(CODE_INPUTS["verbs"]):
+        try:
+            write_code_identity(verb, CODE_DIR, PKG, *CODE_CONFIG)
+        except OSError as e:
+            raise WorkflowError(f"code({verb!r}): cannot write its digest file: {e}") from None
+    CODE_INPUTS["written"] = True
 
 
 def product(sweep, keys):
@@ -200,6 +238,7 @@ def probe_metrics():
 
 
 def all_targets():
+    write_code_inputs()  # `rule all` is read last: every rule (and its code input) is known
     targets = [f"{R}/metrics/dense.json"]
     if depth_variants() or width_variants():
         targets.append(f"{R}/tables/probes.csv")
