@@ -560,8 +560,46 @@ def _register_models(sub) -> None:
     s.set_defaults(func=cmd_count_params)
 
 
+def cmd_artifacts(args) -> None:
+    """The artifact scripts' steps (workflow/scripts/*_artifacts.sh); each exits with its own status."""
+    if args.action == "check-recordable":
+        from .records import check_run
+
+        raise SystemExit(check_run(args.summary, args.config_args, args.results))
+    if args.action == "verify-fetched":
+        from .artifacts import dvc_remote, verify_fetched
+
+        raise SystemExit(verify_fetched(args.cache, args.lock, pull_failed=args.pull_status != 0,
+                                        remote=lambda: dvc_remote(args.remote)))
+    from .artifacts import restore_run_order
+
+    restore_run_order(args.lock, args.metadata)
+
+
+def _register_artifacts(sub) -> None:
+    s = sub.add_parser("artifacts", help="steps of recording and fetching a run's artifacts with DVC "
+                                         "(workflow/scripts/record_artifacts.sh, fetch_artifacts.sh)")
+    steps = s.add_subparsers(dest="action", required=True)
+    c = steps.add_parser("check-recordable", help="exit 1 with one line (stdout) if the run in a 'snakemake --summary' "
+                                                  "cannot be recorded yet (unisparse.records)")
+    c.add_argument("--summary", required=True, help="a file holding the output of 'snakemake --summary'")
+    c.add_argument("--config-args", default="", help="the run's config arguments as typed, e.g. ' --configfile X'")
+    c.add_argument("--results", default="results", help="where temporaries of killed writers are looked for")
+    c = steps.add_parser("verify-fetched", help="check every file of dvc.lock's outs against its recorded md5 after "
+                                                "'dvc pull'; exit 4 naming each that is not as recorded")
+    c.add_argument("--cache", required=True, help="the DVC cache directory ('dvc cache dir')")
+    c.add_argument("--lock", default="dvc.lock", help="default: dvc.lock")
+    c.add_argument("--remote", help="the DVC remote pulled from (default: the configured default remote)")
+    c.add_argument("--pull-status", type=int, default=0, help="dvc pull's exit status (nonzero: its error is above)")
+    c = steps.add_parser("restore-run-order", help="give the pulled outputs the timestamps of the producer's run order "
+                                                   "(Snakemake's metadata records)")
+    c.add_argument("--lock", default="dvc.lock", help="default: dvc.lock")
+    c.add_argument("--metadata", default=".snakemake/metadata", help="default: .snakemake/metadata")
+    s.set_defaults(func=cmd_artifacts)
+
+
 COMMANDS = {"probes": _register_probes, "moe": _register_moe, "data": _register_data, "checkpoint": _register_checkpoint,
-            "models": _register_models}
+            "models": _register_models, "artifacts": _register_artifacts}
 
 
 def runtime_options() -> argparse.ArgumentParser:

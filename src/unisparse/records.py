@@ -12,8 +12,9 @@ Snakemake reruns (``--rerun-incomplete``) a marked output that exists, and ignor
 that is missing; so a killed job whose consumers are up to date is named as missing, not as
 "interrupted", and advice that Snakemake would ignore is never given.
 
-Run by the scripts as ``python -m unisparse.records check --summary FILE [--config-args ' --configfile X']``:
-exit status 1 and one line (on stdout) saying why not, or 0; notes go to stderr.
+Run by the scripts as ``unisparse artifacts check-recordable --summary FILE [--config-args ' --configfile X']``
+(also ``python -m unisparse.records check ...``): exit status 1 and one line (on stdout) saying why
+not, or 0; notes go to stderr.
 """
 from __future__ import annotations
 
@@ -78,16 +79,21 @@ def incomplete_gaps(rows) -> dict[str, list[str]]:
     return gaps
 
 
+def snakemake_path(parts) -> str:
+    """The output path a file of Snakemake's persistence directories (.snakemake/incomplete,
+    .snakemake/metadata) is named after, from its path parts below that directory: the urlsafe
+    base64 of the path, split into '@'-prefixed directories where longer than a file name may be.
+    Not such a name: ``ValueError`` (or ``UnicodeDecodeError``)."""
+    return base64.urlsafe_b64decode("".join(p.removeprefix("@") for p in parts)).decode()
+
+
 def incomplete_markers(root=".snakemake/incomplete") -> list[str]:
-    """The outputs Snakemake marked as begun and not finished (marker names: the urlsafe base64 of
-    the path, split into '@'-prefixed directories where longer than a file name may be)."""
+    """The outputs Snakemake marked as begun and not finished (``snakemake_path``)."""
     root = Path(root)
     found = []
     for marker in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []:
-        parts = marker.relative_to(root).parts
-        encoded = "".join(p.removeprefix("@") for p in parts)
         try:
-            found.append(base64.urlsafe_b64decode(encoded).decode())
+            found.append(snakemake_path(marker.relative_to(root).parts))
         except (ValueError, UnicodeDecodeError):
             found.append(marker.as_posix())
     return found
@@ -176,6 +182,16 @@ def check(summary_file, config_args: str = "", results="results") -> int:
     return 0
 
 
+def check_run(summary_file, config_args: str = "", results="results") -> int:
+    """``check``, with a summary that cannot be read or parsed as its one line (stdout) and 1: the
+    scripts show stdout as the reason they refuse."""
+    try:
+        return check(summary_file, config_args, results)
+    except (OSError, ValueError) as e:
+        print(f"cannot check the run: {e}")
+        return 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unisparse.records", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,11 +200,7 @@ def main(argv=None) -> int:
     c.add_argument("--config-args", default="", help="the run's config arguments as typed, e.g. ' --configfile X'")
     c.add_argument("--results", default="results", help="where temporaries of killed writers are looked for")
     args = parser.parse_args(argv)
-    try:
-        return check(args.summary, args.config_args, args.results)
-    except (OSError, ValueError) as e:
-        print(f"cannot check the run: {e}")
-        return 1
+    return check_run(args.summary, args.config_args, args.results)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ config_args=""
 [ ${#configfile[@]} -eq 0 ] || config_args="$(printf ' %q' "${configfile[@]}")"
 
 refuse() { echo "record_artifacts.sh: not recording: $*" >&2; exit 1; }
-find_python record_artifacts.sh unisparse.records
+find_python record_artifacts.sh unisparse.artifacts  # the package with its `unisparse artifacts` steps
 
 in_progress() {
   if compgen -G ".snakemake/locks/*.lock" >/dev/null; then
@@ -73,7 +73,7 @@ snakemake --summary "${configfile[@]}" >"$scratch/summary" 2>"$scratch/summary.e
   refuse "listing the workflow's outputs ('snakemake --summary$config_args') failed (above)"
 }
 check_rc=0
-reason="$("$python" -m unisparse.records check --summary "$scratch/summary" --config-args "$config_args")" || check_rc=$?
+reason="$("$python" -m unisparse artifacts check-recordable --summary "$scratch/summary" --config-args "$config_args")" || check_rc=$?
 [ "$check_rc" = 0 ] || refuse "${reason:-the completeness check failed (exit status $check_rc)}"
 
 # ... and a dry run with the run's config has nothing to do
