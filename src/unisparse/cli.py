@@ -531,7 +531,7 @@ def cmd_count_params(args) -> None:
 
 
 def _register_models(sub) -> None:
-    from .models.bagel import IMAGE_SIZE, VIT_IMAGE_SIZE
+    from .sizes import BAGEL_IMAGE_SIZE as IMAGE_SIZE, BAGEL_VIT_IMAGE_SIZE as VIT_IMAGE_SIZE  # torch-free: --help stays fast
 
     s = sub.add_parser("import-bagel", parents=[runtime_options()],
                        help="load a BAGEL-7B-MoT directory strictly and write it as a unisparse model directory")

@@ -5,6 +5,9 @@ importing torch or transformers (seconds per DAG build).
 """
 from __future__ import annotations
 
+#: BAGEL's image sides at inference: generated 1024 x 1024 (64 x 64 latent tokens), understood at most
+#: 980 (70 x 70); here, not in models/bagel.py, so the CLI's --help needs no torch
+BAGEL_IMAGE_SIZE, BAGEL_VIT_IMAGE_SIZE = 1024, 980
 #: geometry defaults of the MoT config (MoTConfig's signature uses these)
 GEOMETRY_DEFAULTS = dict(vit_patch_size=4, latent_patch_size=4, latent_downsample=1)
 

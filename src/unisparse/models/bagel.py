@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..sizes import BAGEL_IMAGE_SIZE as IMAGE_SIZE, BAGEL_VIT_IMAGE_SIZE as VIT_IMAGE_SIZE
 from ..io import IntegrityError, atomic_path, dtype_mismatches, safetensors_header, weight_mismatches
 from .configuration_mot import MoTConfig
 from .modeling_mot import MoTForUnifiedModel
@@ -38,8 +39,6 @@ SPECIAL_TOKENS = {"bos_token_id": "<|im_start|>", "eos_token_id": "<|im_end|>",
 BAGEL_LAYOUT = dict(vision="siglip_navit", codec="flux", prompt_format="bagel", latent_patch_size=2,
                     latent_downsample=8, max_latent_size=64, vit_max_num_patch_per_side=70, time_embed_dim=256,
                     timestep_scale=1.0, timestep_shift=3.0, latent_pos_embed="sincos", num_channels=3)
-#: image sides at inference: generated 1024 x 1024 (64 x 64 latent tokens), understood at most 980 (70 x 70)
-IMAGE_SIZE, VIT_IMAGE_SIZE = 1024, 980
 #: FLUX's latent scale and shift (BAGEL's ``load_ae``; not stored in ae.safetensors)
 FLUX_SCALE_SHIFT = dict(scale_factor=0.3611, shift_factor=0.1159)
 LLM_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
