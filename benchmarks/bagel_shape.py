@@ -12,6 +12,7 @@ and prints time and peak device memory at two layer counts, from which it extrap
     python benchmarks/bagel_shape.py --device cuda --dtype bfloat16 --layers 1 2
     python benchmarks/bagel_shape.py --device cpu --dtype float32 --layers 1 2 --image-size 64 --vit-image-size 28
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ import time
 
 import torch
 
-from unisparse.models.modeling_mot import MoTForUnifiedModel
 from unisparse.models.bagel import published_config
+from unisparse.models.modeling_mot import MoTForUnifiedModel
 from unisparse.runtime import describe, synchronize
 
 
@@ -71,12 +72,20 @@ def measure(layers: int, args, device, dtype) -> dict:
     t3, m3 = peak(lambda: model.generate_images(prompt, [0], num_steps=3, **sample), device)
     image = torch.rand(1, args.vit_image_size, args.vit_image_size, 3, device=device)
     with torch.no_grad():
-        tu, mu = peak(lambda: model.understanding_logits(image, [list(range(2000, 2000 + args.question_tokens))]), device)
-    del model
+        tu, mu = peak(
+            lambda: model.understanding_logits(image, [list(range(2000, 2000 + args.question_tokens))]), device
+        )
+    model = None  # free the weights before the next size (the lambdas above hold the name, not the object)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"layers": layers, "weights_gb": weights_gb, "gen_step_s": (t3 - t1) / 2, "gen_peak_gb": max(m1, m3),
-            "und_prefill_s": tu, "und_peak_gb": mu}
+    return {
+        "layers": layers,
+        "weights_gb": weights_gb,
+        "gen_step_s": (t3 - t1) / 2,
+        "gen_peak_gb": max(m1, m3),
+        "und_prefill_s": tu,
+        "und_peak_gb": mu,
+    }
 
 
 def main() -> None:
@@ -98,8 +107,13 @@ def main() -> None:
     for key in ("gen_step_s", "und_prefill_s", "gen_peak_gb", "und_peak_gb", "weights_gb"):
         slope = (b[key] - a[key]) / dn
         estimate[key] = a[key] + slope * (args.full_layers - args.layers[0])
-    result = {"device": describe(device, dtype), "image_size": args.image_size, "vit_image_size": args.vit_image_size,
-              "runs": runs, f"estimate_{args.full_layers}_layers": estimate}
+    result = {
+        "device": describe(device, dtype),
+        "image_size": args.image_size,
+        "vit_image_size": args.vit_image_size,
+        "runs": runs,
+        f"estimate_{args.full_layers}_layers": estimate,
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -16,6 +16,7 @@ layers stay dense (the paper's MoE keeps them dense): ``L * dense / (2 * dense +
     python benchmarks/generation_layer.py --device cpu --shape scaled         # CPU-sized
     python benchmarks/generation_layer.py --device cuda --moe 16:8 32:16 --dispatch nosync
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,8 @@ import torch  # noqa: E402
 
 from unisparse.models.configuration_mot import MoTConfig  # noqa: E402
 from unisparse.models.modeling_mot import MoTDecoderLayer, SwiGLUMLP, rope_cos_sin  # noqa: E402
-from unisparse.moe import DISPATCHES, dense_to_moe, make_moe_spec, partition_neurons  # noqa: E402
 from unisparse.models.moe_dispatch import choose_dispatch  # noqa: E402
+from unisparse.moe import DISPATCHES, dense_to_moe, make_moe_spec, partition_neurons  # noqa: E402
 
 # hidden, MLP width, attention heads, KV heads, head dim, latent tokens per image
 SHAPES = {
@@ -46,8 +47,14 @@ def sync(device):
 
 
 def build_layer(s, device, dtype, seed=0):
-    config = MoTConfig(hidden_size=s["hidden"], intermediate_size=s["width"], num_hidden_layers=1,
-                       num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"])
+    config = MoTConfig(
+        hidden_size=s["hidden"],
+        intermediate_size=s["width"],
+        num_hidden_layers=1,
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        head_dim=s["head_dim"],
+    )
     torch.manual_seed(seed)
     layer = MoTDecoderLayer(config, 0)
     with torch.no_grad():
@@ -122,11 +129,18 @@ def main(argv=None) -> None:
     mlps = gen_mlps(layer.mlp_moe_gen, moes, args.dispatch)
     mlps = {name: m.to(device=device, dtype=dtype).eval() for name, m in mlps.items()}
     inputs = step_inputs(config, s, args.prompt, device, dtype)
-    where = torch.cuda.get_device_name(device) if gpu else f"CPU, {os.cpu_count()} cores, threads {torch.get_num_threads()}"
-    print(f"torch {torch.__version__}, {where}, {str(dtype).removeprefix('torch.')}, load average {os.getloadavg()[0]:.2f}")
-    print(f"one generation layer: hidden {s['hidden']}, MLP width {s['width']}, heads {s['heads']}/{s['kv_heads']}x"
-          f"{s['head_dim']}, CFG pair x {s['latents']} latent tokens (+2 markers), {args.prompt} prompt tokens cached; "
-          f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up")
+    where = (
+        torch.cuda.get_device_name(device) if gpu else f"CPU, {os.cpu_count()} cores, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"torch {torch.__version__}, {where}, {str(dtype).removeprefix('torch.')}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"one generation layer: hidden {s['hidden']}, MLP width {s['width']}, heads {s['heads']}/{s['kv_heads']}x"
+        f"{s['head_dim']}, CFG pair x {s['latents']} latent tokens (+2 markers), {args.prompt} prompt tokens cached; "
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up"
+    )
 
     def run(mlp):
         layer.mlp_moe_gen = mlp
@@ -152,8 +166,10 @@ def main(argv=None) -> None:
                 times[name][i].append(time.perf_counter() - t0)
     med = {name: tuple(statistics.median(t) for t in pair) for name, pair in times.items()}
     L = args.total_layers
-    header = (f"{'variant':>24} {'auto picks':>17} {'layer ms':>10} {'x dense':>8} {'MLP ms':>9} {'x dense':>8} "
-              f"{f'projected step ({L - 2}/{L} layers)':>32}")
+    header = (
+        f"{'variant':>24} {'auto picks':>17} {'layer ms':>10} {'x dense':>8} {'MLP ms':>9} {'x dense':>8} "
+        f"{f'projected step ({L - 2}/{L} layers)':>32}"
+    )
     print(header)
     print("-" * len(header))
     d_layer, d_mlp = med["dense"]
@@ -161,8 +177,11 @@ def main(argv=None) -> None:
         m = mlps[name]
         picks = choose_dispatch(x_gen, m.num_experts, m.top_k, m.expert_size) if name.endswith(" auto") else ""
         proj = L * d_layer / (2 * d_layer + (L - 2) * t_layer)
-        print(f"{name:>24} {picks:>17} {1e3 * t_layer:>10.2f} {d_layer / t_layer:>7.2f}x {1e3 * t_mlp:>9.2f} "
-              f"{d_mlp / t_mlp:>7.2f}x {proj:>31.2f}x", flush=True)
+        print(
+            f"{name:>24} {picks:>17} {1e3 * t_layer:>10.2f} {d_layer / t_layer:>7.2f}x {1e3 * t_mlp:>9.2f} "
+            f"{d_mlp / t_mlp:>7.2f}x {proj:>31.2f}x",
+            flush=True,
+        )
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

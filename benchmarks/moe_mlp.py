@@ -19,6 +19,7 @@ spin-waiting makes every parallel op cost a scheduler time slice (measured on a 
 the dense MLP's five. The script therefore sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment
 already sets it (it must be set before torch is imported).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402  (after the OpenMP setting on purpose)
 
 from unisparse.models.blocks import SwiGLUMLP  # noqa: E402
-from unisparse.moe import DISPATCHES, dense_to_moe, make_moe_spec, partition_neurons  # noqa: E402
 from unisparse.models.moe_dispatch import choose_dispatch  # noqa: E402
+from unisparse.moe import DISPATCHES, dense_to_moe, make_moe_spec, partition_neurons  # noqa: E402
 
 SHAPES = {"tiny": (64, 256), "scaled": (1024, 4096), "bagel": (3584, 18944)}  # (hidden H, MLP width I)
 
@@ -104,13 +105,20 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, nargs="+", default=None,
-                    help="default: 256 1024 4096 on CPU, 1024 4096 8192 on CUDA")
-    ap.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
-                    help="default: tiny scaled on CPU, bagel on CUDA")
+    ap.add_argument(
+        "--tokens", type=int, nargs="+", default=None, help="default: 256 1024 4096 on CPU, 1024 4096 8192 on CUDA"
+    )
+    ap.add_argument(
+        "--shapes", nargs="+", default=None, choices=list(SHAPES), help="default: tiny scaled on CPU, bagel on CUDA"
+    )
     ap.add_argument("--moe", nargs="+", default=None, help="E:k pairs; default 16:8 on CPU, 16:8 32:16 on CUDA")
-    ap.add_argument("--dispatches", nargs="+", default=None, choices=list(DISPATCHES),
-                    help="default: every dispatch but loop (and triton off CUDA)")
+    ap.add_argument(
+        "--dispatches",
+        nargs="+",
+        default=None,
+        choices=list(DISPATCHES),
+        help="default: every dispatch but loop (and triton off CUDA)",
+    )
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
@@ -126,13 +134,18 @@ def main(argv=None) -> None:
     if args.quick:
         tokens, args.warmup, args.repeats = [256], 1, 3
     torch.set_num_threads(args.threads)
-    where = torch.cuda.get_device_name(device) if gpu else f"CPU, {os.cpu_count()} cores, threads {torch.get_num_threads()}"
-    print(f"torch {torch.__version__}, {where}, {str(dtype).removeprefix('torch.')}, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average {os.getloadavg()[0]:.2f}, "
-          f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up")
+    where = (
+        torch.cuda.get_device_name(device) if gpu else f"CPU, {os.cpu_count()} cores, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"torch {torch.__version__}, {where}, {str(dtype).removeprefix('torch.')}, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average {os.getloadavg()[0]:.2f}, "
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up"
+    )
     passes = ["forward"] + ([] if args.no_backward else ["fwd+bwd"])
     header = f"{'shape':>18} {'tokens':>6} {'variant':>26} {'auto picks':>17}" + "".join(
-        f" {p + ' ms':>12} {'x dense':>8}" for p in passes)
+        f" {p + ' ms':>12} {'x dense':>8}" for p in passes
+    )
     print(header)
     print("-" * len(header))
     for shape in shapes:

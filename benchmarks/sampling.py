@@ -18,6 +18,7 @@ partition, paper router, every layer converted) with random non-zero routers so 
 as after training; timing depends on the shapes, not on what the weights learned.
 ``OMP_WAIT_POLICY=PASSIVE`` is set unless the environment sets it (see benchmarks/moe_mlp.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="model directories; the first is the reference")
     ap.add_argument("--tiny", action="store_true", help="build the tiny dense model and its MoE conversions in-process")
-    ap.add_argument("--dispatches", nargs="+", default=["auto"], choices=list(DISPATCHES),
-                    help="dispatches to time each MoE model with")
+    ap.add_argument(
+        "--dispatches",
+        nargs="+",
+        default=["auto"],
+        choices=list(DISPATCHES),
+        help="dispatches to time each MoE model with",
+    )
     ap.add_argument("--images", type=int, default=64, help="images per timed call (one batch)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=3.0)
@@ -86,8 +92,10 @@ def main() -> None:
     ids = [shapes.encode(p.text) for p, _ in pairs]
     seeds = [s for _, s in pairs]
     print(describe(device, dtype))
-    print(f"threads={args.threads} images={len(ids)} steps={args.steps} cfg={args.cfg} repeats={args.repeats} "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load={os.getloadavg()[0]:.2f}")
+    print(
+        f"threads={args.threads} images={len(ids)} steps={args.steps} cfg={args.cfg} repeats={args.repeats} "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load={os.getloadavg()[0]:.2f}"
+    )
 
     models = tiny_models(device, dtype) if args.tiny else {}
     if args.models:

@@ -1,5 +1,6 @@
 """Parameter and FLOP accounting per component: total, active (MoE: only the chosen experts).
 Which parameter belongs to which component is the family's knowledge (``Family.parameter_component``)."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -17,6 +17,7 @@ Two steps, each a subcommand of ``unisparse artifacts`` (see the script's header
 
 Messages go to stderr, each starting with ``PREFIX`` (the script's name: tests and users grep it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -151,8 +152,10 @@ class Verification:
             if have is None:
                 self.unpulled.setdefault(out, []).append(path)
             else:
-                self.problems.append(f"{path}: differs from the recorded content (md5 {have}, recorded {want});"
-                                     " DVC did not overwrite it (a local change? --force replaces it)")
+                self.problems.append(
+                    f"{path}: differs from the recorded content (md5 {have}, recorded {want});"
+                    " DVC did not overwrite it (a local change? --force replaces it)"
+                )
         elif cached == "absent":
             stale = "; the file in the workspace is not the recorded one either" if have else ""
             self.problems.append(f"{path}: {self.why_absent(want, self.in_remote(want)[0])}{stale}")
@@ -161,8 +164,10 @@ class Verification:
             if have == cached:
                 os.remove(path)
                 gone = " and from the workspace"
-            self.problems.append(f"{path}: corrupted: it arrived with md5 {cached}, recorded is {want}"
-                                 f" (removed from the DVC cache{gone})")
+            self.problems.append(
+                f"{path}: corrupted: it arrived with md5 {cached}, recorded is {want}"
+                f" (removed from the DVC cache{gone})"
+            )
 
     def manifest(self, path: str, oid: str):
         """The entries of a directory out's manifest (cache, else remote), or None (a problem noted)."""
@@ -177,8 +182,10 @@ class Verification:
             why = self.why_absent(oid, found)
         else:
             why = f"corrupted (md5 {state}; removed from the DVC cache)"
-        self.problems.append(f"{path}/: its file list (DVC manifest {oid}) is {why}: none of its files can be"
-                             f" checked, and what DVC put in {path}/ may be the wrong files: do not use them")
+        self.problems.append(
+            f"{path}/: its file list (DVC manifest {oid}) is {why}: none of its files can be"
+            f" checked, and what DVC put in {path}/ may be the wrong files: do not use them"
+        )
         return None
 
     def check_out(self, out: dict) -> None:
@@ -199,8 +206,10 @@ class Verification:
         problems = list(self.problems)
         for out, paths in self.unpulled.items():
             if self.problems:
-                problems.append(f"{out}/: {len(paths)} more file(s) not in the workspace, not checked out because of"
-                                f" the failure above: {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}")
+                problems.append(
+                    f"{out}/: {len(paths)} more file(s) not in the workspace, not checked out because of"
+                    f" the failure above: {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
+                )
             else:
                 problems += [f"{p}: not in the workspace" for p in paths]
         return problems
@@ -218,8 +227,10 @@ def verify_fetched(cache, lock="dvc.lock", pull_failed: bool = False, remote=dvc
         more = [f"... and {len(problems) - SHOWN} more"] if len(problems) > SHOWN else []
         for line in problems[:SHOWN] + more:
             _say(f"NOT AS RECORDED: {line}")
-        _say("the files named above are not the recorded artifacts; repair the remote (push them again from a"
-             " checkout that has them: bash workflow/scripts/record_artifacts.sh) and fetch again")
+        _say(
+            "the files named above are not the recorded artifacts; repair the remote (push them again from a"
+            " checkout that has them: bash workflow/scripts/record_artifacts.sh) and fetch again"
+        )
         return NOT_AS_RECORDED
     _say(f"all {verification.checked} files of {', '.join(o['path'] for o in outs)} have their recorded md5")
     return 0
@@ -308,8 +319,9 @@ def restore_run_order(lock="dvc.lock", metadata=".snakemake/metadata", now: floa
         stamp = start + (1 + rank[r.get("endtime") or 0.0]) * STEP
         os.utime(carrier(key), (stamp, stamp), follow_symlinks=False)
     changed = _older_than_changed_inputs(recs)
-    _say(f"restored the run order of {len(recs)} recorded outputs"
-         f" ({touched} pulled paths under {', '.join(data_outs)})")
+    _say(
+        f"restored the run order of {len(recs)} recorded outputs ({touched} pulled paths under {', '.join(data_outs)})"
+    )
     for line in changed:
         _say(f"made from other input content than the checkout's: {line}")
     return {"records": len(recs), "touched": touched, "changed": changed}

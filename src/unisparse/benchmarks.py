@@ -1,6 +1,7 @@
 """Which benchmark scores each task: the shapes world's miniatures (the embedded default) or the real
 ones the paper reports (GenEval for generation, MME for understanding). Defined once here; the
 config schema and the evaluation and calibration settings take their values from this table."""
+
 from __future__ import annotations
 
 from .choices import BENCHMARKS

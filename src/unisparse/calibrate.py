@@ -22,6 +22,7 @@ Memory does not grow with the number of tokens: each forward adds to fixed-size 
 component: a few scalars, two [I] vectors and the [I, d] sketch; plus one Omega per MLP width and
 device). The per-forward transients are of the size of that forward's activations.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,10 +34,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import tasks
-from .io import IntegrityError, NonFiniteError, atomic_path, read_json, sha256_file, write_json
 from .benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
 from .choices import TASKS
 from .families import family_for, require_family
+from .io import IntegrityError, NonFiniteError, atomic_path, read_json, sha256_file, write_json
 from .models.sampling import SAMPLER_DEFAULTS, sampler_settings
 from .spec import merge_spec
 from .worlds import shapes
@@ -49,14 +50,31 @@ COSINES = ("block_ld", "block_bagel", "attn", "mlp_ld", "mlp_bagel")
 SKETCH_KEY, LEGACY_COACT_KEY = "coactivation_sketch", "coactivation"
 #: how far past +-1 an fp32 mean of cosines may lie by rounding alone
 COSINE_SLACK = 1e-4
-CALIB_DEFAULTS = dict(benchmarks=DEFAULT_BENCHMARKS, qa_items=512, qa_seed=2, samples_per_prompt=2,
-                      max_prompts_per_tag=16, gen_seed=3, **SAMPLER_DEFAULTS, batch_size=128, coactivation=False,
-                      coactivation_dim=256, coactivation_seed=0, threads=1,
-                      # the real benchmarks' calibration sources (read only when `benchmarks` names them;
-                      # evaluate.calibration_inputs): POPE items off MME's images, GenEval-style prompts
-                      calib_dataset="lmms-lab/POPE", calib_revision=None, calib_split="test", calib_items=84,
-                      calib_exclude_mme_images=True, mme_dataset="lmms-lab/MME", mme_revision=None,
-                      mme_split="test", hf_cache_dir=None)
+CALIB_DEFAULTS = dict(
+    benchmarks=DEFAULT_BENCHMARKS,
+    qa_items=512,
+    qa_seed=2,
+    samples_per_prompt=2,
+    max_prompts_per_tag=16,
+    gen_seed=3,
+    **SAMPLER_DEFAULTS,
+    batch_size=128,
+    coactivation=False,
+    coactivation_dim=256,
+    coactivation_seed=0,
+    threads=1,
+    # the real benchmarks' calibration sources (read only when `benchmarks` names them;
+    # evaluate.calibration_inputs): POPE items off MME's images, GenEval-style prompts
+    calib_dataset="lmms-lab/POPE",
+    calib_revision=None,
+    calib_split="test",
+    calib_items=84,
+    calib_exclude_mme_images=True,
+    mme_dataset="lmms-lab/MME",
+    mme_revision=None,
+    mme_split="test",
+    hf_cache_dir=None,
+)
 #: how the co-activation sketch's projection is made (recorded in the sidecar)
 SKETCH_KIND = "rademacher-hash32"
 _M32 = 0xFFFFFFFF
@@ -79,7 +97,7 @@ def sketch_projection(width: int, dim: int, seed: int = 0, device=None, dtype=to
         raise ValueError(f"co-activation sketch of {width} x {dim} entries is too large (at most 2^32)")
     idx = torch.arange(width * dim, device=device, dtype=torch.int64)
     signs = (_hash32(idx ^ _hash32(int(seed) & _M32)) >> 15) & 1
-    return (signs.to(dtype) * 2 - 1).mul_(dim ** -0.5).view(width, dim)
+    return (signs.to(dtype) * 2 - 1).mul_(dim**-0.5).view(width, dim)
 
 
 def _cos_sum(a, b) -> float:
@@ -96,8 +114,13 @@ class CalibrationStats:
     """A ``LayerObserver`` that keeps running sums per (layer, component) and, for MLP statistics,
     per MLP slot of the layer."""
 
-    def __init__(self, family, coactivation: bool = False, coactivation_dim: int = CALIB_DEFAULTS["coactivation_dim"],
-                 coactivation_seed: int = CALIB_DEFAULTS["coactivation_seed"]):
+    def __init__(
+        self,
+        family,
+        coactivation: bool = False,
+        coactivation_dim: int = CALIB_DEFAULTS["coactivation_dim"],
+        coactivation_seed: int = CALIB_DEFAULTS["coactivation_seed"],
+    ):
         require_family(family, "CalibrationStats")
         self.components = family.components
         self.layers = {c: family.num_layers(c) for c in self.components}
@@ -124,7 +147,8 @@ class CalibrationStats:
         # the weights are fixed during calibration, so compute it once per dense MLP
         self._down_col_mean = {
             (i, c, slot): w.down.float().mean(0)
-            for c in self.components for i, slot in family.mlp_places(c)
+            for c in self.components
+            for i, slot in family.mlp_places(c)
             if (w := family.mlp_weights(c, i, slot)) is not None
         }
         self._first_slot = {c: family.mlp_slots(c)[0] for c in self.components}
@@ -181,7 +205,9 @@ class CalibrationStats:
         """Omega for MLP width ``width`` on ``device``: made once, shared by every layer and component."""
         key = (width, str(torch.device(device)), dtype)
         if key not in self._projections:
-            self._projections[key] = sketch_projection(width, self.coactivation_dim, self.coactivation_seed, device, dtype)
+            self._projections[key] = sketch_projection(
+                width, self.coactivation_dim, self.coactivation_seed, device, dtype
+            )
         return self._projections[key]
 
     def _sketch(self, sketches: dict, key, act) -> None:
@@ -209,11 +235,14 @@ class CalibrationStats:
                 out[f"{task}.{c}.cos_{name}"] = torch.where(n > 0, s[f"cos_{name}"] / n.clamp(min=1), torch.nan)
             for slot, calls in s["pub_calls"].items():
                 out[f"{task}.{c}.{_mlp_key('published_scalar', slot)}"] = torch.where(
-                    calls > 0, s["pub_sum"][slot] / calls.clamp(min=1), torch.nan)
+                    calls > 0, s["pub_sum"][slot] / calls.clamp(min=1), torch.nan
+                )
             for (layer, slot), a in s["act_abs"].items():
                 out[f"{task}.{c}.{_mlp_key(f'act_abs_mean.{layer}', slot)}"] = a / s["act_tokens"][(layer, slot)]
             for (layer, slot), sketch in s["coact"].items():
-                out[f"{task}.{c}.{_mlp_key(f'{SKETCH_KEY}.{layer}', slot)}"] = sketch.cpu() / float(s["act_tokens"][(layer, slot)])
+                out[f"{task}.{c}.{_mlp_key(f'{SKETCH_KEY}.{layer}', slot)}"] = sketch.cpu() / float(
+                    s["act_tokens"][(layer, slot)]
+                )
         return {k: v.to(torch.float32).contiguous() for k, v in out.items()}
 
 
@@ -228,13 +257,17 @@ def shapes_inputs(task: str, spec: dict, encode=shapes.encode):
         batches = (tasks.qa_batch(items[i : i + bs], encode)[:2] for i in range(0, len(items), bs))
         return batches, {"split": split, "qa_seed": spec["qa_seed"]}
     pairs = shapes.geneval_set(split, spec["samples_per_prompt"], spec["max_prompts_per_tag"], spec["gen_seed"])
-    batches = (([encode(p.text) for p, _ in pairs[i : i + bs]], [s for _, s in pairs[i : i + bs]])
-               for i in range(0, len(pairs), bs))
+    batches = (
+        ([encode(p.text) for p, _ in pairs[i : i + bs]], [s for _, s in pairs[i : i + bs]])
+        for i in range(0, len(pairs), bs)
+    )
     return batches, {"split": split, "gen_seed": spec["gen_seed"], "max_prompts_per_tag": spec["max_prompts_per_tag"]}
 
 
 @torch.no_grad()
-def run_calibration(family, task: str, spec: dict | None = None, progress: bool = False, inputs=None) -> CalibrationStats:
+def run_calibration(
+    family, task: str, spec: dict | None = None, progress: bool = False, inputs=None
+) -> CalibrationStats:
     """Stream a calibration split of ``task`` through the model: understanding = prefill on calibration
     questions; generation = the real sampler (every step, cond and uncond passes, the settings'
     ``SAMPLER_DEFAULTS`` keys). ``inputs``: ``(batches, data)`` as ``shapes_inputs`` gives them (the
@@ -246,8 +279,12 @@ def run_calibration(family, task: str, spec: dict | None = None, progress: bool 
     spec["benchmarks"] = check_benchmarks(spec["benchmarks"])
     torch.set_num_threads(int(spec["threads"]))
     family.eval()
-    stats = CalibrationStats(family, coactivation=spec["coactivation"], coactivation_dim=spec["coactivation_dim"],
-                             coactivation_seed=spec["coactivation_seed"])
+    stats = CalibrationStats(
+        family,
+        coactivation=spec["coactivation"],
+        coactivation_dim=spec["coactivation_dim"],
+        coactivation_seed=spec["coactivation_seed"],
+    )
     batches, source = inputs if inputs is not None else shapes_inputs(task, spec, family.encode)
     # what was actually streamed, counted as it is streamed (the sidecar's provenance)
     data = {"split": source.get("split", "calib"), "batches": 0, **source}
@@ -276,14 +313,23 @@ def run_calibration(family, task: str, spec: dict | None = None, progress: bool 
         data["prompts"] = len(prompts)
     stats.spec = spec
     stats.provenance = {
-        "data": data, "sampler": sampler and {**sampler, "cfg_interval": list(sampler["cfg_interval"])},
-        "coactivation": {"key": SKETCH_KEY, "kind": SKETCH_KIND, "dim": stats.coactivation_dim,
-                         "seed": stats.coactivation_seed} if stats.coactivation else None,
+        "data": data,
+        "sampler": sampler and {**sampler, "cfg_interval": list(sampler["cfg_interval"])},
+        "coactivation": {
+            "key": SKETCH_KEY,
+            "kind": SKETCH_KIND,
+            "dim": stats.coactivation_dim,
+            "seed": stats.coactivation_seed,
+        }
+        if stats.coactivation
+        else None,
     }
     return stats
 
 
-def save_stats(stats: CalibrationStats, task: str, path, meta: dict | None = None, model_sha256: str | None = None) -> None:
+def save_stats(
+    stats: CalibrationStats, task: str, path, meta: dict | None = None, model_sha256: str | None = None
+) -> None:
     """safetensors with the statistics plus a JSON sidecar saying how they were made: settings
     (``spec``), the content hash of the statistics file and (``model_sha256``) of the model they
     describe (the CLI passes ``io.directory_digest``: the hash of the model directory's verified
@@ -301,10 +347,16 @@ def save_stats(stats: CalibrationStats, task: str, path, meta: dict | None = Non
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"task": task})
         digest = sha256_file(tmp)
-    sidecar = {"task": task, "spec": getattr(stats, "spec", {}), "num_layers": stats.num_layers,
-               "tokens": {c: tensors[f"{task}.{c}.tokens"].tolist() for c in stats.components},
-               **getattr(stats, "provenance", {}),
-               "sha256": digest, "model_sha256": model_sha256, **(meta or {})}
+    sidecar = {
+        "task": task,
+        "spec": getattr(stats, "spec", {}),
+        "num_layers": stats.num_layers,
+        "tokens": {c: tensors[f"{task}.{c}.tokens"].tolist() for c in stats.components},
+        **getattr(stats, "provenance", {}),
+        "sha256": digest,
+        "model_sha256": model_sha256,
+        **(meta or {}),
+    }
     write_json(str(path) + ".json", sidecar)
 
 
@@ -327,7 +379,9 @@ class Calibration:
             raise FileNotFoundError(f"calibration {path} has no sidecar {sidecar.name} (how it was made)")
         meta = read_json(sidecar)
         if meta.get("sha256") and sha256_file(path) != meta["sha256"]:
-            raise IntegrityError(f"calibration {path} is corrupted: its content differs from the sha256 in {sidecar.name}")
+            raise IntegrityError(
+                f"calibration {path} is corrupted: its content differs from the sha256 in {sidecar.name}"
+            )
         try:
             tensors = load_file(str(path))
         except Exception as e:  # safetensors reports a damaged header as a generic error
@@ -351,17 +405,27 @@ class Calibration:
             elif name == "act_abs_mean" and not bool(torch.isfinite(t).all()):
                 bad.append(f"{key} holds a non-finite mean")
             elif name in ("act_abs_mean", "published_scalar", "tokens") and bool((t < 0).any()):
-                bad.append(f"{key} holds a negative value ({float(t.nan_to_num(0.0).min()):g}), "
-                           "impossible for a mean of absolute values or a count")
+                bad.append(
+                    f"{key} holds a negative value ({float(t.nan_to_num(0.0).min()):g}), "
+                    "impossible for a mean of absolute values or a count"
+                )
         if bad:
-            raise IntegrityError(f"calibration {self.source} holds impossible statistics: " + "; ".join(bad[:6])
-                                 + (f"; ... ({len(bad) - 6} more)" if len(bad) > 6 else ""))
+            raise IntegrityError(
+                f"calibration {self.source} holds impossible statistics: "
+                + "; ".join(bad[:6])
+                + (f"; ... ({len(bad) - 6} more)" if len(bad) > 6 else "")
+            )
 
     def _check_nans(self, family) -> None:
         """A NaN cosine is written only for a layer that saw no tokens or a sublayer the model skips;
         anywhere else it is damage, and ranking on it would pick an arbitrary layer."""
-        needs = {"attn": ("attn",), "mlp_ld": ("mlp",), "mlp_bagel": ("mlp",), "block_bagel": ("mlp",),
-                 "block_ld": ("attn", "mlp")}  # the sublayer(s) whose absence leaves the cosine undefined
+        needs = {
+            "attn": ("attn",),
+            "mlp_ld": ("mlp",),
+            "mlp_bagel": ("mlp",),
+            "block_bagel": ("mlp",),
+            "block_ld": ("attn", "mlp"),
+        }  # the sublayer(s) whose absence leaves the cosine undefined
         bad = []
         for c in family.components:
             tokens = self.t.get(f"{self.task}.{c}.tokens")
@@ -376,8 +440,11 @@ class Calibration:
                     if not all(layer in skipped.get(sub, []) for sub in sublayers):
                         bad.append(f"{c} cos_{name} at layer {layer}")
         if bad:
-            raise IntegrityError(f"calibration {self.source} holds NaN cosines on layers that saw tokens: "
-                                 + ", ".join(bad[:6]) + (f", ... ({len(bad) - 6} more)" if len(bad) > 6 else ""))
+            raise IntegrityError(
+                f"calibration {self.source} holds NaN cosines on layers that saw tokens: "
+                + ", ".join(bad[:6])
+                + (f", ... ({len(bad) - 6} more)" if len(bad) > 6 else "")
+            )
 
     def check_applies_to(self, family, model_sha256: str | None = None) -> None:
         """Refuse statistics of another model: the layer counts and MLP widths must match, and where
@@ -388,17 +455,23 @@ class Calibration:
             layers = family.num_layers(c)
             tokens = self.t.get(f"{self.task}.{c}.tokens")
             if tokens is not None and tokens.numel() != layers:
-                raise ValueError(f"calibration {self.source} describes a model with {tokens.numel()} {c} layers; "
-                                 f"this model has {layers}")
+                raise ValueError(
+                    f"calibration {self.source} describes a model with {tokens.numel()} {c} layers; "
+                    f"this model has {layers}"
+                )
             for i, slot in family.mlp_places(c):
                 act = self.t.get(f"{self.task}.{c}.{_mlp_key(f'act_abs_mean.{i}', slot)}")
                 weights = family.mlp_weights(c, i, slot)
                 if act is not None and weights is not None and act.numel() != weights.width:
-                    raise ValueError(f"calibration {self.source} has {act.numel()} {c} MLP neurons at layer {i}; "
-                                     f"this model has {weights.width}")
+                    raise ValueError(
+                        f"calibration {self.source} has {act.numel()} {c} MLP neurons at layer {i}; "
+                        f"this model has {weights.width}"
+                    )
         if self.model_sha256 and model_sha256 and self.model_sha256 != model_sha256:
-            raise ValueError(f"calibration {self.source} was computed on another model (model sha256 "
-                             f"{self.model_sha256[:12]}..., this one {model_sha256[:12]}...): recalibrate on this model")
+            raise ValueError(
+                f"calibration {self.source} was computed on another model (model sha256 "
+                f"{self.model_sha256[:12]}..., this one {model_sha256[:12]}...): recalibrate on this model"
+            )
 
     @classmethod
     def from_stats(cls, stats: CalibrationStats, task: str) -> "Calibration":
@@ -415,7 +488,8 @@ class Calibration:
         if key not in self.t:
             raise KeyError(
                 f"calibration on task {self.task!r} saw no {component!r} MLP tokens at layer {layer}; "
-                f"calibrate on a task that exercises that component")
+                f"calibrate on a task that exercises that component"
+            )
         return self.t[key]
 
     def published_scalar(self, component: str, slot: str | None = None) -> torch.Tensor:

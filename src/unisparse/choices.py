@@ -7,6 +7,7 @@ wildcard_constraints from them (rules/common.smk ``one_of``). Pure Python withou
 imports this module when it builds the DAG. Order matters where noted (the first is the default,
 or values are indexed by position).
 """
+
 from __future__ import annotations
 
 # --- model structure

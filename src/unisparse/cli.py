@@ -3,6 +3,7 @@
 Structured options (a config section) are passed as JSON (``--spec '{"steps": 100}'``) or as a
 JSON/YAML file (``--spec @file.yaml``), so a Snakemake rule hands over exactly its config values.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -143,7 +144,9 @@ def setup_logging(log_file: str | None) -> None:
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, mode="w"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True
+    )
 
 
 def _check_trainable(args) -> None:
@@ -154,8 +157,8 @@ def _check_trainable(args) -> None:
 
 
 def cmd_train_tiny(args) -> None:
-    from .io import write_json
     from .distributed import world
+    from .io import write_json
     from .train import TRAIN_DEFAULTS, check_model_spec, train_tiny
 
     _check_trainable(args)
@@ -166,8 +169,15 @@ def cmd_train_tiny(args) -> None:
         raise UsageError(f"--model: {e}") from None
     train_spec = _settings(args, args.train, "--train", TRAIN_DEFAULTS, "training")
     device, dtype = _runtime(args)
-    summary = train_tiny(model_spec, train_spec, args.out, progress=not args.no_progress, device=device, dtype=dtype,
-                         checkpoint_dir=args.checkpoint_dir)
+    summary = train_tiny(
+        model_spec,
+        train_spec,
+        args.out,
+        progress=not args.no_progress,
+        device=device,
+        dtype=dtype,
+        checkpoint_dir=args.checkpoint_dir,
+    )
     is_main = world().is_main  # rank 0 of a torchrun launch, or the only process
     if args.summary and is_main:
         write_json(args.summary, summary)
@@ -183,12 +193,22 @@ def cmd_evaluate(args) -> None:
     spec = _settings(args, args.spec, "--spec", EVAL_DEFAULTS, "evaluation")
     meta = parse_spec(args.meta, "--meta")
     device, dtype = _runtime(args)
-    metrics = evaluate_model_dir(args.model_dir, spec, progress=not args.no_progress, device=device, dtype=dtype,
-                                 artifacts_dir=_artifacts_dir(args.out))
+    metrics = evaluate_model_dir(
+        args.model_dir,
+        spec,
+        progress=not args.no_progress,
+        device=device,
+        dtype=dtype,
+        artifacts_dir=_artifacts_dir(args.out),
+    )
     if args.meta:
         metrics["variant"] = meta
     write_json(args.out, metrics)
-    print(json.dumps({"understanding": metrics["understanding"]["overall"], "generation": metrics["generation"]["overall"]}))
+    print(
+        json.dumps(
+            {"understanding": metrics["understanding"]["overall"], "generation": metrics["generation"]["overall"]}
+        )
+    )
 
 
 def _artifacts_dir(metrics_path) -> Path:
@@ -217,8 +237,9 @@ def _finish(family, args, settings: tuple[dict, dict]) -> None:
     if args.metrics:
         from .evaluate import evaluate_model
 
-        metrics = evaluate_model(family, eval_spec, progress=not args.no_progress,
-                                 artifacts_dir=_artifacts_dir(args.metrics))
+        metrics = evaluate_model(
+            family, eval_spec, progress=not args.no_progress, artifacts_dir=_artifacts_dir(args.metrics)
+        )
         metrics["model_dir"] = str(args.out)
         metrics["variant"] = meta
         for component in family.components:
@@ -228,8 +249,12 @@ def _finish(family, args, settings: tuple[dict, dict]) -> None:
             from .moe.tune import expert_load
 
             detail = expert_load(family, component)
-            metrics["expert_load"] = {"cv_mean": detail["cv_mean"], "experts_used_frac": detail["experts_used_frac"],
-                                      "num_experts": spec["num_experts"], "top_k": spec["top_k"]}
+            metrics["expert_load"] = {
+                "cv_mean": detail["cv_mean"],
+                "experts_used_frac": detail["experts_used_frac"],
+                "num_experts": spec["num_experts"],
+                "top_k": spec["top_k"],
+            }
             metrics["expert_load_detail"] = detail
         write_json(args.metrics, metrics)
 
@@ -244,16 +269,17 @@ def cmd_calibrate(args) -> None:
         from .io import state_digest
 
         meta["model_state_sha256"] = state_digest(family.model)
-    stats = run_calibration(family, args.task, spec, progress=not args.no_progress,
-                            inputs=_calibration_inputs(args.task, spec, family))
+    stats = run_calibration(
+        family, args.task, spec, progress=not args.no_progress, inputs=_calibration_inputs(args.task, spec, family)
+    )
     save_stats(stats, args.task, args.out, meta=meta, model_sha256=digest)
 
 
 def _calibration_inputs(task, spec, family):
     """The calibration split of the benchmark the settings name for ``task`` (None: the shapes world's)."""
     from .calibrate import CALIB_DEFAULTS
-    from .spec import merge_spec
     from .evaluate.calibration_inputs import calibration_inputs
+    from .spec import merge_spec
 
     return calibration_inputs(task, merge_spec(CALIB_DEFAULTS, spec, "calibration"), family)
 
@@ -277,8 +303,17 @@ def cmd_prune_depth(args) -> None:
         inputs = _calibration_inputs(calibration.task, calib_spec, f)
         return Calibration.from_stats(run_calibration(f, calibration.task, calib_spec, inputs=inputs), calibration.task)
 
-    pruned = prune_depth(family, calibration, args.component, args.granularity, n_drop, score=args.score,
-                         skipped_attention_kv=args.kv, iterative=args.iterative, recalibrate=recalibrate)
+    pruned = prune_depth(
+        family,
+        calibration,
+        args.component,
+        args.granularity,
+        n_drop,
+        score=args.score,
+        skipped_attention_kv=args.kv,
+        iterative=args.iterative,
+        recalibrate=recalibrate,
+    )
     _finish(pruned, args, settings)
 
 
@@ -291,7 +326,9 @@ def cmd_prune_width(args) -> None:
         raise UsageError(f"--score {args.score} needs --calibration")
     family, digest = _load(args)
     calibration = _load_calibration(args.calibration, family, digest) if args.calibration else None
-    pruned = prune_width(family, args.component, args.keep_ratio, score=args.score, calibration=calibration, seed=args.seed)
+    pruned = prune_width(
+        family, args.component, args.keep_ratio, score=args.score, calibration=calibration, seed=args.seed
+    )
     _finish(pruned, args, settings)
 
 
@@ -310,7 +347,16 @@ def _add_output_args(s) -> None:
 
 
 def _register_probes(sub) -> None:
-    from .choices import COMPONENTS, DEPTH_SCORES as SCORE_DEFINITIONS, GRANULARITIES, SKIPPED_ATTENTION_KV, TASKS, WIDTH_SCORES
+    from .choices import (
+        COMPONENTS,
+        GRANULARITIES,
+        SKIPPED_ATTENTION_KV,
+        TASKS,
+        WIDTH_SCORES,
+    )
+    from .choices import (
+        DEPTH_SCORES as SCORE_DEFINITIONS,
+    )
 
     s = sub.add_parser("calibrate", parents=[runtime_options()], help="streaming calibration statistics for one task")
     s.add_argument("model_dir")
@@ -319,7 +365,9 @@ def _register_probes(sub) -> None:
     s.add_argument("--out", required=True, help=".safetensors file (a .json sidecar is written beside it)")
     s.set_defaults(func=cmd_calibrate)
 
-    s = sub.add_parser("prune-depth", parents=[runtime_options()], help="drop the sublayers that change the residual stream least")
+    s = sub.add_parser(
+        "prune-depth", parents=[runtime_options()], help="drop the sublayers that change the residual stream least"
+    )
     s.add_argument("model_dir")
     s.add_argument("--calibration", required=True, help="calibration .safetensors")
     s.add_argument("--component", required=True, choices=COMPONENTS)
@@ -327,15 +375,23 @@ def _register_probes(sub) -> None:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--drop", type=_nonnegative, help="number of sublayers to drop")
     g.add_argument("--keep-ratio", type=_ratio, help="fraction of layers to keep")
-    s.add_argument("--score", default="ld", choices=SCORE_DEFINITIONS, help="cosine definition (ld or as-published bagel)")
-    s.add_argument("--kv", default="keep", choices=SKIPPED_ATTENTION_KV,
-                   help="keep: a dropped und attention still provides the prompt's K/V; none: as published")
+    s.add_argument(
+        "--score", default="ld", choices=SCORE_DEFINITIONS, help="cosine definition (ld or as-published bagel)"
+    )
+    s.add_argument(
+        "--kv",
+        default="keep",
+        choices=SKIPPED_ATTENTION_KV,
+        help="keep: a dropped und attention still provides the prompt's K/V; none: as published",
+    )
     s.add_argument("--iterative", action="store_true", help="drop one, recalibrate, repeat")
     s.add_argument("--calib-spec", help="calibration settings for the iterative variant")
     _add_output_args(s)
     s.set_defaults(func=cmd_prune_depth)
 
-    s = sub.add_parser("prune-width", parents=[runtime_options()], help="keep the top fraction of MLP neurons of a component")
+    s = sub.add_parser(
+        "prune-width", parents=[runtime_options()], help="keep the top fraction of MLP neurons of a component"
+    )
     s.add_argument("model_dir")
     s.add_argument("--component", required=True, choices=COMPONENTS)
     s.add_argument("--keep-ratio", required=True, type=_ratio)
@@ -363,26 +419,37 @@ def cmd_partition(args) -> None:
         moe_layers(family.num_layers(args.component), args.dense_layers)
     except ValueError as e:
         raise UsageError(f"--dense-layers: {e}") from None
-    check_moe_request(family, args.component, args.num_experts, args.top_k, args.shared_size, args.router,
-                      args.dense_layers)
+    check_moe_request(
+        family, args.component, args.num_experts, args.top_k, args.shared_size, args.router, args.dense_layers
+    )
     calibration = _load_calibration(args.calibration, family, digest) if args.calibration else None
-    moe = convert_to_moe(family, args.component, args.num_experts, args.top_k, method=args.method,
-                         calibration=calibration, shared_size=args.shared_size, dense_layers=args.dense_layers,
-                         router=args.router, seed=args.seed)
+    moe = convert_to_moe(
+        family,
+        args.component,
+        args.num_experts,
+        args.top_k,
+        method=args.method,
+        calibration=calibration,
+        shared_size=args.shared_size,
+        dense_layers=args.dense_layers,
+        router=args.router,
+        seed=args.seed,
+    )
     _finish(moe, args, settings)
 
 
 def cmd_tune_moe(args) -> None:
-    from .io import write_json
     from .distributed import world
+    from .io import write_json
     from .moe.tune import TUNE_DEFAULTS, tune_moe
 
     _check_trainable(args)
     settings = _output_settings(args)
     spec = _settings(args, args.spec, "--spec", TUNE_DEFAULTS, "tuning")
     family, _ = _load(args)
-    summary = tune_moe(family, args.component, args.mode, spec, checkpoint_dir=args.checkpoint_dir,
-                       progress=not args.no_progress)
+    summary = tune_moe(
+        family, args.component, args.mode, spec, checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress
+    )
     if not world().is_main:
         return  # under torchrun: rank 0 holds the gathered weights and writes everything
     _finish(family, args, settings)
@@ -393,9 +460,13 @@ def cmd_tune_moe(args) -> None:
 
 
 def _register_moe(sub) -> None:
-    from .choices import COMPONENTS, PARTITION_METHODS as METHODS, ROUTERS, TUNING_MODES as MODES
+    from .choices import COMPONENTS, ROUTERS
+    from .choices import PARTITION_METHODS as METHODS
+    from .choices import TUNING_MODES as MODES
 
-    s = sub.add_parser("partition", parents=[runtime_options()], help="split a component's MLPs into experts (dense -> MoE)")
+    s = sub.add_parser(
+        "partition", parents=[runtime_options()], help="split a component's MLPs into experts (dense -> MoE)"
+    )
     s.add_argument("model_dir")
     s.add_argument("--component", required=True, choices=COMPONENTS)
     s.add_argument("--num-experts", type=_positive, required=True)
@@ -403,16 +474,24 @@ def _register_moe(sub) -> None:
     s.add_argument("--method", default="snake", choices=METHODS)
     s.add_argument("--router", default="paper", choices=ROUTERS)
     s.add_argument("--shared-size", type=_nonnegative, default=0, help="neurons of an always-active shared expert")
-    s.add_argument("--dense-layers", type=_dense_layers, default="first_last",
-                   help="first_last, none, or a comma list of layers kept dense")
+    s.add_argument(
+        "--dense-layers",
+        type=_dense_layers,
+        default="first_last",
+        help="first_last, none, or a comma list of layers kept dense",
+    )
     s.add_argument("--calibration", help="calibration .safetensors (neuron importance; co-activation for cluster)")
     s.add_argument("--seed", type=_nonnegative, default=0)
     _add_output_args(s)
     s.set_defaults(func=cmd_partition)
 
-    s = sub.add_parser("tune-moe", aliases=["tune"], parents=[runtime_options()],
-                       help="tune a component on the flow loss: routers only (frozen, MoE) or its whole MLPs / MoE "
-                            "blocks (full; on a dense or width-cut component: the tuned controls)")
+    s = sub.add_parser(
+        "tune-moe",
+        aliases=["tune"],
+        parents=[runtime_options()],
+        help="tune a component on the flow loss: routers only (frozen, MoE) or its whole MLPs / MoE "
+        "blocks (full; on a dense or width-cut component: the tuned controls)",
+    )
     s.add_argument("model_dir")
     s.add_argument("--component", default="gen", choices=COMPONENTS)
     s.add_argument("--mode", required=True, choices=MODES)
@@ -450,21 +529,28 @@ def cmd_lock_checkpoint(args) -> None:
     repo_id = args.repo_id or (read_lock(args.out, complete=False)["repo_id"] if existing else None)
     if not files or not repo_id:
         raise UsageError(f"{args.out} does not exist: name the repository (--repo-id) and every file to lock (--file)")
-    lock = lock_checkpoint(repo_id, args.revision, files, args.out, cache_dir=args.cache_dir,
-                           progress=not args.no_progress)
+    lock = lock_checkpoint(
+        repo_id, args.revision, files, args.out, cache_dir=args.cache_dir, progress=not args.no_progress
+    )
     print(f"{lock['repo_id']}@{lock['revision']}: {len(lock['files'])} files -> {args.out}")
 
 
 def _register_checkpoint(sub) -> None:
-    s = sub.add_parser("fetch-checkpoint", help="download a Hub checkpoint at its locked commit, every file checked "
-                                                "against the lock's sha256 (offline from the HF cache with HF_HUB_OFFLINE=1)")
+    s = sub.add_parser(
+        "fetch-checkpoint",
+        help="download a Hub checkpoint at its locked commit, every file checked "
+        "against the lock's sha256 (offline from the HF cache with HF_HUB_OFFLINE=1)",
+    )
     s.add_argument("--lock", required=True, help="lock file, e.g. data/bagel-7b-mot.lock.json")
     s.add_argument("--out", required=True, help="directory to write (appears complete and verified, or not at all)")
     s.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE, else HF_HOME/hub)")
     s.set_defaults(func=cmd_fetch_checkpoint)
 
-    s = sub.add_parser("lock-checkpoint", help="(re)write a lock file from a trusted download: the commit a revision "
-                                               "resolves to, each file's sha256 and size")
+    s = sub.add_parser(
+        "lock-checkpoint",
+        help="(re)write a lock file from a trusted download: the commit a revision "
+        "resolves to, each file's sha256 and size",
+    )
     s.add_argument("--repo-id", help="e.g. ByteDance-Seed/BAGEL-7B-MoT (default: the existing lock's)")
     s.add_argument("--revision", default="main", help="branch, tag or commit to lock (default: main)")
     s.add_argument("--file", action="append", help="a file to lock, repeatable (default: the existing lock's files)")
@@ -484,12 +570,16 @@ def cmd_import_bagel(args) -> None:
         from .models.bagel import config_from_bagel
 
         config = config_from_bagel(args.src, args.image_size, args.vit_image_size)
-        wrong = [f"{k}: config {v!r}, checkpoint {getattr(config, k, None)!r}" for k, v in expect.items()
-                 if getattr(config, k, None) != v]
+        wrong = [
+            f"{k}: config {v!r}, checkpoint {getattr(config, k, None)!r}"
+            for k, v in expect.items()
+            if getattr(config, k, None) != v
+        ]
         if wrong:
             raise UsageError(f"{args.src} is not the model --expect describes: " + "; ".join(wrong))
-    model = load_bagel(args.src, device=device, dtype=dtype, image_size=args.image_size,
-                       vit_image_size=args.vit_image_size)
+    model = load_bagel(
+        args.src, device=device, dtype=dtype, image_size=args.image_size, vit_image_size=args.vit_image_size
+    )
     # the prompts of real benchmarks are tokenised with BAGEL's own tokenizer: it travels with the weights
     save_model(model, args.out, extra_files=tokenizer_files(args.src))
     log.info("imported %s -> %s (%s, %s)", args.src, args.out, device, dtype)
@@ -508,9 +598,9 @@ def cmd_count_params(args) -> None:
     """Parameter counts per top-level module, on the meta device (nothing is allocated)."""
     import torch
 
+    from .models.bagel import config_from_bagel, published_config
     from .models.configuration_mot import MoTConfig
     from .models.modeling_mot import MoTForUnifiedModel
-    from .models.bagel import config_from_bagel, published_config
 
     local = args.bagel or args.model_dir
     if not args.published and local and not Path(local).is_dir():  # never a Hub id: a local verb asks no server
@@ -531,24 +621,46 @@ def cmd_count_params(args) -> None:
 
 
 def _register_models(sub) -> None:
-    from .sizes import BAGEL_IMAGE_SIZE as IMAGE_SIZE, BAGEL_VIT_IMAGE_SIZE as VIT_IMAGE_SIZE  # torch-free: --help stays fast
+    from .sizes import (
+        BAGEL_IMAGE_SIZE as IMAGE_SIZE,
+    )  # torch-free: --help stays fast
+    from .sizes import (
+        BAGEL_VIT_IMAGE_SIZE as VIT_IMAGE_SIZE,
+    )
 
-    s = sub.add_parser("import-bagel", parents=[runtime_options()],
-                       help="load a BAGEL-7B-MoT directory strictly and write it as a unisparse model directory")
-    s.add_argument("--src", required=True, help="BAGEL directory (llm_config.json, vit_config.json, ema.safetensors, "
-                                                "ae.safetensors, tokenizer files)")
+    s = sub.add_parser(
+        "import-bagel",
+        parents=[runtime_options()],
+        help="load a BAGEL-7B-MoT directory strictly and write it as a unisparse model directory",
+    )
+    s.add_argument(
+        "--src",
+        required=True,
+        help="BAGEL directory (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files)",
+    )
     s.add_argument("--out", required=True, help="model directory to write")
-    s.add_argument("--image-size", type=_positive, default=IMAGE_SIZE,
-                   help=f"side of generated images (default {IMAGE_SIZE})")
-    s.add_argument("--vit-image-size", type=_positive, default=VIT_IMAGE_SIZE,
-                   help=f"largest side of understood images (default {VIT_IMAGE_SIZE})")
+    s.add_argument(
+        "--image-size", type=_positive, default=IMAGE_SIZE, help=f"side of generated images (default {IMAGE_SIZE})"
+    )
+    s.add_argument(
+        "--vit-image-size",
+        type=_positive,
+        default=VIT_IMAGE_SIZE,
+        help=f"largest side of understood images (default {VIT_IMAGE_SIZE})",
+    )
     s.add_argument("--expect", help="sizes the checkpoint must have, e.g. the config's `model:` (JSON/YAML or @file)")
     s.set_defaults(func=cmd_import_bagel)
 
-    s = sub.add_parser("import-qwen-image", parents=[runtime_options()],
-                       help="load a diffusers Qwen/Qwen-Image snapshot strictly and write it as a unisparse model directory")
-    s.add_argument("--src", required=True, help="snapshot directory (model_index.json, text_encoder/, transformer/, vae/, "
-                                                "tokenizer/, scheduler/)")
+    s = sub.add_parser(
+        "import-qwen-image",
+        parents=[runtime_options()],
+        help="load a diffusers Qwen/Qwen-Image snapshot strictly and write it as a unisparse model directory",
+    )
+    s.add_argument(
+        "--src",
+        required=True,
+        help="snapshot directory (model_index.json, text_encoder/, transformer/, vae/, tokenizer/, scheduler/)",
+    )
     s.add_argument("--out", required=True, help="model directory to write")
     s.add_argument("--settings", help="family settings, e.g. {image_size: 1024} (JSON/YAML or @file)")
     s.set_defaults(func=cmd_import_qwen_image)
@@ -569,37 +681,57 @@ def cmd_artifacts(args) -> None:
     if args.action == "verify-fetched":
         from .artifacts import dvc_remote, verify_fetched
 
-        raise SystemExit(verify_fetched(args.cache, args.lock, pull_failed=args.pull_status != 0,
-                                        remote=lambda: dvc_remote(args.remote)))
+        raise SystemExit(
+            verify_fetched(
+                args.cache, args.lock, pull_failed=args.pull_status != 0, remote=lambda: dvc_remote(args.remote)
+            )
+        )
     from .artifacts import restore_run_order
 
     restore_run_order(args.lock, args.metadata)
 
 
 def _register_artifacts(sub) -> None:
-    s = sub.add_parser("artifacts", help="steps of recording and fetching a run's artifacts with DVC "
-                                         "(workflow/scripts/record_artifacts.sh, fetch_artifacts.sh)")
+    s = sub.add_parser(
+        "artifacts",
+        help="steps of recording and fetching a run's artifacts with DVC "
+        "(workflow/scripts/record_artifacts.sh, fetch_artifacts.sh)",
+    )
     steps = s.add_subparsers(dest="action", required=True)
-    c = steps.add_parser("check-recordable", help="exit 1 with one line (stdout) if the run in a 'snakemake --summary' "
-                                                  "cannot be recorded yet (unisparse.records)")
+    c = steps.add_parser(
+        "check-recordable",
+        help="exit 1 with one line (stdout) if the run in a 'snakemake --summary' "
+        "cannot be recorded yet (unisparse.records)",
+    )
     c.add_argument("--summary", required=True, help="a file holding the output of 'snakemake --summary'")
     c.add_argument("--config-args", default="", help="the run's config arguments as typed, e.g. ' --configfile X'")
     c.add_argument("--results", default="results", help="where temporaries of killed writers are looked for")
-    c = steps.add_parser("verify-fetched", help="check every file of dvc.lock's outs against its recorded md5 after "
-                                                "'dvc pull'; exit 4 naming each that is not as recorded")
+    c = steps.add_parser(
+        "verify-fetched",
+        help="check every file of dvc.lock's outs against its recorded md5 after "
+        "'dvc pull'; exit 4 naming each that is not as recorded",
+    )
     c.add_argument("--cache", required=True, help="the DVC cache directory ('dvc cache dir')")
     c.add_argument("--lock", default="dvc.lock", help="default: dvc.lock")
     c.add_argument("--remote", help="the DVC remote pulled from (default: the configured default remote)")
     c.add_argument("--pull-status", type=int, default=0, help="dvc pull's exit status (nonzero: its error is above)")
-    c = steps.add_parser("restore-run-order", help="give the pulled outputs the timestamps of the producer's run order "
-                                                   "(Snakemake's metadata records)")
+    c = steps.add_parser(
+        "restore-run-order",
+        help="give the pulled outputs the timestamps of the producer's run order (Snakemake's metadata records)",
+    )
     c.add_argument("--lock", default="dvc.lock", help="default: dvc.lock")
     c.add_argument("--metadata", default=".snakemake/metadata", help="default: .snakemake/metadata")
     s.set_defaults(func=cmd_artifacts)
 
 
-COMMANDS = {"probes": _register_probes, "moe": _register_moe, "data": _register_data, "checkpoint": _register_checkpoint,
-            "models": _register_models, "artifacts": _register_artifacts}
+COMMANDS = {
+    "probes": _register_probes,
+    "moe": _register_moe,
+    "data": _register_data,
+    "checkpoint": _register_checkpoint,
+    "models": _register_models,
+    "artifacts": _register_artifacts,
+}
 
 
 def runtime_options() -> argparse.ArgumentParser:
@@ -608,9 +740,18 @@ def runtime_options() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", default=DEFAULTS["device"], type=_device, help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default=DEFAULTS["dtype"], choices=DTYPES,
-                   help="the model's parameter dtype (statistics and losses stay fp32)")
+    g.add_argument(
+        "--device",
+        default=DEFAULTS["device"],
+        type=_device,
+        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N",
+    )
+    g.add_argument(
+        "--dtype",
+        default=DEFAULTS["dtype"],
+        choices=DTYPES,
+        help="the model's parameter dtype (statistics and losses stay fp32)",
+    )
     g.add_argument("--threads", type=_positive, help="torch intra-op threads (overrides the settings' threads)")
     return p
 
@@ -621,7 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("train-tiny", parents=[runtime_options()], help="train the tiny default model on the shapes world")
+    s = sub.add_parser(
+        "train-tiny", parents=[runtime_options()], help="train the tiny default model on the shapes world"
+    )
     s.add_argument("--model", help="model sizes (JSON/YAML or @file)")
     s.add_argument("--train", help="training settings (JSON/YAML or @file)")
     s.add_argument("--out", required=True, help="model directory to write")
@@ -629,7 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-dir", help="where to keep resumable checkpoints (removed on success)")
     s.set_defaults(func=cmd_train_tiny)
 
-    s = sub.add_parser("evaluate", parents=[runtime_options()], help="score a model directory on ShapesQA and ShapesGenEval")
+    s = sub.add_parser(
+        "evaluate", parents=[runtime_options()], help="score a model directory on ShapesQA and ShapesGenEval"
+    )
     s.add_argument("model_dir")
     s.add_argument("--spec", help="evaluation settings (JSON/YAML or @file)")
     s.add_argument("--meta", help="grid coordinates of this variant, stored with the metrics")
@@ -650,8 +795,9 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def _outputs(args) -> list[str]:
-    return [f"--{o.replace('_', '-')} {getattr(args, o)}" for o in OUTPUT_OPTIONS
-            if isinstance(getattr(args, o, None), str)]  # aggregate's `metrics` are its inputs (a list)
+    return [
+        f"--{o.replace('_', '-')} {getattr(args, o)}" for o in OUTPUT_OPTIONS if isinstance(getattr(args, o, None), str)
+    ]  # aggregate's `metrics` are its inputs (a list)
 
 
 def os_error_line(e: OSError, args) -> str:

@@ -53,6 +53,7 @@ verbs' functions in cli.py count only where this verb's code calls them (``set_d
 names them all and is not a use). The assumption (which these rules make checkable): importing a
 module has no effect beyond binding its names, except by the statements that count as effects.
 """
+
 from __future__ import annotations
 
 import ast
@@ -148,8 +149,9 @@ class Package:
         #: whether any of it is gated), from one walk
         self._scans = {name: [self._scan(name, stmt) for stmt in self.trees[name].body] for name in self.files}
         self.statement_imports = {name: [scan[0] for scan in scans] for name, scans in self._scans.items()}
-        self.imports: dict[str, list[Import]] = {name: [imp for per in self.statement_imports[name] for imp in per]
-                                                 for name in self.files}
+        self.imports: dict[str, list[Import]] = {
+            name: [imp for per in self.statement_imports[name] for imp in per] for name in self.files
+        }
         self._info = {name: self._module_info(name) for name in self.files}
         self._canonical_cache: dict = {}
 
@@ -203,7 +205,7 @@ class Package:
             body_gate, else_gate = self._gate_of(node.test)
             body = node.body if isinstance(node.body, list) else [node.body]
             orelse = node.orelse if isinstance(node.orelse, list) else [node.orelse]
-            return ([(node.test, None)] + [(c, body_gate) for c in body] + [(c, else_gate) for c in orelse])
+            return [(node.test, None)] + [(c, body_gate) for c in body] + [(c, else_gate) for c in orelse]
         if isinstance(node, ast.Dict):
             out = []
             for key, value in zip(node.keys, node.values):
@@ -222,8 +224,11 @@ class Package:
             yield node, gates
             branches = self._branches(node)
             children = branches if branches is not None else [(c, None) for c in ast.iter_child_nodes(node)]
-            todo += [(child, gates + (gate,) if gate else gates) for child, gate in reversed(children)
-                     if skip is None or not skip(node, child)]
+            todo += [
+                (child, gates + (gate,) if gate else gates)
+                for child, gate in reversed(children)
+                if skip is None or not skip(node, child)
+            ]
 
     def _absolute(self, module: str, level: int, name: str | None) -> str:
         if not level:
@@ -254,8 +259,14 @@ class Package:
         cli = module == f"{self.name}.{CLI}"
 
         def skip(parent, child):
-            return (cli and isinstance(parent, ast.Call) and isinstance(parent.func, ast.Attribute)
-                    and parent.func.attr == "set_defaults" and isinstance(child, ast.keyword) and child.arg == "func")
+            return (
+                cli
+                and isinstance(parent, ast.Call)
+                and isinstance(parent.func, ast.Attribute)
+                and parent.func.attr == "set_defaults"
+                and isinstance(child, ast.keyword)
+                and child.arg == "func"
+            )
 
         for node, gates in self._walk(stmt, skip=skip):
             gated = gated or bool(gates)
@@ -303,8 +314,11 @@ class Package:
             seen.add(module)
             todo += [p for p in self.parents(module) if p not in blocked]
             if module not in opaque:
-                todo += [imp.target for imp in self.imports[module]
-                         if active(imp.gates, configured) and imp.target not in blocked]
+                todo += [
+                    imp.target
+                    for imp in self.imports[module]
+                    if active(imp.gates, configured) and imp.target not in blocked
+                ]
         return seen
 
     def path(self, source: str, target: str) -> list[str] | None:
@@ -343,13 +357,21 @@ class Package:
         cli = f"{self.name}.{CLI}"
         out = {}
         current: dict[str, list[str]] = {}  # parser variable -> the verbs of its latest add_parser
-        for stmt in sorted((s for s in ast.walk(self.trees[cli]) if isinstance(s, (ast.Assign, ast.Expr))),
-                           key=lambda s: (s.lineno, s.col_offset)):
+        for stmt in sorted(
+            (s for s in ast.walk(self.trees[cli]) if isinstance(s, (ast.Assign, ast.Expr))),
+            key=lambda s: (s.lineno, s.col_offset),
+        ):
             call = stmt.value
             if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Attribute):
                 continue
-            if (call.func.attr == "add_parser" and isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-                    and isinstance(stmt.targets[0], ast.Name) and call.args and isinstance(call.args[0], ast.Constant)):
+            if (
+                call.func.attr == "add_parser"
+                and isinstance(stmt, ast.Assign)
+                and len(stmt.targets) == 1
+                and isinstance(stmt.targets[0], ast.Name)
+                and call.args
+                and isinstance(call.args[0], ast.Constant)
+            ):
                 verbs = [call.args[0].value]
                 for kw in call.keywords:
                     if kw.arg == "aliases" and isinstance(kw.value, (ast.List, ast.Tuple)):
@@ -371,8 +393,9 @@ class Package:
             if name in seen:
                 continue
             seen.add(name)
-            targets |= {imp.target for imp in self.imports[module]
-                        if imp.scope == name and active(imp.gates, configured)}
+            targets |= {
+                imp.target for imp in self.imports[module] if imp.scope == name and active(imp.gates, configured)
+            }
             todo += [n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name) and n.id in functions]
         return targets
 
@@ -417,12 +440,17 @@ class Package:
         if unknown:
             raise ValueError(f"unknown benchmark(s) {unknown}; registered: {sorted(self.benchmark_names)}")
         return frozenset(self.family_names if family is None else {family}) | frozenset(
-            self.benchmark_names if benchmarks is None else benchmarks)
+            self.benchmark_names if benchmarks is None else benchmarks
+        )
 
     def entry_modules(self, name: str) -> set[str]:
         """The modules code selected for the registered ``name`` imports (its gated imports' targets)."""
-        return {imp.target for imps in self.imports.values() for imp in imps
-                if imp.gates and any(name in gate for gate in imp.gates)}
+        return {
+            imp.target
+            for imps in self.imports.values()
+            for imp in imps
+            if imp.gates and any(name in gate for gate in imp.gates)
+        }
 
     def owned_modules(self, name: str) -> set[str]:
         """The modules only ``name``'s entry modules reach: not loaded by any verb when no registered
@@ -454,13 +482,16 @@ class Package:
                         external |= {a.asname or a.name for a in node.names}
         own = set(defines) - external
         effects = [i for i, stmt in enumerate(body) if _has_effect(stmt, own)]
-        dynamic = any((isinstance(n, ast.Name) and n.id in _DYNAMIC_NAMES)
-                      or (isinstance(n, _DEFS) and n.name in _DYNAMIC_DEFS)
-                      or (isinstance(n, ast.ClassDef) and any(k.arg == "metaclass" for k in n.keywords))
-                      or (isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names))
-                      for n in ast.walk(self.trees[module]))
-        future = sorted(a.name for s in body if isinstance(s, ast.ImportFrom) and s.module == "__future__"
-                        for a in s.names)
+        dynamic = any(
+            (isinstance(n, ast.Name) and n.id in _DYNAMIC_NAMES)
+            or (isinstance(n, _DEFS) and n.name in _DYNAMIC_DEFS)
+            or (isinstance(n, ast.ClassDef) and any(k.arg == "metaclass" for k in n.keywords))
+            or (isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names))
+            for n in ast.walk(self.trees[module])
+        )
+        future = sorted(
+            a.name for s in body if isinstance(s, ast.ImportFrom) and s.module == "__future__" for a in s.names
+        )
         return {"defines": dict(defines), "effects": effects, "dynamic": dynamic, "future": future}
 
     def _uses(self, module: str, index: int, configured) -> set[str]:
@@ -539,8 +570,12 @@ class Package:
                 h.update(text.encode() + b"\n")
             body = self.trees[module].body
             imported = sorted({b.split("=", 1)[0] for b in bindings})
-            parts.append((module, tuple(([f"import:{','.join(imported)}"] if imported else [])
-                                        + [_label(body[i]) for i in indices])))
+            parts.append(
+                (
+                    module,
+                    tuple(([f"import:{','.join(imported)}"] if imported else []) + [_label(body[i]) for i in indices]),
+                )
+            )
         return CodeIdentity(verb, configured, h.hexdigest(), tuple(parts))
 
 
@@ -713,8 +748,10 @@ def verb_sources(verb: str, package_dir="src/unisparse", family=None, benchmarks
     ``family`` / ``benchmarks`` given, without the code of the other families / benchmarks."""
     pkg = package(str(package_dir))
     configured = None if family is None and benchmarks is None else pkg.configured(family, benchmarks)
-    return [f"{Path(package_dir).as_posix()}/{path.relative_to(pkg.dir).as_posix()}"
-            for path in pkg.source_files(pkg.verb_modules(verb, configured))]
+    return [
+        f"{Path(package_dir).as_posix()}/{path.relative_to(pkg.dir).as_posix()}"
+        for path in pkg.source_files(pkg.verb_modules(verb, configured))
+    ]
 
 
 def module_sources(module: str, package_dir=PACKAGE_DIR) -> list[Path]:
@@ -739,8 +776,7 @@ def identity_file_name(verb: str, family: str, benchmarks) -> str:
     return f"{verb}-{family}-{'+'.join(sorted(set(benchmarks)))}.sha256"
 
 
-def write_code_identity(verb: str, out_dir, package_dir="src/unisparse", family: str = "mot",
-                        benchmarks=()) -> str:
+def write_code_identity(verb: str, out_dir, package_dir="src/unisparse", family: str = "mot", benchmarks=()) -> str:
     """The digest file of ``code_identity`` under ``out_dir`` (its path): the digest on the first line,
     then what it covers. Rewritten only when the digest differs, so its modification time moves only
     when the code's meaning does (atomically: ``.NAME.tmp-HOST-PID``, then a rename). A file written

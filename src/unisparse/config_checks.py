@@ -14,6 +14,7 @@ refused (``check_config_file``). Library-side checks
 (``MoTConfig.validate_structure``, ``check_partition_sizes``) are reused, not restated.
 Pure Python (no torch): Snakemake imports this module at DAG-build time.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -170,13 +171,16 @@ def check_path_setting(key: str, value) -> str:
         raise ConfigError(f"{key}: must be a non-empty path inside {root}/, got {value!r}")
     if not _SAFE_PATH.fullmatch(value):
         bad = sorted({c for c in value if not re.fullmatch(r"[A-Za-z0-9._/-]", c)})
-        raise ConfigError(f"{key}: {value!r} contains {''.join(bad)!r}; only letters, digits, '.', '_', '-' and '/' "
-                          f"are allowed (the path reaches shell commands and DVC)")
+        raise ConfigError(
+            f"{key}: {value!r} contains {''.join(bad)!r}; only letters, digits, '.', '_', '-' and '/' "
+            f"are allowed (the path reaches shell commands and DVC)"
+        )
     if value.startswith("/") or ".." in value.split("/"):
         raise ConfigError(f"{key}: {value!r} must be a relative path inside {root}/ without '..'")
     norm = posixpath.normpath(value)
     if norm != root and not norm.startswith(root + "/"):
-        raise ConfigError(f"{key}: {value!r} must lie inside {root}/ ({'DVC versions only results/' if root == 'results' else 'logs are kept there'})")
+        why = "DVC versions only results/" if root == "results" else "logs are kept there"
+        raise ConfigError(f"{key}: {value!r} must lie inside {root}/ ({why})")
     return norm
 
 
@@ -205,9 +209,11 @@ def _check_model_size(model: dict) -> None:
     sizes = {k: v for k, v in model.items() if isinstance(v, int)}
     sizes.update({f"{k}.{c}": v for k in ("layers", "mlp_width") for c, v in model.get(k, {}).items()})
     key = max(sizes, key=sizes.get)
-    raise ConfigError(f"model.{key}: {sizes[key]} makes a model of at least {n:.2g} parameters, more than the "
-                      f"{MAX_PARAMETERS:.0e} any machine this pipeline runs on can hold "
-                      "(unisparse.config_checks.MAX_PARAMETERS)")
+    raise ConfigError(
+        f"model.{key}: {sizes[key]} makes a model of at least {n:.2g} parameters, more than the "
+        f"{MAX_PARAMETERS:.0e} any machine this pipeline runs on can hold "
+        "(unisparse.config_checks.MAX_PARAMETERS)"
+    )
 
 
 def _check_model(model: dict) -> None:
@@ -215,8 +221,9 @@ def _check_model(model: dict) -> None:
 
     geometry = {**GEOMETRY_DEFAULTS, **{k: v for k, v in model.items() if k in GEOMETRY_DEFAULTS}}
     try:
-        check_model_sizes(model["num_hidden_layers"], model["num_attention_heads"], model["num_key_value_heads"],
-                          CANVAS, **geometry)
+        check_model_sizes(
+            model["num_hidden_layers"], model["num_attention_heads"], model["num_key_value_heads"], CANVAS, **geometry
+        )
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
@@ -225,7 +232,10 @@ def component_sizes(model: dict) -> dict:
     """``{component: (layers, MLP width)}`` the grids are planned with: a MoT's one layer count (and
     its towers' widths), or another family's per-component ``layers`` and ``mlp_width``."""
     if model.get("family", "mot") == "mot":
-        widths = {"und": model["intermediate_size"], "gen": model.get("gen_intermediate_size", model["intermediate_size"])}
+        widths = {
+            "und": model["intermediate_size"],
+            "gen": model.get("gen_intermediate_size", model["intermediate_size"]),
+        }
         return {c: (model["num_hidden_layers"], widths[c]) for c in choices.COMPONENTS}
     return {c: (model["layers"][c], model["mlp_width"][c]) for c in choices.COMPONENTS}
 
@@ -242,9 +252,11 @@ def _check_depth(config: dict, sizes: dict) -> None:
             limit = 2 * layers if _as_list(sweep["granularity"]) == ["sublayer"] else layers
             for drop in _as_list(sweep["drop"]):
                 if drop > limit:
-                    raise ConfigError(f"depth.sweeps[{i}].drop: cannot drop {drop} sublayers of a {component} component "
-                                      f"with {_layers_key(config['model'], component)}={layers} "
-                                      f"(granularity {sweep['granularity']})")
+                    raise ConfigError(
+                        f"depth.sweeps[{i}].drop: cannot drop {drop} sublayers of a {component} component "
+                        f"with {_layers_key(config['model'], component)}={layers} "
+                        f"(granularity {sweep['granularity']})"
+                    )
 
 
 def calibration_reaches(component: str, task: str) -> bool:
@@ -258,8 +270,10 @@ def _check_moe(config: dict, sizes: dict) -> None:
         return
     component, task = moe.get("component", "gen"), moe.get("calib_task", "gen")
     if not calibration_reaches(component, task):
-        raise ConfigError(f"moe.calib_task: {task!r} gives the {component} component no statistics (the generation "
-                          f"tower computes nothing on the understanding task); use calib_task: gen")
+        raise ConfigError(
+            f"moe.calib_task: {task!r} gives the {component} component no statistics (the generation "
+            f"tower computes nothing on the understanding task); use calib_task: gen"
+        )
     layers, width = sizes[component]
     for i, part in enumerate(moe["partitions"]):
         E, k, shared = part["num_experts"], part["top_k"], part.get("shared_size", 0)
@@ -271,32 +285,42 @@ def _check_moe(config: dict, sizes: dict) -> None:
             key = "shared_size" if not 0 <= shared < width else "num_experts"
             raise ConfigError(f"moe.partitions[{i}].{key}: {e}") from None
         if part.get("method") == "cluster" and config.get("calibrate", {}).get("coactivation") is not True:
-            raise ConfigError(f"moe.partitions[{i}].method: 'cluster' needs co-activation statistics; set "
-                              "calibrate.coactivation: true")
+            raise ConfigError(
+                f"moe.partitions[{i}].method: 'cluster' needs co-activation statistics; set "
+                "calibrate.coactivation: true"
+            )
     dense = moe.get("dense_layers", "first_last")
     try:
         converted = moe_layers(layers, dense)
     except ValueError as e:
         raise ConfigError(f"moe.dense_layers: {e}") from None
     if moe["partitions"] and not converted:
-        raise ConfigError(f"moe.dense_layers: {dense!r} keeps every one of the {layers} layers dense; nothing to convert")
+        raise ConfigError(
+            f"moe.dense_layers: {dense!r} keeps every one of the {layers} layers dense; nothing to convert"
+        )
     for tuning in moe["tunings"]:
         if tuning != "none" and tuning not in moe.get("tune", {}):
-            raise ConfigError(f"moe.tune.{tuning}: missing, but moe.tunings lists {tuning!r} (give its settings, "
-                              f"e.g. `{tuning}: {{steps: 100}}`)")
+            raise ConfigError(
+                f"moe.tune.{tuning}: missing, but moe.tunings lists {tuning!r} (give its settings, "
+                f"e.g. `{tuning}: {{steps: 100}}`)"
+            )
     if moe.get("controls") and "full" not in moe.get("tune", {}):
-        raise ConfigError(f"moe.tune.full: missing, but moe.controls lists {moe['controls']} (the controls get the "
-                          "MoE's full tuning; give its settings, e.g. `full: {steps: 100}`)")
+        raise ConfigError(
+            f"moe.tune.full: missing, but moe.controls lists {moe['controls']} (the controls get the "
+            "MoE's full tuning; give its settings, e.g. `full: {steps: 100}`)"
+        )
     if "full" in moe["tunings"] and moe.get("full_init", "frozen") == "frozen" and "frozen" not in moe["tunings"]:
-        raise ConfigError("moe.full_init: 'frozen' (full tuning starts from the router-tuned model) needs 'frozen' "
-                          "in moe.tunings")
+        raise ConfigError(
+            "moe.full_init: 'frozen' (full tuning starts from the router-tuned model) needs 'frozen' in moe.tunings"
+        )
 
 
 def _check_train(config: dict) -> None:
     weights = config.get("train", {}).get("qa_weights")
     if weights is not None and len(weights) != len(choices.QA_TYPES):
-        raise ConfigError(f"train.qa_weights: needs one weight per ShapesQA type {list(choices.QA_TYPES)}, "
-                          f"got {len(weights)}")
+        raise ConfigError(
+            f"train.qa_weights: needs one weight per ShapesQA type {list(choices.QA_TYPES)}, got {len(weights)}"
+        )
 
 
 def _check_sweep_paths(config: dict) -> None:
@@ -306,9 +330,11 @@ def _check_sweep_paths(config: dict) -> None:
         for value in _as_list(sweep["keep_ratio"]):
             spelled = f"{value}"
             if not re.fullmatch(KEEP_RATIO_WILDCARD, spelled) or float(spelled) != value:
-                raise ConfigError(f"width.sweeps[{i}].keep_ratio: {value!r} is spelled 'keep{spelled}' in its output "
-                                  f"path, which the wildcard {KEEP_RATIO_WILDCARD} cannot match or read back; use a "
-                                  "plain decimal (at least 0.0001)")
+                raise ConfigError(
+                    f"width.sweeps[{i}].keep_ratio: {value!r} is spelled 'keep{spelled}' in its output "
+                    f"path, which the wildcard {KEEP_RATIO_WILDCARD} cannot match or read back; use a "
+                    "plain decimal (at least 0.0001)"
+                )
 
 
 def trains(config: dict) -> list[str]:
@@ -326,9 +352,11 @@ def _check_runtime(config: dict) -> None:
     dtype = config.get("runtime", {}).get("dtype", "float32")
     training = trains(config)
     if dtype in UNTRAINABLE_DTYPES and training:
-        raise ConfigError(f"runtime.dtype: {dtype} cannot train (AdamW's eps and second moments underflow and the "
-                          f"weights become NaN), and this config trains ({'; '.join(training)}); use bfloat16 "
-                          "or float32")
+        raise ConfigError(
+            f"runtime.dtype: {dtype} cannot train (AdamW's eps and second moments underflow and the "
+            f"weights become NaN), and this config trains ({'; '.join(training)}); use bfloat16 "
+            "or float32"
+        )
 
 
 def check_config(config: dict) -> None:
@@ -342,8 +370,10 @@ def check_config(config: dict) -> None:
         _check_model(config["model"])
         for stage in ("evaluate", "calibrate"):  # QwenImagePipeline's own rescale exists in that family only
             if config.get(stage, {}).get("cfg_renorm") == "pipeline":
-                raise ConfigError(f"{stage}.cfg_renorm: 'pipeline' is the Qwen-Image family's guidance rescale; "
-                                  f"a MoT takes {list(choices.MOT_RENORMS)}")
+                raise ConfigError(
+                    f"{stage}.cfg_renorm: 'pipeline' is the Qwen-Image family's guidance rescale; "
+                    f"a MoT takes {list(choices.MOT_RENORMS)}"
+                )
     sizes = component_sizes(config["model"])
     _check_depth(config, sizes)
     _check_sweep_paths(config)

@@ -8,6 +8,7 @@ working with an ordinary model and checkpoints stay ordinary files (gathered on 
 Every rank draws the whole global batch from the same seeded generators and keeps its slice, so a
 run on N processes sees exactly the samples, noise and dropout of a run on one.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,10 @@ def sharded_twin(model, trainable: set[str], device):
     """A copy of ``model`` sharded with FSDP2 over the process group, holding its weights (the MoT
     family: its decoder layers are the units sharded)."""
     if not hasattr(model, "layers") or not hasattr(model, "config"):
-        raise ValueError(f"sharded training under torchrun supports the MoT family only, not {type(model).__name__}: "
-                         "run this family's tuning as one process")
+        raise ValueError(
+            f"sharded training under torchrun supports the MoT family only, not {type(model).__name__}: "
+            "run this family's tuning as one process"
+        )
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 

@@ -11,6 +11,7 @@ a lock, from a download whose sums agree with the ones the Hub states for its LF
 The Hub client is imported inside the functions, so this module stays importable (by the workflow's
 DAG build) without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,7 +84,7 @@ def read_lock(path, complete: bool = True) -> dict:
     check_file_names(files, path)
     for name, entry in files.items():
         if not isinstance(entry, dict) or set(entry) != {"sha256", "size"}:
-            raise LockError(f"{path}: files[{name!r}] must be {{\"sha256\": ..., \"size\": ...}}, got {entry!r}")
+            raise LockError(f'{path}: files[{name!r}] must be {{"sha256": ..., "size": ...}}, got {entry!r}')
         digest, size = entry["sha256"], entry["size"]
         if digest is not None and (not isinstance(digest, str) or not _SHA256.fullmatch(digest)):
             raise LockError(f"{path}: files[{name!r}].sha256 must be 64 lower-case hex digits, got {digest!r}")
@@ -92,11 +93,15 @@ def read_lock(path, complete: bool = True) -> dict:
     if complete:
         unfilled = (["revision"] if revision is None else []) + [
             f"{name} ({'/'.join(k for k in ('sha256', 'size') if files[name][k] is None)})"
-            for name in files if files[name]["sha256"] is None or files[name]["size"] is None]
+            for name in files
+            if files[name]["sha256"] is None or files[name]["size"] is None
+        ]
         if unfilled:
-            raise LockError(f"{path} is not filled in: no value for {', '.join(unfilled)}. Nothing is downloaded "
-                            f"without a pinned commit and a sha256 and size for every file; write them from a "
-                            f"trusted download with: {lock_command(path, repo_id, revision)}")
+            raise LockError(
+                f"{path} is not filled in: no value for {', '.join(unfilled)}. Nothing is downloaded "
+                f"without a pinned commit and a sha256 and size for every file; write them from a "
+                f"trusted download with: {lock_command(path, repo_id, revision)}"
+            )
     return lock
 
 
@@ -127,11 +132,15 @@ def check_file_names(names, where) -> None:
         seen[key] = name
     for name in names:
         if not _FILE_NAME.fullmatch(name) or name != posixpath.normpath(name) or ".." in name.split("/"):
-            raise LockError(f"{where}: file name {name!r} must be a plain relative path of letters, digits, '.', '_', "
-                            f"'-' (no '.', '..' or empty part, no leading or trailing '/')")
+            raise LockError(
+                f"{where}: file name {name!r} must be a plain relative path of letters, digits, '.', '_', "
+                f"'-' (no '.', '..' or empty part, no leading or trailing '/')"
+            )
         if name in RESERVED_TOP or posixpath.basename(name) in RESERVED_ANY_DEPTH:
-            raise LockError(f"{where}: file name {name!r} is reserved ({MANIFEST} is the manifest the fetch writes, "
-                            f"{MODEL_MANIFEST} the one a model directory is verified against); a lock cannot list it")
+            raise LockError(
+                f"{where}: file name {name!r} is reserved ({MANIFEST} is the manifest the fetch writes, "
+                f"{MODEL_MANIFEST} the one a model directory is verified against); a lock cannot list it"
+            )
 
 
 def checkpoint_name(repo_id: str) -> str:
@@ -176,12 +185,14 @@ def _snapshot(repo_id: str, revision: str, files, cache_dir=None, progress: bool
     offline = _offline()
     try:
         with _hub_progress(progress):
-            folder = snapshot_download(repo_id, revision=revision, allow_patterns=sorted(files), cache_dir=cache_dir,
-                                       local_files_only=offline)
+            folder = snapshot_download(
+                repo_id, revision=revision, allow_patterns=sorted(files), cache_dir=cache_dir, local_files_only=offline
+            )
     except LocalEntryNotFoundError as e:
         where = cache_dir or "the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub)"
-        raise FileNotFoundError(f"{repo_id}@{revision} is not complete in {where}"
-                                f"{' and HF_HUB_OFFLINE is set' if offline else ''}: {e}") from None
+        raise FileNotFoundError(
+            f"{repo_id}@{revision} is not complete in {where}{' and HF_HUB_OFFLINE is set' if offline else ''}: {e}"
+        ) from None
     return Path(folder)
 
 
@@ -218,7 +229,9 @@ def verify_files(directory, files: dict, progress: bool = True, where: dict | No
             if found != files[name]["sha256"]:
                 problems.append(f"{name}: sha256 expected {files[name]['sha256']}, found {found}{blob(name)}")
     if problems:
-        raise IntegrityError(f"{label or directory}: {len(problems)} file(s) do not match the lock: " + "; ".join(problems))
+        raise IntegrityError(
+            f"{label or directory}: {len(problems)} file(s) do not match the lock: " + "; ".join(problems)
+        )
 
 
 class CacheEntry:
@@ -232,8 +245,10 @@ class CacheEntry:
     def advice(self) -> str:
         if self.in_place:
             return f"its bytes: {self.link} in the Hugging Face cache; delete that cache file to download it again"
-        return (f"its bytes: {self.blob} in the Hugging Face cache; delete that blob and its link {self.link} "
-                f"to download it again")
+        return (
+            f"its bytes: {self.blob} in the Hugging Face cache; delete that blob and its link {self.link} "
+            f"to download it again"
+        )
 
 
 def _cache_entries(snapshot: Path, names) -> dict:
@@ -263,9 +278,11 @@ def _cache_entries(snapshot: Path, names) -> dict:
         else:
             refused.append(f"{link} -> {real}")
     if refused:
-        raise IntegrityError(f"{repo}: {len(refused)} cache entr{'y' if len(refused) == 1 else 'ies'} not a file of "
-                             f"the cache's own {blobs} (refused, nothing was linked or copied; remove the link itself "
-                             f"to download it again): " + "; ".join(refused))
+        raise IntegrityError(
+            f"{repo}: {len(refused)} cache entr{'y' if len(refused) == 1 else 'ies'} not a file of "
+            f"the cache's own {blobs} (refused, nothing was linked or copied; remove the link itself "
+            f"to download it again): " + "; ".join(refused)
+        )
     return entries
 
 
@@ -321,8 +338,13 @@ def fetch_checkpoint(lock_path, out_dir, cache_dir=None, progress: bool = True) 
     with atomic_path(out_dir, is_dir=True) as tmp:
         _materialise(entries, tmp)
         verify_files(tmp, files, progress=progress, where=entries, label=f"{repo_id}@{revision} (for {out_dir})")
-        manifest = {"source": "huggingface", "repo_id": repo_id, "revision": revision,
-                    "lock": Path(lock_path).name, "files": files}
+        manifest = {
+            "source": "huggingface",
+            "repo_id": repo_id,
+            "revision": revision,
+            "lock": Path(lock_path).name,
+            "files": files,
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.info("%s@%s: %d files verified -> %s", repo_id, revision, len(files), out_dir)
     return out_dir
@@ -414,11 +436,19 @@ def _disagreements(out_lock, repo_id: str, commit: str, entries: dict) -> list[s
         for key in ("sha256", "size"):
             if before.get(key) is not None and before[key] != entry[key]:
                 if old["revision"] == commit:
-                    problems.append(f"{name}: {out_lock} records {key} {before[key]} for this commit, the download has "
-                                    f"{entry[key]}")
+                    problems.append(
+                        f"{name}: {out_lock} records {key} {before[key]} for this commit, the download has {entry[key]}"
+                    )
                 else:
-                    log.warning("%s: %s changed from %s (%s) to %s (%s)", name, key, before[key], old["revision"],
-                                entry[key], commit)
+                    log.warning(
+                        "%s: %s changed from %s (%s) to %s (%s)",
+                        name,
+                        key,
+                        before[key],
+                        old["revision"],
+                        entry[key],
+                        commit,
+                    )
     return problems
 
 

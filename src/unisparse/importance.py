@@ -10,6 +10,7 @@ Scores per neuron j (``NEURON_SCORES``):
 The MLP is read through the family adapter (``families.Family.mlp_weights``), so every family and
 both MLP kinds (SwiGLU, GELU) are scored the same way.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,9 +19,9 @@ from .choices import WIDTH_SCORES as NEURON_SCORES
 from .families import require_family
 
 
-
-def neuron_scores(family, component: str, layer: int, score: str, calibration=None, seed: int = 0,
-                  slot: str | None = None) -> torch.Tensor:
+def neuron_scores(
+    family, component: str, layer: int, score: str, calibration=None, seed: int = 0, slot: str | None = None
+) -> torch.Tensor:
     """Scores [I] of the neurons of one dense MLP (``slot``: which MLP of the layer; default the first)."""
     slot = slot or require_family(family, "neuron_scores").mlp_slots(component)[0]
     weights = family.mlp_weights(component, layer, slot)

@@ -6,6 +6,7 @@ flipped byte is an error naming the file, not a silently different model; ``dire
 hash of that manifest) identifies a model directory's content in the records of derived artifacts
 (calibration sidecars, tuning checkpoints).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,7 +96,7 @@ def discard_leftovers(final: str | os.PathLike) -> list[Path]:
     final = Path(final)
     removed = []
     for tmp in final.parent.glob(f".{final.name}.tmp-*"):
-        tail = tmp.name[len(f".{final.name}.tmp-"):]
+        tail = tmp.name[len(f".{final.name}.tmp-") :]
         parts = tail.rsplit("-", 2)
         alive = _writer_alive(parts[0], parts[1]) if len(parts) == 3 and parts[1].isdigit() else False
         if alive is None:
@@ -105,7 +106,9 @@ def discard_leftovers(final: str | os.PathLike) -> list[Path]:
                 continue
         if not alive:
             log.info("discarding %s, left by an interrupted write", tmp)
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(
+                missing_ok=True
+            )
             removed.append(tmp)
     return removed
 
@@ -196,8 +199,11 @@ def sha256_file(path, on_block=None) -> str:
 def write_manifest(directory) -> None:
     """``SHA256SUMS`` of every file in ``directory`` (recursively), sorted by path."""
     directory = Path(directory)
-    lines = [f"{sha256_file(p)}  {p.relative_to(directory).as_posix()}\n"
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.relative_to(directory).as_posix() not in NOT_CONTENT]
+    lines = [
+        f"{sha256_file(p)}  {p.relative_to(directory).as_posix()}\n"
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.relative_to(directory).as_posix() not in NOT_CONTENT
+    ]
     (directory / MANIFEST).write_text("".join(lines))
 
 
@@ -212,8 +218,11 @@ def verify_manifest(directory) -> bool:
     present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - set(NOT_CONTENT)
     bad = [f"{name} (missing)" for name in sorted(set(recorded) - present)]
     bad += [f"{name} (not in {MANIFEST})" for name in sorted(present - set(recorded))]
-    bad += [f"{name} (content differs from its recorded sha256)" for name in sorted(set(recorded) & present)
-            if sha256_file(directory / name) != recorded[name]]
+    bad += [
+        f"{name} (content differs from its recorded sha256)"
+        for name in sorted(set(recorded) & present)
+        if sha256_file(directory / name) != recorded[name]
+    ]
     if bad:
         raise IntegrityError(f"{directory} is corrupted: " + "; ".join(bad))
     return True
@@ -238,9 +247,11 @@ def verify_model_dir(directory, required: bool = True) -> bool:
     if verify_manifest(directory):
         return True
     if required and os.environ.get(ALLOW_UNVERIFIED_ENV) != "1":
-        raise IntegrityError(f"{directory} has no {MANIFEST}, so its content cannot be verified; models the pipeline "
-                             f"writes carry one (write one with `sha256sum`-style lines, or set {ALLOW_UNVERIFIED_ENV}=1 "
-                             "to load it unverified)")
+        raise IntegrityError(
+            f"{directory} has no {MANIFEST}, so its content cannot be verified; models the pipeline "
+            f"writes carry one (write one with `sha256sum`-style lines, or set {ALLOW_UNVERIFIED_ENV}=1 "
+            "to load it unverified)"
+        )
     log.warning("%s has no %s: its content cannot be verified", directory, MANIFEST)
     return False
 
@@ -254,6 +265,7 @@ def directory_digest(directory) -> str | None:
 def _configs(model) -> dict:
     """The model's config as a dict without volatile entries; a module that has none (a family's
     container of several models) gives its children's, by name."""
+
     def clean(config) -> dict:
         data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         return {k: v for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS}
@@ -281,11 +293,15 @@ def check_finite_state(model, what: str = "model") -> None:
     model with NaN or inf weights is never written."""
     import torch
 
-    bad = [n for n, t in model.state_dict().items()
-           if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
+    bad = [
+        n
+        for n, t in model.state_dict().items()
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
+    ]
     if bad:
-        raise NonFiniteError(f"{what}: {len(bad)} tensor(s) hold non-finite values ({_listing(bad, 4)}); "
-                             "nothing was saved")
+        raise NonFiniteError(
+            f"{what}: {len(bad)} tensor(s) hold non-finite values ({_listing(bad, 4)}); nothing was saved"
+        )
 
 
 def save_model(model, out_dir, extra_files=()) -> None:
@@ -356,8 +372,11 @@ def check_weights_match(model_dir, model) -> None:
     expected = {k: tuple(v.shape) for k, v in state.items()}
     problems = weight_mismatches(stored, expected)
     for name in sorted({f for _, f in dtypes.values()}):
-        problems += dtype_mismatches({k: d for k, (d, f) in dtypes.items() if f == name},
-                                     {k: v.dtype for k, v in state.items()}, where=f"{name}:")
+        problems += dtype_mismatches(
+            {k: d for k, (d, f) in dtypes.items() if f == name},
+            {k: v.dtype for k, v in state.items()},
+            where=f"{name}:",
+        )
     if problems:
         raise IntegrityError(f"{model_dir}: weights do not match config.json: " + "; ".join(problems))
 
@@ -366,11 +385,17 @@ def weight_mismatches(stored: dict, expected: dict) -> list[str]:
     """Missing, unexpected and mis-shaped tensors between ``stored`` and ``expected`` ({name: shape}),
     each a message listing the keys (empty when every stored tensor fills exactly one parameter)."""
     problems = []
-    for what, keys in (("missing", sorted(set(expected) - set(stored))), ("unexpected", sorted(set(stored) - set(expected)))):
+    for what, keys in (
+        ("missing", sorted(set(expected) - set(stored))),
+        ("unexpected", sorted(set(stored) - set(expected))),
+    ):
         if keys:
             problems.append(f"{len(keys)} {what} tensor(s): {_listing(keys)}")
-    shapes = [f"{k} {list(stored[k])} (config wants {list(expected[k])})" for k in sorted(set(stored) & set(expected))
-              if stored[k] != expected[k]]
+    shapes = [
+        f"{k} {list(stored[k])} (config wants {list(expected[k])})"
+        for k in sorted(set(stored) & set(expected))
+        if stored[k] != expected[k]
+    ]
     if shapes:
         problems.append(f"{len(shapes)} mis-shaped tensor(s): {_listing(shapes)}")
     return problems

@@ -12,6 +12,7 @@ The kinds are the ``what`` of ``merge_spec``: ``training`` (``train.TRAIN_DEFAUL
 (``evaluate.runner.EVAL_DEFAULTS``, config ``evaluate``) and ``calibration`` (``calibrate.CALIB_DEFAULTS``,
 config ``calibrate``).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,25 +32,51 @@ FRACTION = {"minimum": 0, "maximum": 1}
 RATE = {"exclusiveMinimum": 0}  # a learning rate, a gradient-clip norm
 
 _SAMPLER = {"num_steps": POSITIVE, "cfg_scale": NONNEGATIVE, "cfg_interval": FRACTION, "cfg_renorm_min": FRACTION}
-_SHAPES_DATA = {"qa_items": {"minimum": 1, "maximum": MAX_QA_ITEMS}, "qa_seed": NONNEGATIVE,
-                "samples_per_prompt": POSITIVE, "max_prompts_per_tag": POSITIVE, "gen_seed": NONNEGATIVE}
-_OPTIMISER = {"steps": POSITIVE, "batch_gen": POSITIVE, "lr": RATE, "weight_decay": NONNEGATIVE,
-              "warmup_frac": FRACTION, "min_lr_frac": FRACTION, "cond_dropout": FRACTION, "grad_clip": RATE,
-              "checkpoint_every": POSITIVE, "seed": NONNEGATIVE, "threads": POSITIVE}
+_SHAPES_DATA = {
+    "qa_items": {"minimum": 1, "maximum": MAX_QA_ITEMS},
+    "qa_seed": NONNEGATIVE,
+    "samples_per_prompt": POSITIVE,
+    "max_prompts_per_tag": POSITIVE,
+    "gen_seed": NONNEGATIVE,
+}
+_OPTIMISER = {
+    "steps": POSITIVE,
+    "batch_gen": POSITIVE,
+    "lr": RATE,
+    "weight_decay": NONNEGATIVE,
+    "warmup_frac": FRACTION,
+    "min_lr_frac": FRACTION,
+    "cond_dropout": FRACTION,
+    "grad_clip": RATE,
+    "checkpoint_every": POSITIVE,
+    "seed": NONNEGATIVE,
+    "threads": POSITIVE,
+}
 
 #: {settings kind: {key: bounds}}
 RANGES: dict[str, dict[str, dict]] = {
     "training": {**_OPTIMISER, "batch_und": POSITIVE, "qa_weights": NONNEGATIVE},
     "tuning": {**_OPTIMISER, "balance_coef": NONNEGATIVE},
-    "evaluation": {**_SHAPES_DATA, **_SAMPLER, "batch_size": POSITIVE, "threads": POSITIVE,
-                   "latency_repeats": POSITIVE, "mme_max_images_per_subtask": POSITIVE},
-    "calibration": {**_SHAPES_DATA, **_SAMPLER, "batch_size": POSITIVE, "threads": POSITIVE,
-                    "coactivation_dim": {"minimum": 1, "maximum": MAX_COACTIVATION_DIM},
-                    "coactivation_seed": NONNEGATIVE, "calib_items": POSITIVE},
+    "evaluation": {
+        **_SHAPES_DATA,
+        **_SAMPLER,
+        "batch_size": POSITIVE,
+        "threads": POSITIVE,
+        "latency_repeats": POSITIVE,
+        "mme_max_images_per_subtask": POSITIVE,
+    },
+    "calibration": {
+        **_SHAPES_DATA,
+        **_SAMPLER,
+        "batch_size": POSITIVE,
+        "threads": POSITIVE,
+        "coactivation_dim": {"minimum": 1, "maximum": MAX_COACTIVATION_DIM},
+        "coactivation_seed": NONNEGATIVE,
+        "calib_items": POSITIVE,
+    },
 }
 #: settings that may also be null (None): no cap (every prompt of a tag, every image of a subtask)
-NULLABLE = {"evaluation": {"max_prompts_per_tag", "mme_max_images_per_subtask"},
-            "calibration": {"max_prompts_per_tag"}}
+NULLABLE = {"evaluation": {"max_prompts_per_tag", "mme_max_images_per_subtask"}, "calibration": {"max_prompts_per_tag"}}
 
 
 def bounds(name: str) -> dict:
@@ -69,5 +96,9 @@ def describe(b: dict) -> str:
 
 def within(value, b: dict) -> bool:
     """Whether the finite number ``value`` satisfies the bounds ``b``."""
-    return (value >= b.get("minimum", -math.inf) and value > b.get("exclusiveMinimum", -math.inf)
-            and value <= b.get("maximum", math.inf) and value < b.get("exclusiveMaximum", math.inf))
+    return (
+        value >= b.get("minimum", -math.inf)
+        and value > b.get("exclusiveMinimum", -math.inf)
+        and value <= b.get("maximum", math.inf)
+        and value < b.get("exclusiveMaximum", math.inf)
+    )

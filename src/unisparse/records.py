@@ -16,6 +16,7 @@ Run by the scripts as ``unisparse artifacts check-recordable --summary FILE [--c
 (also ``python -m unisparse.records check ...``): exit status 1 and one line (on stdout) saying why
 not, or 0; notes go to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,11 @@ def summary_rows(text: str) -> list[dict]:
     try:
         start = next(i for i, line in enumerate(lines) if tuple(line.split("\t")) == SUMMARY_HEADER)
     except StopIteration:
-        raise ValueError("not the output of 'snakemake --summary': no header line "
-                         + "\\t".join(SUMMARY_HEADER)) from None
+        raise ValueError(
+            "not the output of 'snakemake --summary': no header line " + "\\t".join(SUMMARY_HEADER)
+        ) from None
     rows = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         fields = line.split("\t")
         if len(fields) == len(SUMMARY_HEADER):
             rows.append(dict(zip(SUMMARY_HEADER, fields)))
@@ -141,28 +143,37 @@ def refusal(rows, config_args: str = "", markers=None) -> str | None:
     foreign = [m for m in markers if m not in by_path and os.path.lexists(m)]
     missing = missing_outputs(rows)
     if ours or missing:
-        command = (f"snakemake --cores all{' --rerun-incomplete' if ours else ''}{config_args}"
-                   + (rebuild_command(missing)[len("snakemake --cores all"):] if missing else ""))
-        interrupted = (f"the last Snakemake run was interrupted: {len(ours)} output(s) begun but not finished "
-                       f"({_listing(ours, 3)}) are marked in .snakemake/incomplete")
-        absent = (f"{len(missing)} output(s) the workflow expects are missing ({_listing(missing)}) with no job "
-                  f"planned to make them ('snakemake -n' may say nothing to do: no consumer asks for them again)")
+        command = f"snakemake --cores all{' --rerun-incomplete' if ours else ''}{config_args}" + (
+            rebuild_command(missing)[len("snakemake --cores all") :] if missing else ""
+        )
+        interrupted = (
+            f"the last Snakemake run was interrupted: {len(ours)} output(s) begun but not finished "
+            f"({_listing(ours, 3)}) are marked in .snakemake/incomplete"
+        )
+        absent = (
+            f"{len(missing)} output(s) the workflow expects are missing ({_listing(missing)}) with no job "
+            f"planned to make them ('snakemake -n' may say nothing to do: no consumer asks for them again)"
+        )
         if ours and missing:
             return f"{interrupted}, and {absent}; complete the run and rebuild them: {command}"
         if ours:
             return f"{interrupted}; complete the run first: {command}"
         return f"the run is incomplete: {absent}; rebuild them and what was made from them: {command}"
     if foreign:
-        return (f"{len(foreign)} output(s) outside this config's workflow were begun and not finished by an "
-                f"interrupted run ({_listing(foreign, 3)}; marked in .snakemake/incomplete): complete them with the "
-                f"config that made them (snakemake --cores all --rerun-incomplete --configfile ...), or remove "
-                f"them: rm -rf {' '.join(shlex.quote(m) for m in foreign)}")
+        return (
+            f"{len(foreign)} output(s) outside this config's workflow were begun and not finished by an "
+            f"interrupted run ({_listing(foreign, 3)}; marked in .snakemake/incomplete): complete them with the "
+            f"config that made them (snakemake --cores all --rerun-incomplete --configfile ...), or remove "
+            f"them: rm -rf {' '.join(shlex.quote(m) for m in foreign)}"
+        )
     gaps = incomplete_gaps(rows)
     if gaps:
         files = [f for found in gaps.values() for f in found]
-        return (f"the run is incomplete: {len(files)} file(s) listed in an output's SHA256SUMS are missing "
-                f"({_listing(files)}); rebuild them and what was made from them: "
-                f"{rebuild_command(sorted(gaps), config_args)}")
+        return (
+            f"the run is incomplete: {len(files)} file(s) listed in an output's SHA256SUMS are missing "
+            f"({_listing(files)}); rebuild them and what was made from them: "
+            f"{rebuild_command(sorted(gaps), config_args)}"
+        )
     return None
 
 
@@ -176,9 +187,12 @@ def check(summary_file, config_args: str = "", results="results") -> int:
         return 1
     leftovers = leftover_temporaries(results)
     if leftovers:
-        print(f"record_artifacts.sh: note: {len(leftovers)} temporary file(s) of killed writers are not recorded "
-              f"(.dvcignore; the next write of the same output discards them): "
-              f"{_listing(p.as_posix() for p in leftovers)}", file=sys.stderr)
+        print(
+            f"record_artifacts.sh: note: {len(leftovers)} temporary file(s) of killed writers are not recorded "
+            f"(.dvcignore; the next write of the same output discards them): "
+            f"{_listing(p.as_posix() for p in leftovers)}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -5,11 +5,12 @@
 Pure Python at import (torch is imported where a value is resolved), so the workflow can check a
 config against these values without importing torch.
 """
+
 from __future__ import annotations
 
-from .choices import DTYPES  # noqa: F401  (re-exported: the CLI's --dtype choices)
-
 import re
+
+from .choices import DTYPES  # noqa: F401  (re-exported: the CLI's --dtype choices)
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"  # matched in full (re.fullmatch: no trailing newline)
 DEFAULTS = {"device": "auto", "dtype": "float32"}
@@ -31,10 +32,14 @@ def resolve_device(name: str = "auto"):
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device "
-                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+            raise ValueError(
+                f"device {name!r} asked for, but this machine has no CUDA device "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(
+                f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     return device
 
 
@@ -66,5 +71,10 @@ def describe(device, dtype) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
-            "torch": torch.__version__, "cuda": torch.version.cuda}
+    return {
+        "device": str(device),
+        "device_name": name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }

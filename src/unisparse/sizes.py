@@ -3,6 +3,7 @@
 Kept apart so that Snakemake can check a config against the same rules the library applies without
 importing torch or transformers (seconds per DAG build).
 """
+
 from __future__ import annotations
 
 #: BAGEL's image sides at inference: generated 1024 x 1024 (64 x 64 latent tokens), understood at most
@@ -12,22 +13,32 @@ BAGEL_IMAGE_SIZE, BAGEL_VIT_IMAGE_SIZE = 1024, 980
 GEOMETRY_DEFAULTS = dict(vit_patch_size=4, latent_patch_size=4, latent_downsample=1)
 
 
-def check_model_sizes(num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
-                      image_size: int, vit_patch_size: int, latent_patch_size: int, latent_downsample: int,
-                      vit_image_size: int | None = None) -> None:
+def check_model_sizes(
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    image_size: int,
+    vit_patch_size: int,
+    latent_patch_size: int,
+    latent_downsample: int,
+    vit_image_size: int | None = None,
+) -> None:
     """Raise ValueError, naming the field, for sizes no MoT can have. ``vit_image_size``: the side of an
     understanding image when it differs from a generated one (BAGEL: 980 for the ViT, 1024 generated)."""
     if num_hidden_layers < 1:
         raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
     if num_key_value_heads < 1 or num_attention_heads % num_key_value_heads:
-        raise ValueError(f"num_attention_heads={num_attention_heads} must be a multiple of "
-                         f"num_key_value_heads={num_key_value_heads}")
+        raise ValueError(
+            f"num_attention_heads={num_attention_heads} must be a multiple of num_key_value_heads={num_key_value_heads}"
+        )
     if (vit_image_size or image_size) % vit_patch_size:
         name = "vit_image_size" if vit_image_size else "image_size"
         raise ValueError(f"{name}={vit_image_size or image_size} must be divisible by vit_patch_size={vit_patch_size}")
     if image_size % (latent_downsample * latent_patch_size):
-        raise ValueError(f"image_size={image_size} must be divisible by latent_downsample * latent_patch_size="
-                         f"{latent_downsample * latent_patch_size}")
+        raise ValueError(
+            f"image_size={image_size} must be divisible by latent_downsample * latent_patch_size="
+            f"{latent_downsample * latent_patch_size}"
+        )
 
 
 def moe_layers(num_layers: int, dense_layers) -> list[int]:

@@ -5,6 +5,7 @@ One rule for numbers, shared with the config schema: a non-finite number (nan, i
 every numeric setting must lie in its range of ``unisparse.ranges`` (the schema's bounds come from
 there too), so a setting that cannot produce work is refused before any model is loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,6 @@ from . import ranges
 
 class DuplicateKeyError(ValueError):
     """A JSON/YAML mapping gives a key twice (both formats would silently keep the last)."""
-
-
 
 
 def _is_number(value) -> bool:
@@ -105,8 +104,10 @@ class _StrictLoader(yaml.SafeLoader):
             key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
             try:
                 if key in seen:
-                    raise DuplicateKeyError(f"{key}: duplicate key in {self.name} (line {line}, first given on "
-                                            f"line {seen[key]}); YAML would silently keep the last")
+                    raise DuplicateKeyError(
+                        f"{key}: duplicate key in {self.name} (line {line}, first given on "
+                        f"line {seen[key]}); YAML would silently keep the last"
+                    )
                 seen[key] = line
             except TypeError:  # an unhashable key: SafeLoader's own error follows
                 continue

@@ -1,7 +1,7 @@
 """Aggregate metrics JSON files into one tidy CSV: a row per variant x task x metric, with the
 score's standard error (NaN for metrics files written before scores carried one)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pandas as pd
 
@@ -48,8 +48,18 @@ def rows_of(metrics: dict) -> list[dict]:
     for task, short in TASKS.items():
         bench = BENCHMARK_NAMES[chosen[short]]
         for metric, (value, se) in scores_of(metrics[task]).items():
-            rows.append({**variant, "task": task, "benchmark": bench, "metric": metric, "value": value,
-                         "se": se, **cost, **extra})
+            rows.append(
+                {
+                    **variant,
+                    "task": task,
+                    "benchmark": bench,
+                    "metric": metric,
+                    "value": value,
+                    "se": se,
+                    **cost,
+                    **extra,
+                }
+            )
     return rows
 
 

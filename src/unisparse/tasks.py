@@ -4,6 +4,7 @@ Kept apart from the model (which is world-agnostic) and from the world (which is
 becomes token ids through the model's own tokenizer (``encode``; the family adapter's), so every
 family runs the same world.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,4 +53,6 @@ def gen_batch_loss(family, examples, cond_dropout: float, gen, world, observer=N
     noise = torch.randn(*family.noise_shape(n), generator=gen)
     t = torch.sigmoid(torch.randn(n, generator=gen))
     mine = world.slice(n)
-    return family.flow_loss(ids[mine], images[mine], cond_keep=keep[mine], noise=noise[mine], t=t[mine], observer=observer)
+    return family.flow_loss(
+        ids[mine], images[mine], cond_keep=keep[mine], noise=noise[mine], t=t[mine], observer=observer
+    )

@@ -2,6 +2,7 @@
 tokenizer that travels with a model directory (``tokenizer.json``: BAGEL's Qwen2 tokenizer, written
 there by ``unisparse import-bagel``). Benchmarks tokenise through this, never through a world directly,
 so the same evaluator serves both."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,6 +66,7 @@ def tokenizer_files(model_dir) -> list[Path]:
     listed = manifest_entries(model_dir)
     for path in present:
         if path.name not in listed:
-            logging.getLogger(__name__).warning("%s is not in %s's %s: not carried into the derived model",
-                                                path.name, model_dir, MANIFEST)
+            logging.getLogger(__name__).warning(
+                "%s is not in %s's %s: not carried into the derived model", path.name, model_dir, MANIFEST
+            )
     return [p for p in present if p.name in listed]

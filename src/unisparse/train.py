@@ -4,6 +4,7 @@ Each step samples a QA batch and a generation batch from the training split: cro
 one-token answer plus the rectified-flow loss, run by the one training loop (``trainloop``).
 Deterministic from the seed on one device for a fixed thread count; resumable; sharded under torchrun.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,9 +42,22 @@ TRAIN_DEFAULTS = dict(
 
 
 #: model sizes a training run may set (the rest is fixed by the world or by pruning)
-MODEL_SPEC_KEYS = ("hidden_size", "intermediate_size", "gen_intermediate_size", "num_hidden_layers", "num_attention_heads",
-                   "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "vit_patch_size",
-                   "vit_hidden_size", "latent_patch_size", "time_embed_dim", "timestep_shift")
+MODEL_SPEC_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "gen_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "vit_patch_size",
+    "vit_hidden_size",
+    "latent_patch_size",
+    "time_embed_dim",
+    "timestep_shift",
+)
 
 
 def check_model_spec(model_spec: dict) -> MoTConfig:
@@ -52,8 +66,11 @@ def check_model_spec(model_spec: dict) -> MoTConfig:
     unknown = sorted(set(model_spec) - set(MODEL_SPEC_KEYS))
     if unknown:
         raise ValueError(f"unknown model keys {unknown}; known: {list(MODEL_SPEC_KEYS)}")
-    bad = [f"{k}={v!r}" for k, v in model_spec.items()
-           if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0]
+    bad = [
+        f"{k}={v!r}"
+        for k, v in model_spec.items()
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0
+    ]
     if bad:
         raise ValueError(f"model sizes must be finite positive numbers: {', '.join(bad)}")
     sizes = dict(model_spec)
@@ -71,8 +88,16 @@ def build_model(model_spec: dict, seed: int, device="cpu", dtype=torch.float32) 
     return MoTForUnifiedModel(config).to(device=device, dtype=dtype)
 
 
-def train_tiny(model_spec: dict, train_spec: dict, out_dir: str | None = None, progress: bool = True, device="cpu",
-               dtype=torch.float32, checkpoint_dir=None, stop_after: int | None = None) -> dict:
+def train_tiny(
+    model_spec: dict,
+    train_spec: dict,
+    out_dir: str | None = None,
+    progress: bool = True,
+    device="cpu",
+    dtype=torch.float32,
+    checkpoint_dir=None,
+    stop_after: int | None = None,
+) -> dict:
     """Train from scratch and write a ``save_pretrained`` directory atomically (on rank 0). Returns a
     summary; ``checkpoint_dir`` makes the run resumable."""
     cfg = merge_spec(TRAIN_DEFAULTS, train_spec, "training")
@@ -90,10 +115,25 @@ def train_tiny(model_spec: dict, train_spec: dict, out_dir: str | None = None, p
         mse = tasks.gen_batch_loss(family.with_model(m), examples, cfg["cond_dropout"], gen, world)
         return ce + mse, {"ce": ce, "mse": mse}
 
-    run = run_training(model, [n for n, p in model.named_parameters() if p.requires_grad], cfg, batch_loss, what="train-tiny",
-                       checkpoint_dir=checkpoint_dir, progress=progress, stop_after=stop_after, log_every=100)
+    run = run_training(
+        model,
+        [n for n, p in model.named_parameters() if p.requires_grad],
+        cfg,
+        batch_loss,
+        what="train-tiny",
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        stop_after=stop_after,
+        log_every=100,
+    )
     if out_dir is not None and run["is_main"]:
         save_model(model, out_dir)
         log.info("trained %d steps in %.1f s -> %s", cfg["steps"], run["seconds"], out_dir)
-    return {"train_seconds": run["seconds"], "steps": cfg["steps"], "history": run["history"], "train": cfg,
-            "resumed_from": run["resumed_from"], "processes": run["processes"]}
+    return {
+        "train_seconds": run["seconds"],
+        "steps": cfg["steps"],
+        "history": run["history"],
+        "train": cfg,
+        "resumed_from": run["resumed_from"],
+        "processes": run["processes"],
+    }

@@ -12,6 +12,7 @@ the run's input model, of its data source and of its settings. A checkpoint is r
 of them match (otherwise training starts over and the log says why); a resumed run ends with the
 weights and the loss history an uninterrupted run reaches.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,10 @@ def check_trainable_dtype(dtype, what: str) -> None:
     6e-8), so the weights turn inf/NaN within steps on every device; no loss scale fixes the
     optimizer's own arithmetic. bfloat16 has float32's range; float16 stays fine for inference."""
     if dtype in (torch.float16, "float16"):
-        raise ValueError(f"{what}: dtype float16 cannot train (AdamW's eps and second moments underflow in float16 "
-                         "and the weights become NaN); train in bfloat16 or float32 (evaluation may use float16)")
+        raise ValueError(
+            f"{what}: dtype float16 cannot train (AdamW's eps and second moments underflow in float16 "
+            "and the weights become NaN); train in bfloat16 or float32 (evaluation may use float16)"
+        )
 
 
 def check_finite_weights(model, names, what: str) -> None:
@@ -73,8 +76,10 @@ def check_finite_weights(model, names, what: str) -> None:
     params = dict(model.named_parameters())
     bad = [n for n in names if not bool(torch.isfinite(params[n].detach()).all())]
     if bad:
-        raise NonFiniteError(f"{what}: {len(bad)} trained tensor(s) hold non-finite values ({', '.join(bad[:4])}"
-                             f"{', ...' if len(bad) > 4 else ''}); nothing was saved")
+        raise NonFiniteError(
+            f"{what}: {len(bad)} trained tensor(s) hold non-finite values ({', '.join(bad[:4])}"
+            f"{', ...' if len(bad) > 4 else ''}); nothing was saved"
+        )
 
 
 def _step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, w) -> bool:
@@ -106,8 +111,13 @@ class Checkpoint:
         if world.is_main:
             with atomic_path(self.path, is_dir=True) as tmp:
                 save_file(tensors, str(tmp / "state.safetensors"))
-                meta = {"step": step, "numpy_rng": rng.bit_generator.state, "history": history,
-                        "state_sha256": sha256_file(tmp / "state.safetensors"), **self.provenance}
+                meta = {
+                    "step": step,
+                    "numpy_rng": rng.bit_generator.state,
+                    "history": history,
+                    "state_sha256": sha256_file(tmp / "state.safetensors"),
+                    **self.provenance,
+                }
                 (tmp / "meta.json").write_text(json.dumps(meta))
         world.barrier()
 
@@ -125,8 +135,12 @@ class Checkpoint:
             meta = json.loads((self.source / "meta.json").read_text())
         except (OSError, ValueError) as e:
             return None, f"its meta.json is unreadable ({e})"
-        for key, what in (("input_model_sha256", "another input model"), ("data_sha256", "other training data"),
-                          ("spec", "other settings"), ("names", "other trainable parameters")):
+        for key, what in (
+            ("input_model_sha256", "another input model"),
+            ("data_sha256", "other training data"),
+            ("spec", "other settings"),
+            ("names", "other trainable parameters"),
+        ):
             if meta.get(key) != self.provenance[key]:
                 return None, f"it was made from {what}"
         state = self.source / "state.safetensors"
@@ -147,8 +161,18 @@ class Checkpoint:
         rng.bit_generator.state = meta["numpy_rng"]
 
 
-def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, what: str, checkpoint_dir=None,
-                 progress: bool = True, stop_after: int | None = None, log_every: int = 50) -> dict:
+def run_training(
+    model,
+    names: list[str],
+    cfg: dict,
+    batch_loss: Callable,
+    *,
+    what: str,
+    checkpoint_dir=None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    log_every: int = 50,
+) -> dict:
     """Train ``names`` of ``model`` in place for ``cfg["steps"]`` steps.
 
     ``batch_loss(model, rng, gen, world) -> (loss, {name: value})`` draws the global batch from the
@@ -162,14 +186,20 @@ def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, wh
     device = next(model.parameters()).device
     check_trainable_dtype(next(model.parameters()).dtype, what)
     w = distributed.world(device)
-    provenance = {"input_model_sha256": state_digest(model), "data_sha256": data_digest(),
-                  "spec": json.loads(json.dumps(cfg)), "names": list(names)}
+    provenance = {
+        "input_model_sha256": state_digest(model),
+        "data_sha256": data_digest(),
+        "spec": json.loads(json.dumps(cfg)),
+        "names": list(names),
+    }
     trained = distributed.sharded_twin(model, set(names), device) if w.sharded else model
     params = dict(trained.named_parameters())
     frozen_by_design = {n for n, p in model.named_parameters() if not p.requires_grad}  # e.g. sin-cos tables
     for n, p in params.items():
         p.requires_grad_(n in names)
-    opt = torch.optim.AdamW([params[n] for n in names], lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(
+        [params[n] for n in names], lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=cfg["weight_decay"]
+    )
     rng = np.random.default_rng(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     start, history = 0, []
@@ -184,8 +214,12 @@ def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, wh
         else:
             ckpt.load(meta, params, names, opt, rng, gen)
             start, history = int(meta["step"]), list(meta["history"])
-            log.info("resuming %s from step %d (checkpoint %s matches input model, data and settings)",
-                     what, start, ckpt.path)
+            log.info(
+                "resuming %s from step %d (checkpoint %s matches input model, data and settings)",
+                what,
+                start,
+                ckpt.path,
+            )
     trained.train()
     steps, t0 = cfg["steps"], time.time()
     bar = tqdm(range(start, steps), desc=what, disable=not progress or not w.is_main, mininterval=2.0)
@@ -199,9 +233,11 @@ def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, wh
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([params[n] for n in names], cfg["grad_clip"])
         if not _step_is_finite(loss, grad_norm, w):
-            raise NonFiniteError(f"{what}: non-finite loss ({float(loss.detach()):g}) or gradient norm at step {step} "
-                                 f"(lr {opt.param_groups[0]['lr']:g}, dtype {str(next(trained.parameters()).dtype)[6:]}); "
-                                 "training diverged and nothing was saved: lower the learning rate or use float32")
+            raise NonFiniteError(
+                f"{what}: non-finite loss ({float(loss.detach()):g}) or gradient norm at step {step} "
+                f"(lr {opt.param_groups[0]['lr']:g}, dtype {str(next(trained.parameters()).dtype)[6:]}); "
+                "training diverged and nothing was saved: lower the learning rate or use float32"
+            )
         opt.step()
         if step % log_every == 0 or step == steps - 1:
             record = {"step": step, **{k: _global_mean(v, w) for k, v in parts.items()}}
@@ -217,8 +253,13 @@ def run_training(model, names: list[str], cfg: dict, batch_loss: Callable, *, wh
     model.eval()
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen_by_design)
-    return {"history": history, "seconds": time.time() - t0, "resumed_from": start, "processes": w.size,
-            "is_main": w.is_main}
+    return {
+        "history": history,
+        "seconds": time.time() - t0,
+        "resumed_from": start,
+        "processes": w.size,
+        "is_main": w.is_main,
+    }
 
 
 def _global_mean(value: torch.Tensor, w) -> float:

@@ -1,4 +1,5 @@
 """ShapesGenEval: sample images for GenEval-style prompts with fixed seeds and judge them."""
+
 from __future__ import annotations
 
 import torch

@@ -23,6 +23,7 @@ The rules, each kept exactly (``judge`` and ``filter_detections``):
 
 Where this detector differs from GenEval's mmdet one is documented in ``Detector``.
 """
+
 from __future__ import annotations
 
 import json
@@ -141,32 +142,51 @@ def _draw(tag: str, rng: np.random.Generator, names: list[str]) -> dict:
     coloured = [n for n in names if n != "person"]
     if tag == "two_object":
         a, b = (names[i] for i in rng.choice(len(names), size=2, replace=False))
-        return dict(tag=tag, include=[{"class": a, "count": 1}, {"class": b, "count": 1}],
-                    prompt=f"a photo of {_article(a)} and {_article(b)}")
+        return dict(
+            tag=tag,
+            include=[{"class": a, "count": 1}, {"class": b, "count": 1}],
+            prompt=f"a photo of {_article(a)} and {_article(b)}",
+        )
     if tag == "counting":
         obj, n = names[rng.integers(len(names))], int(rng.integers(2, 5))
-        return dict(tag=tag, include=[{"class": obj, "count": n}], exclude=[{"class": obj, "count": n + 1}],
-                    prompt=f"a photo of {_NUMBERS[n]} {_plural(obj)}")
+        return dict(
+            tag=tag,
+            include=[{"class": obj, "count": n}],
+            exclude=[{"class": obj, "count": n + 1}],
+            prompt=f"a photo of {_NUMBERS[n]} {_plural(obj)}",
+        )
     if tag == "colors":
         obj, colour = coloured[rng.integers(len(coloured))], COLOURS[rng.integers(len(COLOURS))]
-        return dict(tag=tag, include=[{"class": obj, "count": 1, "color": colour}],
-                    prompt=f"a photo of {_article(colour)} {obj}")
+        return dict(
+            tag=tag,
+            include=[{"class": obj, "count": 1, "color": colour}],
+            prompt=f"a photo of {_article(colour)} {obj}",
+        )
     if tag == "position":
         a, b = (names[i] for i in rng.choice(len(names), size=2, replace=False))
         rel = RELATIONS[rng.integers(len(RELATIONS))]
-        return dict(tag=tag, include=[{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
-                    prompt=f"a photo of {_article(a)} {rel} {_article(b)}")
+        return dict(
+            tag=tag,
+            include=[{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
+            prompt=f"a photo of {_article(a)} {rel} {_article(b)}",
+        )
     if tag == "color_attr":
         a, b = (coloured[i] for i in rng.choice(len(coloured), size=2, replace=False))
         ca, cb = (COLOURS[i] for i in rng.choice(len(COLOURS), size=2, replace=False))
-        return dict(tag=tag, include=[{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
-                    prompt=f"a photo of {_article(ca)} {a} and {_article(cb)} {b}")
+        return dict(
+            tag=tag,
+            include=[{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
+            prompt=f"a photo of {_article(ca)} {a} and {_article(cb)} {b}",
+        )
     raise ValueError(f"no calibration template for tag {tag!r}")
 
 
 def content_key(entry: dict) -> tuple:
     """What an entry asks for, independent of wording and clause order: (tag, sorted clauses)."""
-    clauses = lambda key: tuple(sorted(json.dumps(c, sort_keys=True) for c in entry.get(key, [])))
+
+    def clauses(key):
+        return tuple(sorted(json.dumps(c, sort_keys=True) for c in entry.get(key, [])))
+
     return entry["tag"], clauses("include"), clauses("exclude")
 
 
@@ -207,9 +227,11 @@ def calibration_pairs(spec: dict) -> list[tuple[str, int]]:
     ``gen_seed``). Stream them through ``model.generate_images`` as the evaluation does."""
     spec = {**GENEVAL_DEFAULTS, **(spec or {})}
     entries = read_metadata(DATA_DIR / CALIBRATION_FILE)
-    return [(e["prompt"], sample_seed(spec["gen_seed"], i, k))
-            for i, e in select_prompts(entries, spec["max_prompts_per_tag"])
-            for k in range(int(spec["samples_per_prompt"]))]
+    return [
+        (e["prompt"], sample_seed(spec["gen_seed"], i, k))
+        for i, e in select_prompts(entries, spec["max_prompts_per_tag"])
+        for k in range(int(spec["samples_per_prompt"]))
+    ]
 
 
 # ------------------------------------------------------------------------------------------- the scorer
@@ -250,8 +272,11 @@ def relations(obj_box: Sequence[float], target_box: Sequence[float]) -> set:
 def colour_requests(kept: dict, entry: dict) -> list[tuple[str, int]]:
     """(class, count) of the colour checks ``judge`` will make on these detections, so that a runner
     can classify every needed crop in one batch before scoring."""
-    return [(req["class"], req["count"]) for req in entry.get("include", [])
-            if "color" in req and len(kept.get(req["class"], [])) >= req["count"]]
+    return [
+        (req["class"], req["count"])
+        for req in entry.get("include", [])
+        if "color" in req and len(kept.get(req["class"], [])) >= req["count"]
+    ]
 
 
 def judge(kept: dict, entry: dict, colours: ColourFn) -> tuple[bool, str]:
@@ -315,8 +340,14 @@ def summarize(per_image: Iterable[dict]) -> dict:
     scores, se = tag_accuracies(by_tag)
     per_tag = {t: scores[t] for t in TAGS}
     prompts = [any(v) for t in TAGS for v in by_tag[t].values()]
-    return {"overall": scores["overall"], "per_tag": per_tag, "se": se, "n_images": n,
-            "n_prompts": len(prompts), "prompts_any_correct": float(np.mean(prompts))}
+    return {
+        "overall": scores["overall"],
+        "per_tag": per_tag,
+        "se": se,
+        "n_images": n,
+        "n_prompts": len(prompts),
+        "prompts_any_correct": float(np.mean(prompts)),
+    }
 
 
 # ------------------------------------------------------------------------------------------- the models
@@ -325,8 +356,10 @@ def _pretrained(cls, name: str, cache_dir=None, **kwargs):
     try:
         return cls.from_pretrained(name, local_files_only=True, cache_dir=cache_dir, **kwargs)
     except OSError as err:
-        raise OSError(f"{name} is not in the local Hugging Face cache (HF_HUB_CACHE / HF_HOME); download it "
-                      f"once where the network is reachable (`hf download {name}`): {err}") from err
+        raise OSError(
+            f"{name} is not in the local Hugging Face cache (HF_HUB_CACHE / HF_HOME); download it "
+            f"once where the network is reachable (`hf download {name}`): {err}"
+        ) from err
 
 
 def _as_uint8(image) -> np.ndarray:
@@ -379,9 +412,18 @@ class Detector:
     * image loading: mmdet reads with OpenCV (BGR, converted to RGB); we get RGB uint8 arrays.
     """
 
-    def __init__(self, name: str = DEFAULT_DETECTOR, device="cpu", dtype=torch.float32, cache_dir=None,
-                 batch_size: int = 4, test_scale: tuple = (800, 1333), size_divisor: int = 32,
-                 max_per_image: int = 100, min_score: float = THRESHOLD):
+    def __init__(
+        self,
+        name: str = DEFAULT_DETECTOR,
+        device="cpu",
+        dtype=torch.float32,
+        cache_dir=None,
+        batch_size: int = 4,
+        test_scale: tuple = (800, 1333),
+        size_divisor: int = 32,
+        max_per_image: int = 100,
+        min_score: float = THRESHOLD,
+    ):
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
         processor = _pretrained(AutoImageProcessor, name, cache_dir)
@@ -450,8 +492,15 @@ class Detector:
             batch, sizes = self._inputs(chunk)
             out = self.model(pixel_values=batch)
             for j, img in enumerate(chunk):
-                results.append(self._postprocess(out.class_queries_logits[j], out.masks_queries_logits[j],
-                                                  tuple(batch.shape[-2:]), sizes[j], img.shape[:2]))
+                results.append(
+                    self._postprocess(
+                        out.class_queries_logits[j],
+                        out.masks_queries_logits[j],
+                        tuple(batch.shape[-2:]),
+                        sizes[j],
+                        img.shape[:2],
+                    )
+                )
         return results
 
 
@@ -470,8 +519,9 @@ class ColourClassifier:
     "openai" weights; ``openai/clip-vit-large-patch14`` holds the same weights converted. Text
     classifiers are cached per class name, as GenEval caches them."""
 
-    def __init__(self, name: str = DEFAULT_CLIP, device="cpu", dtype=torch.float32, cache_dir=None,
-                 batch_size: int = 32):
+    def __init__(
+        self, name: str = DEFAULT_CLIP, device="cpu", dtype=torch.float32, cache_dir=None, batch_size: int = 32
+    ):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         self.tokenizer = _pretrained(AutoTokenizer, name, cache_dir)
@@ -551,8 +601,9 @@ def _png(folder: Path, k: int) -> Path:
 
 
 @torch.no_grad()
-def generate_folder(model, tokenizer, items: Sequence[tuple[int, dict]], out_dir, spec: dict,
-                    progress: bool = False) -> int:
+def generate_folder(
+    model, tokenizer, items: Sequence[tuple[int, dict]], out_dir, spec: dict, progress: bool = False
+) -> int:
     """Generate ``samples_per_prompt`` images per (index, entry) with fixed seeds (``sample_seed``) and
     save them in GenEval's layout: ``{out_dir}/{index:05d}/metadata.jsonl`` (the entry, one JSON object)
     and ``{out_dir}/{index:05d}/samples/{k:04d}.png``. Returns the number of images."""
@@ -584,8 +635,9 @@ def _read_image(path: Path) -> np.ndarray:
         return np.array(ImageOps.exif_transpose(img).convert("RGB"))
 
 
-def score_folder(folder, detector, classifier, indices: Iterable[int] | None = None, batch_size: int = 8,
-                 progress: bool = False) -> list[dict]:
+def score_folder(
+    folder, detector, classifier, indices: Iterable[int] | None = None, batch_size: int = 8, progress: bool = False
+) -> list[dict]:
     """Score a GenEval image folder (ours, or any model's in GenEval's layout): one record per image
     with the official results' fields (``filename``, ``tag``, ``prompt``, ``correct``, ``reason``,
     ``metadata`` and ``details`` as JSON strings) plus ``index`` and ``sample``. ``indices``: only
@@ -616,16 +668,25 @@ def score_folder(folder, detector, classifier, indices: Iterable[int] | None = N
         answers = classifier.classify(requests) if requests else []
         for j, ((index, sample, e, png), k) in enumerate(zip(chunk, kept)):
             correct, reason = judge(k, e, lambda name, found, j=j: answers[where[(j, name, len(found))]])
-            records.append({
-                "filename": str(png.relative_to(folder)), "index": index, "sample": sample, "tag": e["tag"],
-                "prompt": e["prompt"], "correct": bool(correct), "reason": reason, "metadata": json.dumps(e),
-                "details": json.dumps({n: [[*d.box, d.score] for d in ds] for n, ds in k.items()}),
-            })
+            records.append(
+                {
+                    "filename": str(png.relative_to(folder)),
+                    "index": index,
+                    "sample": sample,
+                    "tag": e["tag"],
+                    "prompt": e["prompt"],
+                    "correct": bool(correct),
+                    "reason": reason,
+                    "metadata": json.dumps(e),
+                    "details": json.dumps({n: [[*d.box, d.score] for d in ds] for n, ds in k.items()}),
+                }
+            )
     return records
 
 
-def run_geneval(model, tokenizer, spec: dict | None, out_dir, progress: bool = False, detector=None,
-                classifier=None) -> dict:
+def run_geneval(
+    model, tokenizer, spec: dict | None, out_dir, progress: bool = False, detector=None, classifier=None
+) -> dict:
     """Generate GenEval's images for ``spec`` (``GENEVAL_DEFAULTS`` keys) into ``out_dir`` and score
     them. Returns ``{"overall", "per_tag", "se", "n_images", "n_prompts", "prompts_any_correct",
     "per_image"}``; the per-image records also go to ``{out_dir}/results.jsonl`` (readable by
@@ -649,15 +710,21 @@ def run_geneval(model, tokenizer, spec: dict | None, out_dir, progress: bool = F
         for r in per_image:
             fp.write(json.dumps(r) + "\n")
     metrics = summarize(per_image)
-    metrics.update(per_image=per_image, prompts=spec["geneval_prompts"],
-                   seconds={"generate": t1 - t0, "score": t2 - t1})
-    log.info("GenEval (%s prompts) overall %.4f over %d images", spec["geneval_prompts"], metrics["overall"],
-             metrics["n_images"])
+    metrics.update(
+        per_image=per_image, prompts=spec["geneval_prompts"], seconds={"generate": t1 - t0, "score": t2 - t1}
+    )
+    log.info(
+        "GenEval (%s prompts) overall %.4f over %d images",
+        spec["geneval_prompts"],
+        metrics["overall"],
+        metrics["n_images"],
+    )
     return metrics
 
 
-def throughput(detector, classifier, n_images: int = 8, image_size: int = 1024, objects_per_image: int = 2,
-               seed: int = 0) -> dict:
+def throughput(
+    detector, classifier, n_images: int = 8, image_size: int = 1024, objects_per_image: int = 2, seed: int = 0
+) -> dict:
     """Scoring speed in images per second: detection of ``n_images`` random ``image_size`` squares
     plus CLIP colour classification of ``objects_per_image`` crops each (GenEval's colour tags classify
     one or two objects per image), after one warm-up image; the device is synchronised around each part."""
@@ -677,6 +744,12 @@ def throughput(detector, classifier, n_images: int = 8, image_size: int = 1024, 
     classifier.classify([(img, objs, "car") for img in images])
     synchronize(classifier.device)
     t2 = time.perf_counter()
-    return {"images_per_second": n_images / (t2 - t0), "detect_seconds_per_image": (t1 - t0) / n_images,
-            "classify_seconds_per_image": (t2 - t1) / n_images, "n_images": n_images, "image_size": image_size,
-            "objects_per_image": objects_per_image, **describe(detector.device, detector.dtype)}
+    return {
+        "images_per_second": n_images / (t2 - t0),
+        "detect_seconds_per_image": (t1 - t0) / n_images,
+        "classify_seconds_per_image": (t2 - t1) / n_images,
+        "n_images": n_images,
+        "image_size": image_size,
+        "objects_per_image": objects_per_image,
+        **describe(detector.device, detector.dtype),
+    }

@@ -59,6 +59,7 @@ Data: both datasets are read from the local Hugging Face cache only (never downl
 parquet shards of the Hub's datasets (``data/<split>-*.parquet``); see ``data/mme/SOURCE.md`` for their
 layouts, commits and the download command.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,8 +79,7 @@ from ..spec import merge_spec
 
 log = logging.getLogger(__name__)
 
-PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-              "artwork", "OCR")
+PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 #: MME's two categories, their subtasks in MME's order (names exactly as MME's ``eval_type_dict``)
 CATEGORIES = {"perception": PERCEPTION, "cognition": COGNITION}
@@ -198,15 +198,23 @@ def mme_scores(records: Iterable[Mapping]) -> dict:
             continue
         bad = {q: len(c) for q, c in images.items() if len(c) != QUESTIONS_PER_IMAGE}
         if bad:
-            raise ValueError(f"MME subtask {name}: every image has {QUESTIONS_PER_IMAGE} questions; "
-                             f"these have {dict(list(bad.items())[:5])}")
+            raise ValueError(
+                f"MME subtask {name}: every image has {QUESTIONS_PER_IMAGE} questions; "
+                f"these have {dict(list(bad.items())[:5])}"
+            )
         correct = np.array(list(images.values()), dtype=np.float64)  # [images, 2]
         k = correct.sum(1)
         both = (k == QUESTIONS_PER_IMAGE).astype(np.float64)
         acc, acc_plus = float(correct.mean()), float(both.mean())
-        per[name] = {"category": CATEGORY_OF[name], "acc": acc, "acc_plus": acc_plus,
-                     "score": 100.0 * (acc + acc_plus), "n": int(correct.size), "n_images": len(images),
-                     "n_other": other[name]}
+        per[name] = {
+            "category": CATEGORY_OF[name],
+            "acc": acc,
+            "acc_plus": acc_plus,
+            "score": 100.0 * (acc + acc_plus),
+            "n": int(correct.size),
+            "n_images": len(images),
+            "n_other": other[name],
+        }
         z = 100.0 * (k / QUESTIONS_PER_IMAGE + both)
         se_per[name] = {"acc": _se(correct.ravel()), "acc_plus": _se(both), "score": _se(z)}
     out: dict = {}
@@ -221,9 +229,15 @@ def mme_scores(records: Iterable[Mapping]) -> dict:
     missing = [n for n in SUBTASKS if n not in per]
     if missing:
         log.warning("MME: subtasks missing from the results (category sums are partial): %s", missing)
-    return {"total": out["total"], "perception": out["perception"], "cognition": out["cognition"],
-            "per_subtask": per, "se": se, "n_items": sum(p["n"] for p in per.values()),
-            "missing_subtasks": missing}
+    return {
+        "total": out["total"],
+        "perception": out["perception"],
+        "cognition": out["cognition"],
+        "per_subtask": per,
+        "se": se,
+        "n_items": sum(p["n"] for p in per.values()),
+        "missing_subtasks": missing,
+    }
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -231,14 +245,23 @@ BAGEL_MAX_IMAGE_SIZE, BAGEL_MIN_IMAGE_SIZE, BAGEL_MAX_PIXELS = 980, 378, 2_007_0
 PAD_VALUE = 0.5
 
 
-def bagel_resize_shape(width: int, height: int, stride: int = 14, max_size: int = BAGEL_MAX_IMAGE_SIZE,
-                       min_size: int = BAGEL_MIN_IMAGE_SIZE, max_pixels: int = BAGEL_MAX_PIXELS) -> tuple[int, int]:
+def bagel_resize_shape(
+    width: int,
+    height: int,
+    stride: int = 14,
+    max_size: int = BAGEL_MAX_IMAGE_SIZE,
+    min_size: int = BAGEL_MIN_IMAGE_SIZE,
+    max_pixels: int = BAGEL_MAX_PIXELS,
+) -> tuple[int, int]:
     """(width, height) BAGEL's ``MaxLongEdgeMinShortEdgeResize`` gives an image for understanding (its
     ``vlm_sft`` settings by default: long side <= 980, short side >= 378 where the long side allows,
     <= 2,007,040 pixels, multiples of 14)."""
+
     def apply(w, h, s):
-        return (max(stride, int(round(round(w * s) / stride) * stride)),
-                max(stride, int(round(round(h * s) / stride) * stride)))
+        return (
+            max(stride, int(round(round(w * s) / stride) * stride)),
+            max(stride, int(round(round(h * s) / stride) * stride)),
+        )
 
     scale = min(max_size / max(width, height), 1.0)
     scale = max(scale, min_size / min(width, height))
@@ -312,8 +335,10 @@ def prepare_batch(images, prompts, tokenizer, geometry, transform: Callable | No
 
 def _check_tokenizer(tokenizer) -> None:
     if getattr(tokenizer, "name", None) == "shapes":
-        raise ValueError("MME needs a model with a text tokenizer (tokenizer.json, e.g. an imported BAGEL "
-                         "checkpoint); the shapes world's word vocabulary cannot encode MME's questions")
+        raise ValueError(
+            "MME needs a model with a text tokenizer (tokenizer.json, e.g. an imported BAGEL "
+            "checkpoint); the shapes world's word vocabulary cannot encode MME's questions"
+        )
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -361,15 +386,24 @@ def dataset_snapshot(repo_id: str, revision: str | None = None, patterns=None, c
     from huggingface_hub.utils import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=patterns, local_files_only=True))
+        return Path(
+            snapshot_download(
+                repo_id,
+                repo_type="dataset",
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=patterns,
+                local_files_only=True,
+            )
+        )
     except LocalEntryNotFoundError as e:
         pin = f" --revision {revision}" if revision else ""
         raise FileNotFoundError(
             f"dataset {repo_id} (revision {revision or 'main'}) is not in the local Hugging Face cache "
             f"{_cache_hint(cache_dir)}; unisparse never downloads benchmark data. Fetch it once with "
             f"`hf download {repo_id} --repo-type dataset{pin}` (see data/mme/SOURCE.md), or point "
-            f"HF_HUB_CACHE / hf_cache_dir at a cache that has it ({e.__class__.__name__}: {e})") from None
+            f"HF_HUB_CACHE / hf_cache_dir at a cache that has it ({e.__class__.__name__}: {e})"
+        ) from None
 
 
 _SHARD = re.compile(r"(?P<split>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})(?:-[0-9a-f]+)?\.parquet")
@@ -389,8 +423,10 @@ def parquet_files(root: Path, split: str, subdir: str = "data") -> list[Path]:
             shards.setdefault(int(m["n"]), []).append(int(m["i"]))
     for n, idx in shards.items():
         if sorted(idx) != list(range(n)):
-            raise ValueError(f"{folder}: the {split} shards of {n} are incomplete or duplicated "
-                             f"(indices {sorted(idx)}); is the snapshot a half-finished download?")
+            raise ValueError(
+                f"{folder}: the {split} shards of {n} are incomplete or duplicated "
+                f"(indices {sorted(idx)}); is the snapshot a half-finished download?"
+            )
     return files
 
 
@@ -422,8 +458,9 @@ def _snapshot_commit(path: Path) -> str:
     return path.name  # the cache keeps each revision under snapshots/<commit>
 
 
-def _load_mme(repo_id="lmms-lab/MME", revision=None, split="test", max_images_per_subtask=None,
-              cache_dir=None) -> tuple[list[MMEItem], dict]:
+def _load_mme(
+    repo_id="lmms-lab/MME", revision=None, split="test", max_images_per_subtask=None, cache_dir=None
+) -> tuple[list[MMEItem], dict]:
     root = dataset_snapshot(repo_id, revision, [f"data/{split}-*.parquet"], cache_dir)
     files = parquet_files(root, split)
     meta = [(f, _read_columns(f, MME_COLUMNS)) for f in files]
@@ -435,8 +472,10 @@ def _load_mme(repo_id="lmms-lab/MME", revision=None, split="test", max_images_pe
             images.setdefault((cat, str(qid)), []).append((f, row))
     bad = {k: len(v) for k, v in images.items() if len(v) != QUESTIONS_PER_IMAGE}
     if bad:
-        raise ValueError(f"{repo_id}: every MME image has {QUESTIONS_PER_IMAGE} questions; "
-                         f"{len(bad)} do not, e.g. {dict(list(bad.items())[:3])}")
+        raise ValueError(
+            f"{repo_id}: every MME image has {QUESTIONS_PER_IMAGE} questions; "
+            f"{len(bad)} do not, e.g. {dict(list(bad.items())[:3])}"
+        )
     keep = sorted(images)
     if max_images_per_subtask is not None:
         k = int(max_images_per_subtask)
@@ -460,19 +499,39 @@ def _load_mme(repo_id="lmms-lab/MME", revision=None, split="test", max_images_pe
     for key in sorted(keep, key=lambda key: (order[key[0]], key[1])):
         for f, row in images[key]:  # file order, then row order: the dataset's question order
             c = cols_of[f]
-            items.append(MMEItem(category=key[0], question_id=key[1], question=str(c["question"][row]),
-                                 answer=_gt(c["answer"][row]), image_bytes=cells[(f, row)]))
+            items.append(
+                MMEItem(
+                    category=key[0],
+                    question_id=key[1],
+                    question=str(c["question"][row]),
+                    answer=_gt(c["answer"][row]),
+                    image_bytes=cells[(f, row)],
+                )
+            )
     n_rows = sum(len(c["question_id"]) for _, c in meta)
     if repo_id == MME_DEFAULTS["mme_dataset"] and n_rows != MME_ITEMS:
         log.warning("%s has %d questions in %s, not MME's %d", repo_id, n_rows, split, MME_ITEMS)
-    info = {"repo_id": repo_id, "revision": revision, "commit": _snapshot_commit(root), "split": split,
-            "files": [str(f.relative_to(root)) for f in files], "rows": n_rows, "items": len(items),
-            "images": len(keep), "max_images_per_subtask": max_images_per_subtask}
+    info = {
+        "repo_id": repo_id,
+        "revision": revision,
+        "commit": _snapshot_commit(root),
+        "split": split,
+        "files": [str(f.relative_to(root)) for f in files],
+        "rows": n_rows,
+        "items": len(items),
+        "images": len(keep),
+        "max_images_per_subtask": max_images_per_subtask,
+    }
     return items, info
 
 
-def load_mme(repo_id: str = "lmms-lab/MME", revision: str | None = None, split: str = "test",
-             max_images_per_subtask: int | None = None, cache_dir=None) -> list[MMEItem]:
+def load_mme(
+    repo_id: str = "lmms-lab/MME",
+    revision: str | None = None,
+    split: str = "test",
+    max_images_per_subtask: int | None = None,
+    cache_dir=None,
+) -> list[MMEItem]:
     """MME's questions from the local Hugging Face cache (``snapshot_download(local_files_only=True)``),
     ordered by subtask (MME's order), image (``question_id``), then the dataset's question order, so an
     image's two questions are adjacent; images are kept as their encoded bytes (decoded when used).
@@ -490,8 +549,14 @@ def _settings(defaults: dict, spec: dict | None, what: str, kind: str) -> dict:
 
 
 @torch.no_grad()
-def answer_mme(family, tokenizer, items: list[MMEItem], batch_size: int = 16, progress: bool = False,
-               transform: Callable | None = None) -> list[dict]:
+def answer_mme(
+    family,
+    tokenizer,
+    items: list[MMEItem],
+    batch_size: int = 16,
+    progress: bool = False,
+    transform: Callable | None = None,
+) -> list[dict]:
     """Per-question records (``category``, ``question_id``, ``question``, ``answer``, ``token_id``,
     ``response``, ``pred``, ``correct``): the greedy first answer token, decoded and parsed."""
     _check_tokenizer(tokenizer)
@@ -508,20 +573,35 @@ def answer_mme(family, tokenizer, items: list[MMEItem], batch_size: int = 16, pr
         for it in chunk:
             if it.image_key not in decoded:
                 decoded[it.image_key] = it.image()
-        images, ids = prepare_batch([decoded[it.image_key] for it in chunk], [mme_prompt(it.question) for it in chunk],
-                                    tokenizer, geometry, transform)
+        images, ids = prepare_batch(
+            [decoded[it.image_key] for it in chunk],
+            [mme_prompt(it.question) for it in chunk],
+            tokenizer,
+            geometry,
+            transform,
+        )
         tokens = family.understanding_logits(images, ids).argmax(-1).tolist()
         for it, tok in zip(chunk, tokens):
             response = tokenizer.decode([tok])
             pred = answer_label(response)
-            out.append({"category": it.category, "question_id": it.question_id, "question": it.question,
-                        "answer": it.answer, "token_id": int(tok), "response": response, "pred": pred,
-                        "correct": pred == it.answer})
+            out.append(
+                {
+                    "category": it.category,
+                    "question_id": it.question_id,
+                    "question": it.question,
+                    "answer": it.answer,
+                    "token_id": int(tok),
+                    "response": response,
+                    "pred": pred,
+                    "correct": pred == it.answer,
+                }
+            )
     return out
 
 
-def run_mme(model, tokenizer, spec: dict | None = None, progress: bool = False,
-            transform: Callable | None = None) -> dict:
+def run_mme(
+    model, tokenizer, spec: dict | None = None, progress: bool = False, transform: Callable | None = None
+) -> dict:
     """Score ``model`` on MME (settings: ``MME_DEFAULTS``; other keys of ``spec`` are ignored).
 
     The prompt is BAGEL's (``mme_prompt``), the image goes through ``transform(image, family.image_geometry)``
@@ -535,12 +615,18 @@ def run_mme(model, tokenizer, spec: dict | None = None, progress: bool = False,
     ``n_items``, ``missing_subtasks``) plus ``per_item`` (``answer_mme``'s records), ``data`` (the
     dataset's repository, resolved commit, files, subsample) and ``settings``."""
     s = _settings(MME_DEFAULTS, spec, "MME", "evaluation")
-    items, info = _load_mme(s["mme_dataset"], s["mme_revision"], s["mme_split"], s["mme_max_images_per_subtask"],
-                            s["hf_cache_dir"])
+    items, info = _load_mme(
+        s["mme_dataset"], s["mme_revision"], s["mme_split"], s["mme_max_images_per_subtask"], s["hf_cache_dir"]
+    )
     per_item = answer_mme(model, tokenizer, items, int(s["batch_size"]), progress, transform)
     scores = mme_scores(per_item)
-    log.info("MME total %.1f (perception %.1f, cognition %.1f) on %d questions", scores["total"],
-             scores["perception"], scores["cognition"], scores["n_items"])
+    log.info(
+        "MME total %.1f (perception %.1f, cognition %.1f) on %d questions",
+        scores["total"],
+        scores["perception"],
+        scores["cognition"],
+        scores["n_items"],
+    )
     return {**scores, "per_item": per_item, "data": info, "settings": s}
 
 
@@ -590,8 +676,10 @@ def calibration_set(spec: dict | None = None) -> tuple[list[tuple[object, str]],
         try:
             excluded_ids = mme_coco_ids(s["mme_dataset"], s["mme_revision"], s["mme_split"], s["hf_cache_dir"])
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}\n(calibration reads MME's COCO image ids to keep its items off MME's "
-                                    "images; set calib_exclude_mme_images: false to calibrate without MME)") from None
+            raise FileNotFoundError(
+                f"{e}\n(calibration reads MME's COCO image ids to keep its items off MME's "
+                "images; set calib_exclude_mme_images: false to calibrate without MME)"
+            ) from None
     # every distinct (image, question), images in a fixed hash order, one question per image per round
     rows: dict[tuple[str, str], tuple[Path, int]] = {}
     dropped = set()
@@ -607,9 +695,13 @@ def calibration_set(spec: dict | None = None) -> tuple[list[tuple[object, str]],
     per_image: dict[str, list[str]] = {}
     for src, q in rows:
         per_image.setdefault(src, []).append(q)
-    ranked = sorted(((rank, _hash_key(src), src, q)
-                     for src, qs in per_image.items()
-                     for rank, q in enumerate(sorted(qs, key=lambda q: _hash_key(src, q)))))
+    ranked = sorted(
+        (
+            (rank, _hash_key(src), src, q)
+            for src, qs in per_image.items()
+            for rank, q in enumerate(sorted(qs, key=lambda q: _hash_key(src, q)))
+        )
+    )
     chosen = [(src, q) for _, _, src, q in ranked[:n]]
     if len(chosen) < n:
         log.warning("%s: only %d distinct calibration items, %d asked for", repo, len(chosen), n)
@@ -622,10 +714,17 @@ def calibration_set(spec: dict | None = None) -> tuple[list[tuple[object, str]],
         rws = sorted(set(rws))
         cells.update({(f, r): b for r, b in zip(rws, _read_images(f, rws))})
     items = [(_open_image(cells[rows[key]]), calibration_prompt(key[1])) for key in chosen]
-    info = {"repo_id": repo, "revision": s["calib_revision"], "commit": _snapshot_commit(root), "split": split,
-            "files": [str(f.relative_to(root)) for f in files], "items": len(items),
-            "images": len({src for src, _ in chosen}), "excluded_mme_images": sorted(dropped),
-            "exclude_mme_images": bool(s["calib_exclude_mme_images"])}
+    info = {
+        "repo_id": repo,
+        "revision": s["calib_revision"],
+        "commit": _snapshot_commit(root),
+        "split": split,
+        "files": [str(f.relative_to(root)) for f in files],
+        "items": len(items),
+        "images": len({src for src, _ in chosen}),
+        "excluded_mme_images": sorted(dropped),
+        "exclude_mme_images": bool(s["calib_exclude_mme_images"]),
+    }
     return items, info
 
 

@@ -1,4 +1,5 @@
 """Evaluate a model on both tasks; record scores, parameter counts, FLOPs and measured latency."""
+
 from __future__ import annotations
 
 import logging
@@ -9,12 +10,12 @@ from pathlib import Path
 import torch
 
 from ..accounting import flops_per_token, parameter_counts
+from ..benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
 from ..families import family_for, load_family
 from ..models.sampling import SAMPLER_DEFAULTS, sampler_settings
 from ..runtime import describe, synchronize
 from ..spec import merge_spec
 from ..worlds import shapes
-from ..benchmarks import DEFAULT_BENCHMARKS, check_benchmarks
 from .generation import evaluate_generation
 from .geneval import GENEVAL_DEFAULTS
 from .mme import MME_DEFAULTS
@@ -93,9 +94,16 @@ def evaluate_model(family, spec: dict | None = None, progress: bool = False, art
         probe_ids = [family.encode(p.text) for p, _ in pairs[: min(32, len(pairs))]]
     t2 = time.perf_counter()
     seeds = list(range(len(probe_ids)))
-    lat_gen = _median_seconds(lambda: family.generate_images(probe_ids, seeds, **sampler), spec["latency_repeats"], device)
-    log.info("%s overall %.4f; %s overall %.4f", spec["benchmarks"]["und"], qa["overall"], spec["benchmarks"]["gen"],
-             gen["overall"])
+    lat_gen = _median_seconds(
+        lambda: family.generate_images(probe_ids, seeds, **sampler), spec["latency_repeats"], device
+    )
+    log.info(
+        "%s overall %.4f; %s overall %.4f",
+        spec["benchmarks"]["und"],
+        qa["overall"],
+        spec["benchmarks"]["gen"],
+        gen["overall"],
+    )
     return {
         "understanding": qa,
         "generation": gen,
@@ -113,9 +121,11 @@ def evaluate_model(family, spec: dict | None = None, progress: bool = False, art
     }
 
 
-def evaluate_model_dir(model_dir, spec: dict | None = None, progress: bool = False, device=None, dtype=None,
-                       artifacts_dir=None) -> dict:
-    metrics = evaluate_model(load_family(model_dir, device=device, dtype=dtype), spec, progress,
-                             artifacts_dir=artifacts_dir)
+def evaluate_model_dir(
+    model_dir, spec: dict | None = None, progress: bool = False, device=None, dtype=None, artifacts_dir=None
+) -> dict:
+    metrics = evaluate_model(
+        load_family(model_dir, device=device, dtype=dtype), spec, progress, artifacts_dir=artifacts_dir
+    )
     metrics["model_dir"] = str(model_dir)
     return metrics

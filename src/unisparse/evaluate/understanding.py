@@ -1,4 +1,5 @@
 """ShapesQA: one-token answers scored by exact match, per question type and overall."""
+
 from __future__ import annotations
 
 import torch

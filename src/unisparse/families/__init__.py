@@ -4,6 +4,7 @@
 already in memory. A family's module is imported only when a model of that family is used (Qwen-Image
 needs diffusers; the MoT does not).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,8 +36,10 @@ def family_name_of(model_dir) -> str:
     for name, (_, marker) in FAMILIES.items():
         if (Path(model_dir) / marker).is_file() and family_class(name).is_model_dir(model_dir):
             return name
-    raise FileNotFoundError(f"{model_dir} is not a model directory of any registered family {sorted(FAMILIES)} "
-                            "(a MoT directory has config.json; a Qwen-Image one model_index.json)")
+    raise FileNotFoundError(
+        f"{model_dir} is not a model directory of any registered family {sorted(FAMILIES)} "
+        "(a MoT directory has config.json; a Qwen-Image one model_index.json)"
+    )
 
 
 def load_family(model_dir, device=None, dtype=None) -> Family:
@@ -63,8 +66,10 @@ def require_family(family, what: str) -> Family:
     """``family`` itself, or a TypeError: internals take a ``Family``; a model becomes one once, at the
     public entry point (``family_for``), never again on the way down."""
     if not isinstance(family, Family):
-        raise TypeError(f"{what} takes a families.Family, got {type(family).__name__} (wrap a model once: "
-                        "unisparse.families.family_for(model))")
+        raise TypeError(
+            f"{what} takes a families.Family, got {type(family).__name__} (wrap a model once: "
+            "unisparse.families.family_for(model))"
+        )
     return family
 
 
@@ -74,4 +79,16 @@ def like_given(result: Family, given):
     return result if isinstance(given, Family) else result.model
 
 
-__all__ = ["FAMILIES", "Family", "ImageGeometry", "LayerObserver", "SUBLAYERS", "family_class", "family_for", "family_name_of", "like_given", "load_family", "require_family"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "ImageGeometry",
+    "LayerObserver",
+    "SUBLAYERS",
+    "family_class",
+    "family_for",
+    "family_name_of",
+    "like_given",
+    "load_family",
+    "require_family",
+]

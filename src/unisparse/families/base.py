@@ -18,6 +18,7 @@ A family wraps one loaded model and says
 Families register themselves in ``families/__init__.py``; ``load_family`` picks one from what a model
 directory holds.
 """
+
 from __future__ import annotations
 
 import copy
@@ -163,8 +164,12 @@ class Family:
 
     def mlp_places(self, component: str) -> list[tuple[int, str]]:
         """(layer, slot) of every MLP the component still has, in layer then slot order."""
-        return [(i, s) for i in range(self.num_layers(component)) for s in self.mlp_slots(component)
-                if self.mlp(component, i, s) is not None]
+        return [
+            (i, s)
+            for i in range(self.num_layers(component))
+            for s in self.mlp_slots(component)
+            if self.mlp(component, i, s) is not None
+        ]
 
     def skipped(self, component: str) -> dict[str, list[int]]:
         """``{sublayer: [layers]}`` already dropped from ``component``."""
@@ -174,8 +179,9 @@ class Family:
         """The MoE spec of ``component`` (``layers``, ``num_experts``, ``top_k``, ...), None if dense."""
         raise NotImplementedError
 
-    def rebuild(self, skip: dict | None = None, mlps: dict | None = None, moe: dict | None = None,
-                **options) -> "Family":
+    def rebuild(
+        self, skip: dict | None = None, mlps: dict | None = None, moe: dict | None = None, **options
+    ) -> "Family":
         """A new family of the same kind with changed structure and every other weight copied exactly.
 
         ``skip``: ``{component: {sublayer: [layers]}}``, the complete new skip lists; ``mlps``:

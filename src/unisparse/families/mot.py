@@ -5,6 +5,7 @@ latent tokens), one SwiGLU MLP per tower and layer. Structure lives in ``MoTConf
 ``mlp_widths``, ``moe``, ``skipped_attention_kv``); a rebuild is a new config plus the old state dict
 with the replaced MLPs' entries swapped, so every derived model is ``MoTForUnifiedModel`` again.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,10 +15,10 @@ import torch
 
 from ..choices import COMPONENTS
 from ..io import read_json, save_model
-from ..models.configuration_mot import SUFFIX, MoTConfig
-from ..models.modeling_mot import MoTForUnifiedModel
-from ..models.loading import load_model
 from ..models.blocks import MLPWeights, SwiGLUMLP
+from ..models.configuration_mot import SUFFIX, MoTConfig
+from ..models.loading import load_model
+from ..models.modeling_mot import MoTForUnifiedModel
 from .base import Family, ImageGeometry
 
 LAYERS_PREFIX = "language_model.model.layers."
@@ -90,12 +91,18 @@ class MoTFamily(Family):
                 prefix = self._mlp_prefix(component, layer)
                 if isinstance(block, MLPWeights):
                     if block.kind != "swiglu":
-                        raise ValueError(f"a MoT's MLPs are SwiGLU; got {block.kind} weights for {component} layer {layer}")
-                    widths.setdefault(component, [self.config.mlp_width(component, i)
-                                                  for i in range(self.config.num_hidden_layers)])
+                        raise ValueError(
+                            f"a MoT's MLPs are SwiGLU; got {block.kind} weights for {component} layer {layer}"
+                        )
+                    widths.setdefault(
+                        component, [self.config.mlp_width(component, i) for i in range(self.config.num_hidden_layers)]
+                    )
                     widths[component][layer] = block.width
-                    replaced[prefix] = {"gate_proj.weight": block.gate, "up_proj.weight": block.up,
-                                        "down_proj.weight": block.down}
+                    replaced[prefix] = {
+                        "gate_proj.weight": block.gate,
+                        "up_proj.weight": block.up,
+                        "down_proj.weight": block.down,
+                    }
                 else:
                     replaced[prefix] = block.state_dict()
             if any(isinstance(b, MLPWeights) for b in mlps.values()):
@@ -119,8 +126,11 @@ class MoTFamily(Family):
         mlp = self.mlp(component, layer)
         # the down projections of a dense MLP, of every expert and of a shared expert (and a GELU
         # MoE's output bias): without them the block adds zero
-        return [p for n, p in mlp.named_parameters()
-                if n.split(".")[-2:-1] == ["down_proj"] or n.endswith("down_proj") or n == "down_bias"]
+        return [
+            p
+            for n, p in mlp.named_parameters()
+            if n.split(".")[-2:-1] == ["down_proj"] or n.endswith("down_proj") or n == "down_bias"
+        ]
 
     def parameter_component(self, name: str) -> str:
         """``gen`` for the generation tower (``*_moe_gen``), ``und`` for the understanding tower,

@@ -7,6 +7,7 @@ structure (components, layers, MLP slots, skip lists, rebuild), which lives in t
 (diffusers' pipeline layout plus ``SHA256SUMS``) and both tasks (Qwen2-VL's image preprocessing,
 prompt encoding, the flow-matching sampler, the flow loss) are ``models.qwen_image_pipeline``'s.
 """
+
 from __future__ import annotations
 
 import copy
@@ -75,16 +76,18 @@ class QwenImageFamily(Family):
         return is_pipeline_dir(path)
 
     @classmethod
-    def load(cls, model_dir, device=None, dtype=None, settings: dict | None = None,
-             require_manifest: bool = True) -> "QwenImageFamily":
+    def load(
+        cls, model_dir, device=None, dtype=None, settings: dict | None = None, require_manifest: bool = True
+    ) -> "QwenImageFamily":
         """Load a model directory of this family strictly (``load_pipeline``; ``require_manifest`` False
         reads a raw ``Qwen/Qwen-Image`` snapshot); ``settings`` override the stored ones."""
         model, tokenizer, scheduler_config, stored = load_pipeline(model_dir, device, dtype, require_manifest)
         return cls(model, tokenizer, scheduler_config, {**stored, **(settings or {})})
 
     def save(self, out_dir, extra_files=()) -> None:
-        save_pipeline(out_dir, self.model, self.tokenizer.hf, self.scheduler_config, self.settings, self.name,
-                      extra_files)
+        save_pipeline(
+            out_dir, self.model, self.tokenizer.hf, self.scheduler_config, self.settings, self.name, extra_files
+        )
 
     # ------------------------------------------------------------------ structure
     def _module(self, component: str):
@@ -93,9 +96,12 @@ class QwenImageFamily(Family):
     def _structure(self, component: str) -> dict:
         m = self._module(component)
         c = m.config
-        return {"skip": {s: list(v) for s, v in c.skip.items()},
-                "mlp_widths": {s: list(v) for s, v in c.mlp_widths.items()},
-                "moe": copy.deepcopy(c.moe), "moe_slots": None if c.moe_slots is None else list(c.moe_slots)}
+        return {
+            "skip": {s: list(v) for s, v in c.skip.items()},
+            "mlp_widths": {s: list(v) for s, v in c.mlp_widths.items()},
+            "moe": copy.deepcopy(c.moe),
+            "moe_slots": None if c.moe_slots is None else list(c.moe_slots),
+        }
 
     def _layers(self, component: str) -> nn.ModuleList:
         m = self._module(component)
@@ -167,15 +173,27 @@ class QwenImageFamily(Family):
     def describe(self) -> dict:
         text = self.text_encoder.config.text_config
         tr = self.transformer.config
-        return {"family": self.name, "image_size": list(self.settings["image_size"]),
-                "und": {"layers": text.num_hidden_layers, "hidden_size": text.hidden_size,
-                        "mlp_width": text.intermediate_size, **self._structure("und")},
-                "gen": {"layers": tr.num_layers, "hidden_size": self.transformer.inner_dim,
-                        "mlp_width": self.transformer.default_mlp_width, **self._structure("gen")}}
+        return {
+            "family": self.name,
+            "image_size": list(self.settings["image_size"]),
+            "und": {
+                "layers": text.num_hidden_layers,
+                "hidden_size": text.hidden_size,
+                "mlp_width": text.intermediate_size,
+                **self._structure("und"),
+            },
+            "gen": {
+                "layers": tr.num_layers,
+                "hidden_size": self.transformer.inner_dim,
+                "mlp_width": self.transformer.default_mlp_width,
+                **self._structure("gen"),
+            },
+        }
 
     # ------------------------------------------------------------------ rebuild
-    def rebuild(self, skip: dict | None = None, mlps: dict | None = None, moe: dict | None = None,
-                **options) -> "QwenImageFamily":
+    def rebuild(
+        self, skip: dict | None = None, mlps: dict | None = None, moe: dict | None = None, **options
+    ) -> "QwenImageFamily":
         if options:
             raise ValueError(f"the qwen_image family has no rebuild options; got {sorted(options)}")
         skip, mlps, moe = skip or {}, mlps or {}, moe or {}
@@ -197,8 +215,10 @@ class QwenImageFamily(Family):
         n, default = self.num_layers(component), self.default_mlp_width(component)
         if skip is not None:
             if set(skip) - set(SUBLAYERS):
-                raise ValueError(f"{component}: unknown sublayers {sorted(set(skip) - set(SUBLAYERS))} in skip; "
-                                 f"expected {SUBLAYERS} (a dropped block is in both lists)")
+                raise ValueError(
+                    f"{component}: unknown sublayers {sorted(set(skip) - set(SUBLAYERS))} in skip; "
+                    f"expected {SUBLAYERS} (a dropped block is in both lists)"
+                )
             new_skip = {sub: sorted(int(i) for i in skip.get(sub, [])) for sub in SUBLAYERS}
             back = {sub: sorted(set(s["skip"][sub]) - set(new_skip[sub])) for sub in SUBLAYERS}
             if any(back.values()):

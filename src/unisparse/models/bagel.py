@@ -14,6 +14,7 @@ missing, unexpected or mis-shaped key is an error that names it, and the known t
 own message. Loading never unpickles and never holds a second copy: the model is built on the meta
 device, allocated once, and filled tensor by tensor from the safetensors files.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ..sizes import BAGEL_IMAGE_SIZE as IMAGE_SIZE, BAGEL_VIT_IMAGE_SIZE as VIT_IMAGE_SIZE
 from ..io import IntegrityError, atomic_path, dtype_mismatches, safetensors_header, weight_mismatches
+from ..sizes import BAGEL_IMAGE_SIZE as IMAGE_SIZE
+from ..sizes import BAGEL_VIT_IMAGE_SIZE as VIT_IMAGE_SIZE
 from .configuration_mot import MoTConfig
 from .modeling_mot import MoTForUnifiedModel
 
@@ -32,19 +34,50 @@ REQUIRED_FILES = (LLM_CONFIG, VIT_CONFIG, EMA, AE, "tokenizer.json")
 #: the VAE's weights live in ae.safetensors without a prefix; in the model they are ``vae_model.*``
 AE_PREFIX = "vae_model."
 #: BAGEL's special tokens (``data/data_utils.py``): the chat markers double as bos / eos
-SPECIAL_TOKENS = {"bos_token_id": "<|im_start|>", "eos_token_id": "<|im_end|>",
-                  "image_start_token_id": "<|vision_start|>", "image_end_token_id": "<|vision_end|>",
-                  "pad_token_id": "<|endoftext|>"}
+SPECIAL_TOKENS = {
+    "bos_token_id": "<|im_start|>",
+    "eos_token_id": "<|im_end|>",
+    "image_start_token_id": "<|vision_start|>",
+    "image_end_token_id": "<|vision_end|>",
+    "pad_token_id": "<|endoftext|>",
+}
 #: what BAGEL's inference code fixes and no file records
-BAGEL_LAYOUT = dict(vision="siglip_navit", codec="flux", prompt_format="bagel", latent_patch_size=2,
-                    latent_downsample=8, max_latent_size=64, vit_max_num_patch_per_side=70, time_embed_dim=256,
-                    timestep_scale=1.0, timestep_shift=3.0, latent_pos_embed="sincos", num_channels=3)
+BAGEL_LAYOUT = dict(
+    vision="siglip_navit",
+    codec="flux",
+    prompt_format="bagel",
+    latent_patch_size=2,
+    latent_downsample=8,
+    max_latent_size=64,
+    vit_max_num_patch_per_side=70,
+    time_embed_dim=256,
+    timestep_scale=1.0,
+    timestep_shift=3.0,
+    latent_pos_embed="sincos",
+    num_channels=3,
+)
 #: FLUX's latent scale and shift (BAGEL's ``load_ae``; not stored in ae.safetensors)
 FLUX_SCALE_SHIFT = dict(scale_factor=0.3611, shift_factor=0.1159)
-LLM_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "rms_norm_eps", "rope_theta", "vocab_size")
-VIT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
-            "num_channels", "layer_norm_eps", "hidden_act")
+LLM_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "rope_theta",
+    "vocab_size",
+)
+VIT_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "patch_size",
+    "num_channels",
+    "layer_norm_eps",
+    "hidden_act",
+)
 
 
 def _read_json(path: Path, keys) -> dict:
@@ -89,13 +122,19 @@ def flux_sizes_from_shapes(ae_shapes: dict[str, tuple]) -> dict:
     levels = sorted({int(m.group(1)) for k in ae_shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     blocks = {int(m.group(1)) for k in ae_shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
     ch = conv_in[0]
-    return dict(in_channels=conv_in[1], ch=ch, out_ch=ae_shapes["decoder.conv_out.weight"][0],
-                ch_mult=[ae_shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in levels],
-                num_res_blocks=len(blocks), z_channels=ae_shapes["encoder.conv_out.weight"][0] // 2)
+    return dict(
+        in_channels=conv_in[1],
+        ch=ch,
+        out_ch=ae_shapes["decoder.conv_out.weight"][0],
+        ch_mult=[ae_shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in levels],
+        num_res_blocks=len(blocks),
+        z_channels=ae_shapes["encoder.conv_out.weight"][0] // 2,
+    )
 
 
-def bagel_config(llm: dict, vit: dict, ae: dict, token_ids: dict, image_size: int = IMAGE_SIZE,
-                 vit_image_size: int = VIT_IMAGE_SIZE) -> MoTConfig:
+def bagel_config(
+    llm: dict, vit: dict, ae: dict, token_ids: dict, image_size: int = IMAGE_SIZE, vit_image_size: int = VIT_IMAGE_SIZE
+) -> MoTConfig:
     """The MoT config from BAGEL's three sources of sizes: ``llm_config.json`` (``llm``), ``vit_config.json``
     (``vit``; its layer count includes the one BAGEL drops) and the FLUX AE's sizes (``ae``)."""
     vit_sizes = {k: vit[k] for k in VIT_KEYS}
@@ -105,37 +144,71 @@ def bagel_config(llm: dict, vit: dict, ae: dict, token_ids: dict, image_size: in
     return MoTConfig(
         **{k: llm[k] for k in LLM_KEYS},
         head_dim=llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"],
-        image_size=image_size, vit_image_size=vit_image_size, vit_patch_size=vit["patch_size"],
-        vit_hidden_size=vit["hidden_size"], vit_config=vit_sizes, codec_config=ae,
-        latent_channels=ae["z_channels"], **layout, **token_ids)
+        image_size=image_size,
+        vit_image_size=vit_image_size,
+        vit_patch_size=vit["patch_size"],
+        vit_hidden_size=vit["hidden_size"],
+        vit_config=vit_sizes,
+        codec_config=ae,
+        latent_channels=ae["z_channels"],
+        **layout,
+        **token_ids,
+    )
 
 
 def config_from_bagel(src, image_size: int = IMAGE_SIZE, vit_image_size: int = VIT_IMAGE_SIZE) -> MoTConfig:
     """The MoT config of a BAGEL directory: sizes from its JSON files, token ids from its tokenizer, the
     VAE's sizes from ``ae.safetensors``' shapes, the rest from ``BAGEL_LAYOUT``."""
     src = Path(src)
-    return bagel_config(_read_json(src / LLM_CONFIG, LLM_KEYS), _read_json(src / VIT_CONFIG, VIT_KEYS),
-                        flux_sizes_from_shapes(_stored_shapes(src / AE)), special_token_ids(src),
-                        image_size, vit_image_size)
+    return bagel_config(
+        _read_json(src / LLM_CONFIG, LLM_KEYS),
+        _read_json(src / VIT_CONFIG, VIT_KEYS),
+        flux_sizes_from_shapes(_stored_shapes(src / AE)),
+        special_token_ids(src),
+        image_size,
+        vit_image_size,
+    )
 
 
 #: BAGEL-7B-MoT's sizes as published (Qwen2.5-7B-Instruct's llm_config, SigLIP so400m/14's vit_config,
 #: FLUX.1's AE, Qwen2's token ids), for planning and parameter counts without the files; the loader
 #: always reads the real files
 PUBLISHED = dict(
-    llm=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-             num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, vocab_size=152064),
-    vit=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14,
-             num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh"),
+    llm=dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        vocab_size=152064,
+    ),
+    vit=dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        patch_size=14,
+        num_channels=3,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh",
+    ),
     ae=dict(in_channels=3, ch=128, out_ch=3, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=16),
-    token_ids=dict(pad_token_id=151643, bos_token_id=151644, eos_token_id=151645, image_start_token_id=151652,
-                   image_end_token_id=151653),
+    token_ids=dict(
+        pad_token_id=151643,
+        bos_token_id=151644,
+        eos_token_id=151645,
+        image_start_token_id=151652,
+        image_end_token_id=151653,
+    ),
 )
 
 
 def published_config(image_size: int = IMAGE_SIZE, vit_image_size: int = VIT_IMAGE_SIZE) -> MoTConfig:
-    return bagel_config(PUBLISHED["llm"], PUBLISHED["vit"], PUBLISHED["ae"], PUBLISHED["token_ids"],
-                        image_size, vit_image_size)
+    return bagel_config(
+        PUBLISHED["llm"], PUBLISHED["vit"], PUBLISHED["ae"], PUBLISHED["token_ids"], image_size, vit_image_size
+    )
 
 
 def _diagnose(stored: dict, expected: dict, vit_layers: int) -> list[str]:
@@ -143,24 +216,34 @@ def _diagnose(stored: dict, expected: dict, vit_layers: int) -> list[str]:
     generic key lists, which would only say "missing" and "unexpected")."""
     problems = []
     for prefix in ("bagel.", "model.", "module."):
-        hits = [k for k in stored if k.startswith(prefix) and k[len(prefix):] in expected]
+        hits = [k for k in stored if k.startswith(prefix) and k[len(prefix) :] in expected]
         if hits:
-            problems.append(f"{len(hits)} keys carry an extra prefix {prefix!r} (e.g. {hits[0]}); BAGEL-7B-MoT "
-                            f"stores them without one: strip it before loading")
+            problems.append(
+                f"{len(hits)} keys carry an extra prefix {prefix!r} (e.g. {hits[0]}); BAGEL-7B-MoT "
+                f"stores them without one: strip it before loading"
+            )
     head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
     if head not in stored and embed in stored:
-        problems.append(f"{head} is missing: a tied head (LM head = embeddings); BAGEL-7B-MoT stores an untied "
-                        f"head and tie_word_embeddings is forced off")
+        problems.append(
+            f"{head} is missing: a tied head (LM head = embeddings); BAGEL-7B-MoT stores an untied "
+            f"head and tie_word_embeddings is forced off"
+        )
     patch = "vit_model.vision_model.embeddings.patch_embedding.weight"
     if patch in stored and len(stored[patch]) == 4:
-        problems.append(f"{patch} has the Conv2d layout {list(stored[patch])}; BAGEL stores the patch embedding as "
-                        f"a Linear {list(expected.get(patch, ()))} in (ph, pw, c) order "
-                        f"(siglip_navit.conv_patch_weight_to_linear converts it)")
-    layers = {int(m.group(1)) for k in stored if (m := re.match(r"vit_model\.vision_model\.encoder\.layers\.(\d+)\.", k))}
+        problems.append(
+            f"{patch} has the Conv2d layout {list(stored[patch])}; BAGEL stores the patch embedding as "
+            f"a Linear {list(expected.get(patch, ()))} in (ph, pw, c) order "
+            f"(siglip_navit.conv_patch_weight_to_linear converts it)"
+        )
+    layers = {
+        int(m.group(1)) for k in stored if (m := re.match(r"vit_model\.vision_model\.encoder\.layers\.(\d+)\.", k))
+    }
     if layers and max(layers) >= vit_layers:
-        problems.append(f"the ViT has {max(layers) + 1} encoder layers; BAGEL keeps {vit_layers} "
-                        f"(vit_config.json's num_hidden_layers minus one): layer(s) {sorted(layers - set(range(vit_layers)))} "
-                        f"are unexpected")
+        problems.append(
+            f"the ViT has {max(layers) + 1} encoder layers; BAGEL keeps {vit_layers} "
+            f"(vit_config.json's num_hidden_layers minus one): layer(s) {sorted(layers - set(range(vit_layers)))} "
+            f"are unexpected"
+        )
     return problems
 
 
@@ -174,21 +257,25 @@ def check_bagel_keys(src, model) -> dict[str, tuple[Path, str]]:
             if key in stored:
                 raise IntegrityError(f"{src}: tensor {key} is stored twice ({sources[key][0].name}, {path.name})")
             stored[key], dtypes[key] = shape, dtype
-            sources[key] = (path, key[len(prefix):])
+            sources[key] = (path, key[len(prefix) :])
     state = model.state_dict()
     expected = {k: tuple(v.shape) for k, v in state.items()}
     problems = _diagnose(stored, expected, model.config.vit_config.get("num_hidden_layers", 0))
     problems += weight_mismatches(stored, expected)
     for path, _ in ((src / EMA, ""), (src / AE, AE_PREFIX)):
-        problems += dtype_mismatches({k: d for k, d in dtypes.items() if sources[k][0] == path},
-                                     {k: v.dtype for k, v in state.items()}, where=f"{path.name}:")
+        problems += dtype_mismatches(
+            {k: d for k, d in dtypes.items() if sources[k][0] == path},
+            {k: v.dtype for k, v in state.items()},
+            where=f"{path.name}:",
+        )
     if problems:
         raise IntegrityError(f"{src} does not match BAGEL-7B-MoT's layout: " + "; ".join(problems))
     return sources
 
 
-def load_bagel(src, device="cpu", dtype=torch.bfloat16, image_size: int = IMAGE_SIZE,
-               vit_image_size: int = VIT_IMAGE_SIZE) -> MoTForUnifiedModel:
+def load_bagel(
+    src, device="cpu", dtype=torch.bfloat16, image_size: int = IMAGE_SIZE, vit_image_size: int = VIT_IMAGE_SIZE
+) -> MoTForUnifiedModel:
     """A BAGEL directory as a ``MoTForUnifiedModel`` on ``device`` in ``dtype``, loaded strictly."""
     from safetensors import safe_open
 
@@ -212,10 +299,25 @@ def load_bagel(src, device="cpu", dtype=torch.bfloat16, image_size: int = IMAGE_
 
 
 # ---------------------------------------------------------------------------------------------- the fake
-FAKE_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, vit_hidden_size=32,
-                  vit_intermediate_size=64, vit_layers=2, vit_heads=2, vit_patch_size=14,
-                  ae_ch=32, ae_ch_mult=[1, 1, 1, 1], ae_res_blocks=1, image_size=64, vit_image_size=28)
+FAKE_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    vit_hidden_size=32,
+    vit_intermediate_size=64,
+    vit_layers=2,
+    vit_heads=2,
+    vit_patch_size=14,
+    ae_ch=32,
+    ae_ch_mult=[1, 1, 1, 1],
+    ae_res_blocks=1,
+    image_size=64,
+    vit_image_size=28,
+)
 
 
 def _fake_tokenizer(out: Path) -> dict[str, int]:
@@ -233,10 +335,19 @@ def _fake_tokenizer(out: Path) -> dict[str, int]:
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n")
     ids = {s: tok.token_to_id(s) for s in specials}
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "model_max_length": 32768,
-        "added_tokens_decoder": {str(i): {"content": s, "special": True} for s, i in ids.items()}}, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "model_max_length": 32768,
+                "added_tokens_decoder": {str(i): {"content": s, "special": True} for s, i in ids.items()},
+            },
+            indent=2,
+        )
+    )
     return ids
 
 
@@ -256,25 +367,61 @@ def write_fake_checkpoint(out_dir, sizes: dict | None = None, seed: int = 0) -> 
     out.mkdir(parents=True, exist_ok=True)
     ids = _fake_tokenizer(out)
     vocab_size = -(-(max(ids.values()) + 1) // 64) * 64  # padded like Qwen2's 152064
-    llm = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
-               hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-               num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
-               num_key_value_heads=s["num_key_value_heads"], rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
-               vocab_size=vocab_size, max_position_embeddings=32768, max_window_layers=s["num_hidden_layers"],
-               sliding_window=32768, use_sliding_window=False, tie_word_embeddings=False, torch_dtype="bfloat16",
-               bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], attention_dropout=0.0,
-               initializer_range=0.02, use_cache=True)
-    vit = dict(model_type="siglip_vision_model", hidden_size=s["vit_hidden_size"],
-               intermediate_size=s["vit_intermediate_size"], num_hidden_layers=s["vit_layers"] + 1,
-               num_attention_heads=s["vit_heads"], num_channels=3, image_size=s["vit_image_size"],
-               patch_size=s["vit_patch_size"], hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
-               attention_dropout=0.0)
+    llm = dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_act="silu",
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"],
+        num_key_value_heads=s["num_key_value_heads"],
+        rms_norm_eps=s["rms_norm_eps"],
+        rope_theta=s["rope_theta"],
+        vocab_size=vocab_size,
+        max_position_embeddings=32768,
+        max_window_layers=s["num_hidden_layers"],
+        sliding_window=32768,
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        use_cache=True,
+    )
+    vit = dict(
+        model_type="siglip_vision_model",
+        hidden_size=s["vit_hidden_size"],
+        intermediate_size=s["vit_intermediate_size"],
+        num_hidden_layers=s["vit_layers"] + 1,
+        num_attention_heads=s["vit_heads"],
+        num_channels=3,
+        image_size=s["vit_image_size"],
+        patch_size=s["vit_patch_size"],
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        attention_dropout=0.0,
+    )
     (out / LLM_CONFIG).write_text(json.dumps(llm, indent=2))
     (out / VIT_CONFIG).write_text(json.dumps(vit, indent=2))
-    ae_sizes = dict(ch=s["ae_ch"], ch_mult=s["ae_ch_mult"], num_res_blocks=s["ae_res_blocks"], z_channels=16,
-                    in_channels=3, out_ch=3)
-    config = bagel_config(llm, vit, ae_sizes, {name: ids[tok] for name, tok in SPECIAL_TOKENS.items()},
-                          s["image_size"], s["vit_image_size"])
+    ae_sizes = dict(
+        ch=s["ae_ch"],
+        ch_mult=s["ae_ch_mult"],
+        num_res_blocks=s["ae_res_blocks"],
+        z_channels=16,
+        in_channels=3,
+        out_ch=3,
+    )
+    config = bagel_config(
+        llm,
+        vit,
+        ae_sizes,
+        {name: ids[tok] for name, tok in SPECIAL_TOKENS.items()},
+        s["image_size"],
+        s["vit_image_size"],
+    )
     torch.manual_seed(seed)
     model = MoTForUnifiedModel(config).eval()
     with torch.no_grad():  # random norms and biases, and every weight representable in bf16
@@ -285,7 +432,7 @@ def write_fake_checkpoint(out_dir, sizes: dict | None = None, seed: int = 0) -> 
                 p.copy_(p.bfloat16().float())
     state = model.state_dict()
     ema = {k: v.to(torch.bfloat16).contiguous() for k, v in state.items() if not k.startswith(AE_PREFIX)}
-    ae = {k[len(AE_PREFIX):]: v.contiguous() for k, v in state.items() if k.startswith(AE_PREFIX)}
+    ae = {k[len(AE_PREFIX) :]: v.contiguous() for k, v in state.items() if k.startswith(AE_PREFIX)}
     for name, tensors in ((EMA, ema), (AE, ae)):
         with atomic_path(out / name) as tmp:
             save_file(tensors, str(tmp))

@@ -8,6 +8,7 @@ what makes width pruning a slice and an all-experts MoE the dense MLP exactly. `
 one description of a dense MLP the algorithms see (``families``); ``models.moe_block`` builds
 experts from it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -95,20 +96,33 @@ class MLPWeights:
         """The MLP of neurons ``idx`` only (in that order): rows of gate/up (and up's bias), columns of
         down; the output bias is not per neuron and stays."""
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.up.device)
-        return replace(self, up=self.up[idx], down=self.down[:, idx],
-                       gate=None if self.gate is None else self.gate[idx],
-                       up_bias=None if self.up_bias is None else self.up_bias[idx])
+        return replace(
+            self,
+            up=self.up[idx],
+            down=self.down[:, idx],
+            gate=None if self.gate is None else self.gate[idx],
+            up_bias=None if self.up_bias is None else self.up_bias[idx],
+        )
 
     @classmethod
     def of(cls, module: nn.Module) -> "MLPWeights":
         """The weights of a ``SwiGLUMLP`` or ``GELUMLP`` (detached views, no copy)."""
         if isinstance(module, SwiGLUMLP):
-            return cls("swiglu", module.up_proj.weight.detach(), module.down_proj.weight.detach(),
-                       gate=module.gate_proj.weight.detach())
+            return cls(
+                "swiglu",
+                module.up_proj.weight.detach(),
+                module.down_proj.weight.detach(),
+                gate=module.gate_proj.weight.detach(),
+            )
         if isinstance(module, GELUMLP):
             b = module.down_proj.bias
-            return cls("gelu", module.up_proj.weight.detach(), module.down_proj.weight.detach(),
-                       up_bias=module.up_proj.bias.detach(), down_bias=None if b is None else b.detach())
+            return cls(
+                "gelu",
+                module.up_proj.weight.detach(),
+                module.down_proj.weight.detach(),
+                up_bias=module.up_proj.bias.detach(),
+                down_bias=None if b is None else b.detach(),
+            )
         raise TypeError(f"{type(module).__name__} is not a dense MLP block (SwiGLUMLP or GELUMLP)")
 
     def module(self) -> nn.Module:
@@ -116,8 +130,11 @@ class MLPWeights:
         on the meta device, so making it draws nothing from the global random generator)."""
         w = self.up
         with torch.device("meta"):
-            m = SwiGLUMLP(self.hidden_size, self.width) if self.kind == "swiglu" else \
-                GELUMLP(self.hidden_size, self.width, down_bias=self.down_bias is not None)
+            m = (
+                SwiGLUMLP(self.hidden_size, self.width)
+                if self.kind == "swiglu"
+                else GELUMLP(self.hidden_size, self.width, down_bias=self.down_bias is not None)
+            )
         m = m.to_empty(device=w.device).to(dtype=w.dtype)
         if self.kind == "swiglu":
             pairs = [(m.gate_proj.weight, self.gate), (m.up_proj.weight, self.up), (m.down_proj.weight, self.down)]

@@ -3,6 +3,7 @@
 Every structural change the pipeline makes (dropped sublayers, per-layer MLP widths, MoE layers) is
 recorded here, so that any artifact reloads with ``from_pretrained`` and nothing else.
 """
+
 from __future__ import annotations
 
 from transformers import PretrainedConfig
@@ -128,9 +129,7 @@ class MoTConfig(PretrainedConfig):
         self.skipped_attention_kv = skipped_attention_kv
         self.mlp_widths = mlp_widths or {}
         self.moe = moe or {}
-        super().__init__(
-            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs
-        )
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         self.validate_structure()
 
     # ------------------------------------------------------------------ derived sizes
@@ -171,18 +170,35 @@ class MoTConfig(PretrainedConfig):
 
     def validate_structure(self) -> None:
         """Fail early on inconsistent sizes instead of at the first matmul."""
-        check_model_sizes(self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads, self.image_size,
-                          self.vit_patch_size, self.latent_patch_size, self.latent_downsample, self.vit_image_size)
-        for name, allowed in (("skipped_attention_kv", SKIPPED_ATTENTION_KV), ("vision", VISIONS), ("codec", CODECS),
-                              ("prompt_format", PROMPT_FORMATS), ("latent_pos_embed", LATENT_POS_EMBEDS)):
+        check_model_sizes(
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.image_size,
+            self.vit_patch_size,
+            self.latent_patch_size,
+            self.latent_downsample,
+            self.vit_image_size,
+        )
+        for name, allowed in (
+            ("skipped_attention_kv", SKIPPED_ATTENTION_KV),
+            ("vision", VISIONS),
+            ("codec", CODECS),
+            ("prompt_format", PROMPT_FORMATS),
+            ("latent_pos_embed", LATENT_POS_EMBEDS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.max_latent_size < self.latent_grid:
-            raise ValueError(f"max_latent_size={self.max_latent_size} is smaller than the latent grid {self.latent_grid} "
-                             f"of {self.image_size}-pixel images")
+            raise ValueError(
+                f"max_latent_size={self.max_latent_size} is smaller than the latent grid {self.latent_grid} "
+                f"of {self.image_size}-pixel images"
+            )
         if self.vit_max_num_patch_per_side < self.vit_grid:
-            raise ValueError(f"vit_max_num_patch_per_side={self.vit_max_num_patch_per_side} is smaller than the ViT grid "
-                             f"{self.vit_grid} of {self.vit_image_size}-pixel images")
+            raise ValueError(
+                f"vit_max_num_patch_per_side={self.vit_max_num_patch_per_side} is smaller than the ViT grid "
+                f"{self.vit_grid} of {self.vit_image_size}-pixel images"
+            )
         for comp, widths in self.mlp_widths.items():
             check_component(comp)
             if len(widths) != self.num_hidden_layers or min(widths) < 1:

@@ -10,6 +10,7 @@ parameter and nothing else: there are no extra parameters and no persistent buff
 ``FluxCodec`` wraps it in the MoT's codec interface (``encode(images) -> tokens``,
 ``decode(tokens) -> images``), the drop-in replacement for ``IdentityCodec``.
 """
+
 from __future__ import annotations
 
 import math

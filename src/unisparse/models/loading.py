@@ -1,5 +1,6 @@
 """Load a model directory written by the pipeline: the class comes from the saved config through
 transformers' Auto registration (``modeling_mot`` registers the MoT when imported), never from the caller."""
+
 from __future__ import annotations
 
 import logging

@@ -10,18 +10,20 @@ Sublayers listed in ``config.skip`` are not built and not computed for that towe
 An optional ``observer`` (``families.base.LayerObserver``) receives each layer's per-tower tensors
 (calibration statistics, router logits) without any state being stored on modules.
 """
+
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .blocks import SwiGLUMLP
-from .patches import patchify, unpatchify
 from .configuration_mot import COMPONENTS, SUFFIX, MoTConfig
 from .moe_block import MoEMLP
+from .patches import patchify, unpatchify
 from .sampling import MOT_RENORMS, check_renorm, guided_velocity
 
 UND, GEN, PAD = 0, 1, -1
@@ -55,7 +57,9 @@ def rotate_half(x):
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype=torch.float32):
     """cos/sin tables [B, 1, T, d], computed in fp32 on the positions' device, returned in ``dtype``."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim)
+    )
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
@@ -340,7 +344,9 @@ class MoTForUnifiedModel(PreTrainedModel):
         self.vae2llm = nn.Linear(config.latent_dim, h)
         self.llm2vae = nn.Linear(h, config.latent_dim)
         self.time_embedder = TimestepEmbedder(h, config.time_embed_dim, config.timestep_scale)
-        self.latent_pos_embed = PositionEmbedding(config.max_latent_size, h, learned=config.latent_pos_embed == "learned")
+        self.latent_pos_embed = PositionEmbedding(
+            config.max_latent_size, h, learned=config.latent_pos_embed == "learned"
+        )
         codec = build_codec(config)
         if isinstance(codec, nn.Module):
             self.vae_model = codec  # weights under vae_model.* (BAGEL keeps them in ae.safetensors)
@@ -524,8 +530,9 @@ class MoTForUnifiedModel(PreTrainedModel):
         h_latents = h_block[:, off : off + self.config.num_latent_tokens]
         return self.llm2vae(self.language_model.model.norm_moe_gen(h_latents)).float()
 
-    def flow_loss(self, prompt_ids, images, cond_keep=None, generator=None, observer=None, need_aux=False,
-                  noise=None, t=None):
+    def flow_loss(
+        self, prompt_ids, images, cond_keep=None, generator=None, observer=None, need_aux=False, noise=None, t=None
+    ):
         """Rectified-flow loss (fp32): ``x_t = (1-t) x0 + t noise``, target ``v = noise - x0``, t = sigmoid(N(0,1)).
 
         cond_keep: bool [B]; False drops the prompt for that sample (classifier-free guidance training).
@@ -570,8 +577,18 @@ class MoTForUnifiedModel(PreTrainedModel):
         return shift * t / (1 + (shift - 1) * t)
 
     @torch.no_grad()
-    def generate_images(self, prompt_ids, seeds, num_steps=20, cfg_scale=4.0, shift=None, observer=None,
-                        cfg_interval=(0.0, 1.0), cfg_renorm="none", cfg_renorm_min=0.0):
+    def generate_images(
+        self,
+        prompt_ids,
+        seeds,
+        num_steps=20,
+        cfg_scale=4.0,
+        shift=None,
+        observer=None,
+        cfg_interval=(0.0, 1.0),
+        cfg_renorm="none",
+        cfg_renorm_min=0.0,
+    ):
         """Euler sampling from t=1 (noise) to t=0 on the shifted schedule (``num_steps`` steps; BAGEL's
         ``num_timesteps`` is ``num_steps + 1``), with classifier-free guidance where
         ``cfg_interval[0] < t <= cfg_interval[1]`` (the unconditional pass sees no prompt) and optional
@@ -582,7 +599,9 @@ class MoTForUnifiedModel(PreTrainedModel):
         shift = c.timestep_shift if shift is None else shift
         B, L = len(prompt_ids), c.num_latent_tokens
         # per-sample noise drawn on the CPU from the sample's seed: the same image on every device
-        noise = torch.stack([torch.randn(L, c.latent_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        noise = torch.stack(
+            [torch.randn(L, c.latent_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        )
         x = noise.to(self.device)  # the Euler state stays fp32; latent_block casts to the model dtype
         presents, ppos, plen = self.prefill(prompt_ids, observer=observer)
         Tp = ppos.shape[1]

@@ -21,6 +21,7 @@ Dispatch (``spec["dispatch"]``): how the routed sum is computed; the kernels and
 in ``moe_dispatch`` (registered in its ``DISPATCH``), so this module reads as the reference: the
 block's ``forward`` is routing, one dispatch call, the shared expert.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -194,8 +195,15 @@ class MoEMLP(nn.Module):
         dispatch = self.dispatch
         if dispatch == "auto":
             dispatch = choose_dispatch(x, self.num_experts, self.top_k, self.expert_size)
-        y = DISPATCH[dispatch](x, expert_idx, expert_weights, self.experts.first, self.experts.down_proj,
-                               self.kind, self.experts.first_bias)
+        y = DISPATCH[dispatch](
+            x,
+            expert_idx,
+            expert_weights,
+            self.experts.first,
+            self.experts.down_proj,
+            self.kind,
+            self.experts.first_bias,
+        )
         if self.shared_expert is not None:
             y = y + self.shared_expert(x) * (1.0 + self.shared_expert_gate(x))
         if self.down_bias is not None:
@@ -232,7 +240,11 @@ class MoEMLP(nn.Module):
         shared_idx = torch.as_tensor(shared_idx, dtype=torch.long).reshape(-1)
         if expert_idx.dim() != 2:
             raise ValueError(f"expert_idx must be [num_experts, expert_size], got shape {tuple(expert_idx.shape)}")
-        got = {"num_experts": expert_idx.shape[0], "expert_size": expert_idx.shape[1], "shared_size": shared_idx.numel()}
+        got = {
+            "num_experts": expert_idx.shape[0],
+            "expert_size": expert_idx.shape[1],
+            "shared_size": shared_idx.numel(),
+        }
         bad = {k: (spec[k], v) for k, v in got.items() if spec[k] != v}
         if bad:
             raise ValueError(f"spec disagrees with the partition (spec, partition): {bad}")
@@ -259,8 +271,13 @@ class MoEMLP(nn.Module):
 
 def _copy_into(block: nn.Module, weights: MLPWeights) -> None:
     """Copy ``weights`` into a dense block of the same kind and sizes (no new module: no RNG draw)."""
-    for name, value in (("gate_proj.weight", weights.gate), ("up_proj.weight", weights.up), ("up_proj.bias", weights.up_bias),
-                        ("down_proj.weight", weights.down), ("down_proj.bias", weights.down_bias)):
+    for name, value in (
+        ("gate_proj.weight", weights.gate),
+        ("up_proj.weight", weights.up),
+        ("up_proj.bias", weights.up_bias),
+        ("down_proj.weight", weights.down),
+        ("down_proj.bias", weights.down_bias),
+    ):
         if value is not None:
             block.get_parameter(name).copy_(value)
 

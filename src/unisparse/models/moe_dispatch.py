@@ -21,6 +21,7 @@ in ``integrations/moe.py``). Every path computes the same sum up to float roundi
     computes ``nosync``.
   * ``loop``: the plain reference (``torch.where`` per expert), the reference of truth for tests.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,7 +76,9 @@ def dispatch_grouped(x, expert_idx, expert_weights, gate_up, down, kind="swiglu"
             continue
         t = tok[start : start + c]
         h = torch.mm(x.index_select(0, t), gate_up[e].t())
-        act = expert_activation(h, kind, gate_up, None if up_bias is None else up_bias[e]) * w[start : start + c, None]  # narrow side
+        act = (
+            expert_activation(h, kind, gate_up, None if up_bias is None else up_bias[e]) * w[start : start + c, None]
+        )  # narrow side
         y.index_add_(0, t, torch.mm(act, down[e].t()))
         start += c
     return y

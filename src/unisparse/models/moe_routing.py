@@ -1,5 +1,6 @@
 """The routing sort shared by the sync-free MoE dispatch (``moe_block``) and its Triton kernels
 (``moe_triton``), kept apart so that neither imports the other for it."""
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,8 @@ def route_plan(expert_idx, num_experts: int):
     """
     flat = expert_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    ends = torch.searchsorted(flat.index_select(0, order), torch.arange(num_experts, device=flat.device),
-                              right=True, out_int32=True)
+    ends = torch.searchsorted(
+        flat.index_select(0, order), torch.arange(num_experts, device=flat.device), right=True, out_int32=True
+    )
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return order, inverse, ends

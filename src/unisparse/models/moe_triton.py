@@ -25,6 +25,7 @@ Status: checked for agreement with the reference loop in Triton's interpreter on
 (``TRITON_INTERPRET=1``, tests/test_moe_dispatch.py); block sizes are untuned and the kernels have
 not yet been run or timed on a GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,10 +55,29 @@ def usable(x, expert_weights, gate_up, down) -> bool:
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, gu_ptr, w_ptr, order_ptr, row0_ptr, row1_ptr, expert_ptr, act_ptr,
-                    H, I, TOP_K,
-                    stride_xn, stride_xh, stride_ge, stride_gi, stride_gh, stride_an,
-                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gate_up_kernel(
+    x_ptr,
+    gu_ptr,
+    w_ptr,
+    order_ptr,
+    row0_ptr,
+    row1_ptr,
+    expert_ptr,
+    act_ptr,
+    H,
+    I,  # noqa: E741 (the MLP width, as in the kernels' notation)
+    TOP_K,
+    stride_xn,
+    stride_xh,
+    stride_ge,
+    stride_gi,
+    stride_gh,
+    stride_an,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     row0 = tl.load(row0_ptr + pid_m)
@@ -78,8 +98,9 @@ def _gate_up_kernel(x_ptr, gu_ptr, w_ptr, order_ptr, row0_ptr, row1_ptr, expert_
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + rk
         kmask = kk < H
-        a = tl.load(x_ptr + tok[:, None] * stride_xn + kk[None, :] * stride_xh,
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(
+            x_ptr + tok[:, None] * stride_xn + kk[None, :] * stride_xh, mask=rmask[:, None] & kmask[None, :], other=0.0
+        )
         bmask = kmask[:, None] & cmask[None, :]
         bg = tl.load(g_base + cols[None, :] * stride_gi + kk[:, None] * stride_gh, mask=bmask, other=0.0)
         bu = tl.load(g_base + (cols + I)[None, :] * stride_gi + kk[:, None] * stride_gh, mask=bmask, other=0.0)
@@ -91,15 +112,34 @@ def _gate_up_kernel(x_ptr, gu_ptr, w_ptr, order_ptr, row0_ptr, row1_ptr, expert_
             acc_u += tl.dot(a, bu)
     wgt = tl.load(w_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
     act = acc_g * tl.sigmoid(acc_g) * acc_u * wgt[:, None]
-    tl.store(act_ptr + rows[:, None].to(tl.int64) * stride_an + cols[None, :],
-             act.to(act_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    tl.store(
+        act_ptr + rows[:, None].to(tl.int64) * stride_an + cols[None, :],
+        act.to(act_ptr.dtype.element_ty),
+        mask=rmask[:, None] & cmask[None, :],
+    )
 
 
 @triton.jit
-def _down_kernel(act_ptr, dn_ptr, order_ptr, row0_ptr, row1_ptr, expert_ptr, out_ptr,
-                 H, I,
-                 stride_an, stride_de, stride_dh, stride_di, stride_on,
-                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_kernel(
+    act_ptr,
+    dn_ptr,
+    order_ptr,
+    row0_ptr,
+    row1_ptr,
+    expert_ptr,
+    out_ptr,
+    H,
+    I,  # noqa: E741 (the MLP width, as in the kernels' notation)
+    stride_an,
+    stride_de,
+    stride_dh,
+    stride_di,
+    stride_on,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     row0 = tl.load(row0_ptr + pid_m)
@@ -117,17 +157,26 @@ def _down_kernel(act_ptr, dn_ptr, order_ptr, row0_ptr, row1_ptr, expert_ptr, out
     for k0 in range(0, I, BLOCK_K):
         kk = k0 + rk
         kmask = kk < I
-        a = tl.load(act_ptr + rows[:, None].to(tl.int64) * stride_an + kk[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(d_base + cols[None, :] * stride_dh + kk[:, None] * stride_di,
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        a = tl.load(
+            act_ptr + rows[:, None].to(tl.int64) * stride_an + kk[None, :],
+            mask=rmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            d_base + cols[None, :] * stride_dh + kk[:, None] * stride_di,
+            mask=kmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
         if IEEE:
             acc += tl.dot(a, b, input_precision="ieee")
         else:
             acc += tl.dot(a, b)
     pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    tl.store(out_ptr + pair[:, None] * stride_on + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    tl.store(
+        out_ptr + pair[:, None] * stride_on + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None] & cmask[None, :],
+    )
 
 
 def block_table(ends, num_pairs: int, block_m: int):
@@ -166,13 +215,46 @@ def moe_forward(x, expert_idx, expert_weights, gate_up, down):
     out = torch.empty(N * k, H, device=x.device, dtype=x.dtype)
     ieee = x.dtype == torch.float32
     _gate_up_kernel[(grid_m, triton.cdiv(size, BLOCK_N))](
-        x, gate_up, w, order, row0, row1, expert, act,
-        H, size, k,
-        x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), act.stride(0),
-        IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        x,
+        gate_up,
+        w,
+        order,
+        row0,
+        row1,
+        expert,
+        act,
+        H,
+        size,
+        k,
+        x.stride(0),
+        x.stride(1),
+        gate_up.stride(0),
+        gate_up.stride(1),
+        gate_up.stride(2),
+        act.stride(0),
+        IEEE=ieee,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )
     _down_kernel[(grid_m, triton.cdiv(H, BLOCK_N))](
-        act, down, order, row0, row1, expert, out,
-        H, size,
-        act.stride(0), down.stride(0), down.stride(1), down.stride(2), out.stride(0),
-        IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        act,
+        down,
+        order,
+        row0,
+        row1,
+        expert,
+        out,
+        H,
+        size,
+        act.stride(0),
+        down.stride(0),
+        down.stride(1),
+        down.stride(2),
+        out.stride(0),
+        IEEE=ieee,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )
     return out.view(N, k, H).sum(1)

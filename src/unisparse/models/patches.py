@@ -1,5 +1,6 @@
 """Images <-> patch tokens in BAGEL's layout, shared by the MoT (ViT and latent patches) and the FLUX
 codec."""
+
 from __future__ import annotations
 
 

@@ -21,6 +21,7 @@ Structure (the same three keys in both configs; layers count from 0):
 family's ``rebuild`` calls). The pipeline work on these components (files, both tasks) is in
 ``models.qwen_image_pipeline``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,6 +29,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from diffusers import QwenImageTransformer2DModel
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -35,16 +37,15 @@ from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     compute_text_seq_len_from_mask,
 )
-from diffusers.configuration_utils import register_to_config
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLAttention,
     Qwen2_5_VLDecoderLayer,
     Qwen2_5_VLRMSNorm,
 )
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..choices import SUBLAYERS
 from .blocks import MLPWeights, SwiGLUMLP
@@ -150,15 +151,19 @@ class QwenFeedForward(FeedForward):
 
     def weights(self) -> MLPWeights:
         up, down = self.net[0].proj, self.net[2]
-        return MLPWeights("gelu", up.weight.detach(), down.weight.detach(),
-                          up_bias=up.bias.detach(), down_bias=down.bias.detach())
+        return MLPWeights(
+            "gelu", up.weight.detach(), down.weight.detach(), up_bias=up.bias.detach(), down_bias=down.bias.detach()
+        )
 
     def state_from(self, weights: MLPWeights) -> dict:
         """This module's state dict holding ``weights`` (missing biases are zeros)."""
         zeros = weights.up.new_zeros
-        return {"net.0.proj.weight": weights.up, "net.2.weight": weights.down,
-                "net.0.proj.bias": weights.up_bias if weights.up_bias is not None else zeros(weights.width),
-                "net.2.bias": weights.down_bias if weights.down_bias is not None else zeros(weights.hidden_size)}
+        return {
+            "net.0.proj.weight": weights.up,
+            "net.2.weight": weights.down,
+            "net.0.proj.bias": weights.up_bias if weights.up_bias is not None else zeros(weights.width),
+            "net.2.bias": weights.down_bias if weights.down_bias is not None else zeros(weights.hidden_size),
+        }
 
 
 def dense_mlp_weights(module: nn.Module) -> MLPWeights | None:
@@ -197,11 +202,13 @@ class QwenImageTextEncoderConfig(Qwen2_5_VLConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.skip, self.mlp_widths, self.moe, self.moe_slots = normalise_structure(
-            self.skip, self.mlp_widths, self.moe, self.moe_slots, UND_SLOTS, self.text_config.num_hidden_layers)
+            self.skip, self.mlp_widths, self.moe, self.moe_slots, UND_SLOTS, self.text_config.num_hidden_layers
+        )
 
     def mlp_plan(self, layer: int, slot: str = "mlp"):
-        return mlp_plan(self.skip, self.mlp_widths, self.moe, self.moe_slots, slot, layer,
-                        self.text_config.intermediate_size)
+        return mlp_plan(
+            self.skip, self.mlp_widths, self.moe, self.moe_slots, slot, layer, self.text_config.intermediate_size
+        )
 
 
 class StructuredDecoderLayer(Qwen2_5_VLDecoderLayer):
@@ -223,15 +230,29 @@ class StructuredDecoderLayer(Qwen2_5_VLDecoderLayer):
             kind, arg = plan
             self.mlp = build_moe(text.hidden_size, arg, "swiglu") if kind == "moe" else SwiGLUMLP(text.hidden_size, arg)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
-                position_embeddings=None, observer=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        use_cache=False,
+        position_embeddings=None,
+        observer=None,
+        **kwargs,
+    ):
         h_in = hidden_states
         attn_update = mlp_update = aux = None
         if hasattr(self, "self_attn"):
             attn_update, _ = self.self_attn(
-                hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-                position_ids=position_ids, cache=cache, use_cache=use_cache,
-                position_embeddings=position_embeddings, **kwargs)
+                hidden_states=self.input_layernorm(hidden_states),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
             hidden_states = hidden_states + attn_update
         if hasattr(self, "mlp"):
             mlp_update, aux = run_mlp(self.mlp, self.post_attention_layernorm(hidden_states), observer is not None)
@@ -287,8 +308,15 @@ class MMDiTBlock(nn.Module):
     weight names). Each stream's AdaLN modulation ``*_mod`` emits (shift, scale, gate) per kept
     sublayer, attention's first: a dropped sublayer's modulation rows are dropped with it."""
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, keep_attn: bool,
-                 mlps: dict, eps: float = 1e-6):
+    def __init__(
+        self,
+        dim: int,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        keep_attn: bool,
+        mlps: dict,
+        eps: float = 1e-6,
+    ):
         super().__init__()
         self.keep_attn = keep_attn
         self.keep_mlp = all(plan is not None for plan in mlps.values())
@@ -299,10 +327,19 @@ class MMDiTBlock(nn.Module):
         if keep_attn:
             self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
             self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
-            self.attn = Attention(query_dim=dim, cross_attention_dim=None, added_kv_proj_dim=dim,
-                                  dim_head=attention_head_dim, heads=num_attention_heads, out_dim=dim,
-                                  context_pre_only=False, bias=True, processor=QwenDoubleStreamAttnProcessor2_0(),
-                                  qk_norm="rms_norm", eps=eps)
+            self.attn = Attention(
+                query_dim=dim,
+                cross_attention_dim=None,
+                added_kv_proj_dim=dim,
+                dim_head=attention_head_dim,
+                heads=num_attention_heads,
+                out_dim=dim,
+                context_pre_only=False,
+                bias=True,
+                processor=QwenDoubleStreamAttnProcessor2_0(),
+                qk_norm="rms_norm",
+                eps=eps,
+            )
         if self.keep_mlp:
             self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
             self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
@@ -314,22 +351,35 @@ class MMDiTBlock(nn.Module):
         shift, scale, gate = params.chunk(3, dim=-1)
         return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1), gate.unsqueeze(1)
 
-    def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
-                image_rotary_emb=None, observer=None, layer: int = 0):
+    def forward(
+        self,
+        hidden_states,
+        encoder_hidden_states,
+        encoder_hidden_states_mask,
+        temb,
+        image_rotary_emb=None,
+        observer=None,
+        layer: int = 0,
+    ):
         h = {"img": hidden_states, "txt": encoder_hidden_states}
         h_in = dict(h)
         attn_update = {"img": None, "txt": None}
         mlp_update = {"img": None, "txt": None}
         aux = {"img": None, "txt": None}
         if hasattr(self, "img_mod"):
-            mods = {"img": self.img_mod(temb).chunk(int(self.keep_attn) + int(self.keep_mlp), dim=-1),
-                    "txt": self.txt_mod(temb).chunk(int(self.keep_attn) + int(self.keep_mlp), dim=-1)}
+            mods = {
+                "img": self.img_mod(temb).chunk(int(self.keep_attn) + int(self.keep_mlp), dim=-1),
+                "txt": self.txt_mod(temb).chunk(int(self.keep_attn) + int(self.keep_mlp), dim=-1),
+            }
         if self.keep_attn:
             img_x, img_gate = self.modulate(self.img_norm1(h["img"]), mods["img"][0])
             txt_x, txt_gate = self.modulate(self.txt_norm1(h["txt"]), mods["txt"][0])
-            img_out, txt_out = self.attn(hidden_states=img_x, encoder_hidden_states=txt_x,
-                                         encoder_hidden_states_mask=encoder_hidden_states_mask,
-                                         image_rotary_emb=image_rotary_emb)
+            img_out, txt_out = self.attn(
+                hidden_states=img_x,
+                encoder_hidden_states=txt_x,
+                encoder_hidden_states_mask=encoder_hidden_states_mask,
+                image_rotary_emb=image_rotary_emb,
+            )
             attn_update = {"img": img_gate * img_out, "txt": txt_gate * txt_out}
             h = {s: h[s] + attn_update[s] for s in h}
         if self.keep_mlp:
@@ -369,26 +419,51 @@ class QwenImageMMDiT(QwenImageTransformer2DModel):
     _repeated_blocks = ["MMDiTBlock"]
 
     @register_to_config
-    def __init__(self, patch_size: int = 2, in_channels: int = 64, out_channels: int | None = 16,
-                 num_layers: int = 60, attention_head_dim: int = 128, num_attention_heads: int = 24,
-                 joint_attention_dim: int = 3584, guidance_embeds: bool = False,
-                 axes_dims_rope: tuple[int, int, int] = (16, 56, 56), zero_cond_t: bool = False,
-                 use_additional_t_cond: bool = False, use_layer3d_rope: bool = False,
-                 skip: dict | None = None, mlp_widths: dict | None = None, moe: dict | None = None,
-                 moe_slots: list | None = None):
+    def __init__(
+        self,
+        patch_size: int = 2,
+        in_channels: int = 64,
+        out_channels: int | None = 16,
+        num_layers: int = 60,
+        attention_head_dim: int = 128,
+        num_attention_heads: int = 24,
+        joint_attention_dim: int = 3584,
+        guidance_embeds: bool = False,
+        axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
+        zero_cond_t: bool = False,
+        use_additional_t_cond: bool = False,
+        use_layer3d_rope: bool = False,
+        skip: dict | None = None,
+        mlp_widths: dict | None = None,
+        moe: dict | None = None,
+        moe_slots: list | None = None,
+    ):
         if zero_cond_t or use_additional_t_cond or guidance_embeds:
             raise NotImplementedError("QwenImageMMDiT supports the text-to-image model only")
         # the parent builds everything but the blocks (num_layers=0); the blocks come from the structure
-        super().__init__(patch_size=patch_size, in_channels=in_channels, out_channels=out_channels, num_layers=0,
-                         attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
-                         joint_attention_dim=joint_attention_dim, axes_dims_rope=axes_dims_rope,
-                         use_layer3d_rope=use_layer3d_rope)
+        super().__init__(
+            patch_size=patch_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            num_layers=0,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=joint_attention_dim,
+            axes_dims_rope=axes_dims_rope,
+            use_layer3d_rope=use_layer3d_rope,
+        )
         skip, mlp_widths, moe, moe_slots = normalise_structure(skip, mlp_widths, moe, moe_slots, GEN_SLOTS, num_layers)
         self.register_to_config(num_layers=num_layers, skip=skip, mlp_widths=mlp_widths, moe=moe, moe_slots=moe_slots)
         self.transformer_blocks = nn.ModuleList(
-            MMDiTBlock(self.inner_dim, num_attention_heads, attention_head_dim, keep_attn=i not in skip["attn"],
-                       mlps={s: self.mlp_plan(i, s) for s in GEN_SLOTS})
-            for i in range(num_layers))
+            MMDiTBlock(
+                self.inner_dim,
+                num_attention_heads,
+                attention_head_dim,
+                keep_attn=i not in skip["attn"],
+                mlps={s: self.mlp_plan(i, s) for s in GEN_SLOTS},
+            )
+            for i in range(num_layers)
+        )
 
     @property
     def default_mlp_width(self) -> int:
@@ -398,8 +473,18 @@ class QwenImageMMDiT(QwenImageTransformer2DModel):
         c = self.config
         return mlp_plan(c.skip, c.mlp_widths, c.moe, c.moe_slots, slot, layer, self.default_mlp_width)
 
-    def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
-                img_shapes=None, attention_kwargs=None, return_dict: bool = True, observer=None, **unused):
+    def forward(
+        self,
+        hidden_states,
+        encoder_hidden_states=None,
+        encoder_hidden_states_mask=None,
+        timestep=None,
+        img_shapes=None,
+        attention_kwargs=None,
+        return_dict: bool = True,
+        observer=None,
+        **unused,
+    ):
         """Upstream's forward for text-to-image, with ``observer`` handed to every block."""
         if unused.get("guidance") is not None or unused.get("controlnet_block_samples") is not None:
             raise NotImplementedError("guidance embeddings and controlnets are not supported")
@@ -407,7 +492,8 @@ class QwenImageMMDiT(QwenImageTransformer2DModel):
         timestep = timestep.to(hidden_states.dtype)
         encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states))
         text_seq_len, _, encoder_hidden_states_mask = compute_text_seq_len_from_mask(
-            encoder_hidden_states, encoder_hidden_states_mask)
+            encoder_hidden_states, encoder_hidden_states_mask
+        )
         temb = self.time_text_embed(timestep, hidden_states)
         rope = self.pos_embed(img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device)
         for i, block in enumerate(self.transformer_blocks):

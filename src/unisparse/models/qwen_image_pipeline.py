@@ -17,6 +17,7 @@ directory, and what the study's two tasks compute on the three components (``mod
 
 The family adapter (``families.qwen_image``) names the structure and delegates here.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,10 +58,10 @@ UPSTREAM_CLASSES = {
 SETTINGS_DEFAULTS = {
     "image_size": [shapes.CANVAS, shapes.CANVAS],  # what generate_images returns and flow_loss takes
     "gen_template": "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
-                    "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
-                    "<|im_end|>\n<|im_start|>assistant\n",
+    "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+    "<|im_end|>\n<|im_start|>assistant\n",
     "und_template": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-                    "{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n",
+    "{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n",
     "max_sequence_length": 512,  # prompt tokens the MMDiT sees (the pipeline's default)
     "und_min_pixels": 56 * 56,  # Qwen2-VL image processor's resize bounds
     "und_max_pixels": 28 * 28 * 1280,
@@ -187,8 +188,11 @@ def _stored_dtype(directory: Path) -> torch.dtype:
 def _check_loading(directory: Path, info: dict) -> None:
     """Strict loading: every stored tensor lands in a parameter of the right shape and every parameter
     is filled (the libraries only warn)."""
-    problems = [f"{len(info[k])} {k.replace('_', ' ')}: {sorted(map(str, info[k]))[:8]}"
-                for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(k)]
+    problems = [
+        f"{len(info[k])} {k.replace('_', ' ')}: {sorted(map(str, info[k]))[:8]}"
+        for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+        if info.get(k)
+    ]
     if problems:
         raise IntegrityError(f"{directory}: weights do not match the config: " + "; ".join(problems))
 
@@ -243,8 +247,9 @@ def load_pipeline(model_dir, device=None, dtype=None, require_manifest: bool = T
     return model.eval(), _load_tokenizer(model_dir / "tokenizer"), scheduler_config, stored
 
 
-def save_pipeline(out_dir, model: QwenImageModel, hf_tokenizer, scheduler_config: dict, settings: dict,
-                  family: str, extra_files=()) -> None:
+def save_pipeline(
+    out_dir, model: QwenImageModel, hf_tokenizer, scheduler_config: dict, settings: dict, family: str, extra_files=()
+) -> None:
     """Write a model directory that ``load_pipeline`` reads back (atomically, with ``SHA256SUMS``;
     non-finite weights refused); ``family`` is recorded in ``model_index.json``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, __version__
@@ -258,10 +263,17 @@ def save_pipeline(out_dir, model: QwenImageModel, hf_tokenizer, scheduler_config
         FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
         hf_tokenizer.save_pretrained(tmp / "tokenizer")
         ours = {"text_encoder": QwenImageTextEncoder, "transformer": QwenImageMMDiT}
-        index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": __version__, **UPSTREAM_CLASSES,
-                 "tokenizer": ["transformers", type(hf_tokenizer).__name__],
-                 SETTINGS_KEY: {"family": family, "settings": settings,
-                                "classes": {k: f"{c.__module__}.{c.__name__}" for k, c in ours.items()}}}
+        index = {
+            "_class_name": PIPELINE_CLASS,
+            "_diffusers_version": __version__,
+            **UPSTREAM_CLASSES,
+            "tokenizer": ["transformers", type(hf_tokenizer).__name__],
+            SETTINGS_KEY: {
+                "family": family,
+                "settings": settings,
+                "classes": {k: f"{c.__module__}.{c.__name__}" for k, c in ours.items()},
+            },
+        }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         for path in extra_files:
             shutil.copyfile(path, tmp / Path(path).name)
@@ -286,8 +298,13 @@ class QwenImageTasks:
     # ------------------------------------------------------------------ inputs
     def und_size(self, height: int, width: int) -> tuple[int, int]:
         v = self.text_encoder.config.vision_config
-        return smart_resize(height, width, v.patch_size * v.spatial_merge_size,
-                            self.settings["und_min_pixels"], self.settings["und_max_pixels"])
+        return smart_resize(
+            height,
+            width,
+            v.patch_size * v.spatial_merge_size,
+            self.settings["und_min_pixels"],
+            self.settings["und_max_pixels"],
+        )
 
     def pixel_inputs(self, images):
         """Qwen2-VL's image processor in torch: resize, CLIP-normalise, cut into (temporal x patch x
@@ -323,15 +340,16 @@ class QwenImageTasks:
         ids = torch.full((len(sequences), T), self.tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros(len(sequences), T, dtype=torch.bool)
         for i, s in enumerate(sequences):
-            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, :len(s)] = True
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = True
         return ids.to(self.device), mask.to(self.device)
 
     def run_text(self, embeds, mask, position_ids, observer):
         """The text decoder over ``embeds`` [B, T, H]; the observer sees the valid rows."""
         rows = RowObserver(observer, "und", {"mlp": mask}, with_slot=False) if observer is not None else None
-        out = self.text_encoder.model.language_model(inputs_embeds=embeds, attention_mask=mask.long(),
-                                                     position_ids=position_ids, use_cache=False, observer=rows)
+        out = self.text_encoder.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask.long(), position_ids=position_ids, use_cache=False, observer=rows
+        )
         return out.last_hidden_state
 
     # ------------------------------------------------------------------ understanding
@@ -341,14 +359,16 @@ class QwenImageTasks:
         te = self.text_encoder
         pixel_values, grid, n_image = self.pixel_inputs(images)
         pre, mid, post = self.template_ids(self.settings["und_template"], "{image}", "{question}")
-        ids, mask = self.pad([pre + [te.config.image_token_id] * n_image + mid + list(map(int, q)) + post
-                              for q in question_ids])
+        ids, mask = self.pad(
+            [pre + [te.config.image_token_id] * n_image + mid + list(map(int, q)) + post for q in question_ids]
+        )
         image_embeds = torch.cat(te.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output)
         embeds = te.model.get_input_embeddings()(ids)
         is_image = (ids == te.config.image_token_id) & mask
         embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
-        position_ids, _ = te.model.get_rope_index(ids, mm_token_type_ids=is_image.int(), image_grid_thw=grid,
-                                                  attention_mask=mask.long())
+        position_ids, _ = te.model.get_rope_index(
+            ids, mm_token_type_ids=is_image.int(), image_grid_thw=grid, attention_mask=mask.long()
+        )
         h = self.run_text(embeds, mask, position_ids, observer)
         last = h[torch.arange(len(ids), device=self.device), mask.sum(1) - 1]
         return te.lm_head(last).float()
@@ -363,13 +383,13 @@ class QwenImageTasks:
         positions = torch.arange(ids.shape[1], device=self.device).view(1, 1, -1).expand(3, len(ids), -1)
         h = self.run_text(te.model.get_input_embeddings()(ids), mask, positions, observer)
         limit = self.settings["max_sequence_length"]
-        kept = [h[i, len(pre):int(mask[i].sum())][:limit] for i in range(len(ids))]
+        kept = [h[i, len(pre) : int(mask[i].sum())][:limit] for i in range(len(ids))]
         T = max(max(len(k) for k in kept), 1)
         embeds = h.new_zeros(len(kept), T, h.shape[-1])
         keep_mask = torch.zeros(len(kept), T, dtype=torch.bool, device=self.device)
         for i, k in enumerate(kept):
-            embeds[i, :len(k)] = k
-            keep_mask[i, :len(k)] = True
+            embeds[i, : len(k)] = k
+            keep_mask[i, : len(k)] = True
         return embeds, keep_mask
 
     @property
@@ -428,10 +448,15 @@ class QwenImageTasks:
             img_rows = torch.ones(x.shape[:2], dtype=torch.bool, device=self.device)
             rows = RowObserver(observer, "gen", {"img_mlp": img_rows, "txt_mlp": mask}, with_slot=True)
         # as the pipeline: no mask when every text token is real (lets attention use its fastest kernel)
-        out = tr(hidden_states=x.to(tr.dtype), timestep=t.to(tr.dtype), encoder_hidden_states=embeds.to(tr.dtype),
-                 encoder_hidden_states_mask=None if bool(mask.all()) else mask,
-                 img_shapes=[[(1, h // 2, w // 2)]] * len(x), observer=rows,
-                 return_dict=False)[0]
+        out = tr(
+            hidden_states=x.to(tr.dtype),
+            timestep=t.to(tr.dtype),
+            encoder_hidden_states=embeds.to(tr.dtype),
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            img_shapes=[[(1, h // 2, w // 2)]] * len(x),
+            observer=rows,
+            return_dict=False,
+        )[0]
         return out.float()
 
     def sigmas(self, num_steps: int, seq_len: int, shift):
@@ -454,8 +479,18 @@ class QwenImageTasks:
         return torch.cat([ea, eb]), torch.cat([ma, mb])
 
     @torch.no_grad()
-    def generate_images(self, prompt_ids, seeds, observer=None, num_steps: int = 20, cfg_scale: float = 4.0,
-                        cfg_interval=(0.0, 1.0), cfg_renorm: str = "none", cfg_renorm_min: float = 0.0, shift=None):
+    def generate_images(
+        self,
+        prompt_ids,
+        seeds,
+        observer=None,
+        num_steps: int = 20,
+        cfg_scale: float = 4.0,
+        cfg_interval=(0.0, 1.0),
+        cfg_renorm: str = "none",
+        cfg_renorm_min: float = 0.0,
+        shift=None,
+    ):
         """Euler sampling on the scheduler's sigmas with true CFG where ``cfg_interval[0] < sigma <=
         cfg_interval[1]`` (unconditional prompt: empty), from ``prepare_latents(seeds)``. Returns
         [B, H, W, 3]."""

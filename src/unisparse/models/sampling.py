@@ -1,5 +1,6 @@
 """Sampler settings shared by every family's generation task: their names and defaults (one source for
 evaluation and calibration settings) and classifier-free guidance with optional renormalisation."""
+
 from __future__ import annotations
 
 from ..choices import CFG_RENORM_TYPES, MOT_RENORMS  # noqa: F401  (MOT_RENORMS: the MoT's sampler checks it)

@@ -15,6 +15,7 @@ The encoder layers are transformers' own ``SiglipEncoderLayer``: in this transfo
 (5.x) its forward takes a 4-D additive attention mask, so a batch of padded images with a
 key-padding mask gives exactly the block-diagonal attention of BAGEL's flash-attn varlen call.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -104,9 +105,7 @@ class SiglipNaViT(nn.Module):
         config = dict(config or {})
         unknown = sorted(set(config) - set(SIGLIP_NAVIT_DEFAULTS))
         if unknown:
-            raise ValueError(
-                f"unknown SigLIP NaViT config keys {unknown}; allowed: {sorted(SIGLIP_NAVIT_DEFAULTS)}"
-            )
+            raise ValueError(f"unknown SigLIP NaViT config keys {unknown}; allowed: {sorted(SIGLIP_NAVIT_DEFAULTS)}")
         self.config = {**SIGLIP_NAVIT_DEFAULTS, **config}
         c = self.config
         if c["hidden_size"] % c["num_attention_heads"]:

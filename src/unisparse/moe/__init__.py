@@ -1,4 +1,5 @@
 """Dense -> MoE conversion of SwiGLU and GELU MLPs: expert partitioning, the MoE block and its dispatch."""
+
 from ..models.moe_block import DISPATCHES, ROUTERS, MoEExperts, MoEMLP, check_spec, load_balancing_loss, make_moe_spec
 from ..models.moe_dispatch import (
     choose_dispatch,

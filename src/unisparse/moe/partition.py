@@ -18,17 +18,19 @@ Methods:
     the random projection preserves, so the full [I, I] matrix C is never formed.
 For every method the shared expert (if any) takes the top ``shared_size`` neurons by importance.
 """
+
 from __future__ import annotations
 
 import torch
 
 from ..choices import PARTITION_METHODS
-from ..sizes import check_partition_sizes
 from ..models.moe_block import MoEMLP
+from ..sizes import check_partition_sizes
 
 
-
-def partition_neurons(importance, num_experts: int, shared_size: int = 0, method: str = "snake", seed: int = 0, coact=None):
+def partition_neurons(
+    importance, num_experts: int, shared_size: int = 0, method: str = "snake", seed: int = 0, coact=None
+):
     """Assign each of the I neurons to the shared expert or to exactly one of E routed experts.
 
     importance: [I] score per neuron (higher = more important). coact (``cluster`` only): an [I, I]

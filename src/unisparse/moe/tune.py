@@ -6,6 +6,7 @@ stays frozen. The loop, checkpoints and resumption are the one training loop's (
 killed run resumes from its last checkpoint, if that was made from the same input, and ends with
 exactly the weights an uninterrupted run reaches.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,20 @@ from ..worlds import shapes
 
 log = logging.getLogger(__name__)
 
-TUNE_DEFAULTS = dict(steps=400, batch_gen=32, lr=1e-3, weight_decay=0.0, warmup_frac=0.05, min_lr_frac=0.1,
-                     cond_dropout=0.1, grad_clip=1.0, balance_coef=0.0, checkpoint_every=100, seed=0, threads=2)
+TUNE_DEFAULTS = dict(
+    steps=400,
+    batch_gen=32,
+    lr=1e-3,
+    weight_decay=0.0,
+    warmup_frac=0.05,
+    min_lr_frac=0.1,
+    cond_dropout=0.1,
+    grad_clip=1.0,
+    balance_coef=0.0,
+    checkpoint_every=100,
+    seed=0,
+    threads=2,
+)
 
 
 def trainable_names(family, component: str, mode: str) -> list[str]:
@@ -38,8 +51,10 @@ def trainable_names(family, component: str, mode: str) -> list[str]:
         raise ValueError(f"unknown tuning mode {mode!r}; expected one of {MODES}")
     spec = family.moe_spec(component)
     if not spec and mode != "full":
-        raise ValueError(f"the {component} component has no routers to tune (mode 'frozen'); "
-                         "run `unisparse partition` first, or tune its MLPs with mode 'full'")
+        raise ValueError(
+            f"the {component} component has no routers to tune (mode 'frozen'); "
+            "run `unisparse partition` first, or tune its MLPs with mode 'full'"
+        )
     layers = set(spec["layers"]) if spec else None
     chosen = set()
     for layer, slot in family.mlp_places(component):
@@ -73,8 +88,16 @@ def shapes_examples(rng, n: int) -> list:
     return [shapes.sample_gen_example(rng, "train") for _ in range(n)]
 
 
-def tune_moe(family, component: str, mode: str, spec: dict | None = None, checkpoint_dir=None,
-             progress: bool = True, stop_after: int | None = None, examples=shapes_examples) -> dict:
+def tune_moe(
+    family,
+    component: str,
+    mode: str,
+    spec: dict | None = None,
+    checkpoint_dir=None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    examples=shapes_examples,
+) -> dict:
     """Tune in place with the one training loop (resumable; sharded under torchrun). ``stop_after``
     ends the run early (used to test resumption). A checkpoint in ``checkpoint_dir`` is resumed only
     if it was made from this very input model (content hash), the same data and the same settings.
@@ -91,15 +114,34 @@ def tune_moe(family, component: str, mode: str, spec: dict | None = None, checkp
         collector = RouterCollector() if cfg["balance_coef"] and router_spec else None
         loss = tasks.gen_batch_loss(family.with_model(m), batch, cfg["cond_dropout"], gen, world, observer=collector)
         if collector is not None:
-            bal = sum(load_balancing_loss(a["router_logits"], a["expert_idx"], router_spec["num_experts"])
-                      for _, _, a in collector.aux)
+            bal = sum(
+                load_balancing_loss(a["router_logits"], a["expert_idx"], router_spec["num_experts"])
+                for _, _, a in collector.aux
+            )
             loss = loss + cfg["balance_coef"] * bal / max(1, len(collector.aux))
         return loss, {"loss": loss}
 
-    run = run_training(family.model, names, cfg, batch_loss, what=f"{mode} tuning", checkpoint_dir=checkpoint_dir,
-                       progress=progress, stop_after=stop_after, log_every=50)
-    return {"mode": mode, "component": component, "trainable": len(names), "seconds": run["seconds"],
-            "history": run["history"], "tune": cfg, "resumed_from": run["resumed_from"], "processes": run["processes"]}
+    run = run_training(
+        family.model,
+        names,
+        cfg,
+        batch_loss,
+        what=f"{mode} tuning",
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        stop_after=stop_after,
+        log_every=50,
+    )
+    return {
+        "mode": mode,
+        "component": component,
+        "trainable": len(names),
+        "seconds": run["seconds"],
+        "history": run["history"],
+        "tune": cfg,
+        "resumed_from": run["resumed_from"],
+        "processes": run["processes"],
+    }
 
 
 def expert_load(family, component: str, items: int = 64, num_steps: int = 10, seed: int = 0) -> dict:
@@ -108,13 +150,16 @@ def expert_load(family, component: str, items: int = 64, num_steps: int = 10, se
     family = family_for(family)
     pairs = shapes.geneval_set("eval", 1, None, seed)[:items]
     collector = RouterCollector()
-    family.generate_images([family.encode(p.text) for p, _ in pairs], [s for _, s in pairs], num_steps=num_steps,
-                           observer=collector)
+    family.generate_images(
+        [family.encode(p.text) for p, _ in pairs], [s for _, s in pairs], num_steps=num_steps, observer=collector
+    )
     E = family.moe_spec(component)["num_experts"]
     counts: dict = {}
     for layer, comp, aux in collector.aux:
         if comp == component:
-            counts[layer] = counts.get(layer, 0) + torch.bincount(aux["expert_idx"].reshape(-1), minlength=E).float().cpu()
+            counts[layer] = (
+                counts.get(layer, 0) + torch.bincount(aux["expert_idx"].reshape(-1), minlength=E).float().cpu()
+            )
     per_layer = {str(i): (c / c.sum()).tolist() for i, c in sorted(counts.items())}
     cv = [float(c.std() / c.mean()) for c in counts.values()]
     used = [float((c > 0).float().mean()) for c in counts.values()]

@@ -7,6 +7,7 @@ One-shot drops the n highest at once; iterative drops one, recalibrates, and rep
 A dropped sublayer is recorded in the family's config, its weights are not stored, and it is not
 computed. The model is seen through its family adapter (``families.Family``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,9 +18,7 @@ from ..choices import DEPTH_SCORES as SCORE_DEFINITIONS
 from ..choices import GRANULARITIES
 from ..families import family_for, like_given, require_family
 
-
 log = logging.getLogger(__name__)
-
 
 
 def drop_scores(calibration, component: str, granularity: str, score: str = "ld") -> torch.Tensor:
@@ -33,7 +32,8 @@ def drop_scores(calibration, component: str, granularity: str, score: str = "ld"
     if torch.isnan(scores).all():
         raise ValueError(
             f"calibration on task {calibration.task!r} has no {component!r} tokens: the {component} "
-            f"component is not exercised by that task, so it cannot rank its layers")
+            f"component is not exercised by that task, so it cannot rank its layers"
+        )
     return scores
 
 
@@ -54,8 +54,10 @@ def choose_sublayers(calibration, component: str, granularity: str, n: int, scor
         layers = choose_layers(drop_scores(calibration, component, granularity, score), n)
         return {sub: layers for sub in (("attn", "mlp") if granularity == "block" else (granularity,))}
     if score != "ld":
-        raise ValueError(f"granularity 'sublayer' ranks attention and MLP sublayers on one scale, which only "
-                         f"the 'ld' score definition gives (got {score!r})")
+        raise ValueError(
+            f"granularity 'sublayer' ranks attention and MLP sublayers on one scale, which only "
+            f"the 'ld' score definition gives (got {score!r})"
+        )
     per_sub = {sub: drop_scores(calibration, component, sub, score) for sub in ("attn", "mlp")}
     available = [(sub, i) for sub, scores in per_sub.items() for i in range(len(scores)) if not torch.isnan(scores[i])]
     if n > len(available):
@@ -80,14 +82,25 @@ def _options(family, skipped_attention_kv):
         return {}
     if "skipped_attention_kv" not in family.options:
         if skipped_attention_kv != "keep":
-            raise ValueError(f"skipped_attention_kv {skipped_attention_kv!r}: the {family.name} family has no joint "
-                             "attention across components to withhold keys and values from")
+            raise ValueError(
+                f"skipped_attention_kv {skipped_attention_kv!r}: the {family.name} family has no joint "
+                "attention across components to withhold keys and values from"
+            )
         return {}
     return {"skipped_attention_kv": skipped_attention_kv}
 
 
-def prune_depth(model, calibration, component: str, granularity: str, n_drop: int, score: str = "ld",
-                skipped_attention_kv: str = "keep", iterative: bool = False, recalibrate=None):
+def prune_depth(
+    model,
+    calibration,
+    component: str,
+    granularity: str,
+    n_drop: int,
+    score: str = "ld",
+    skipped_attention_kv: str = "keep",
+    iterative: bool = False,
+    recalibrate=None,
+):
     """Drop ``n_drop`` sublayers of ``component``. ``recalibrate(family) -> calibration`` is needed
     for the iterative variant (drop one, recalibrate on the pruned model, repeat). Returns a
     ``Family`` for a ``Family``, a bare model for a bare model."""

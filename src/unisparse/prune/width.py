@@ -5,12 +5,13 @@ Neurons are ranked by an importance score (``importance.NEURON_SCORES``: ``act_n
 up's bias, columns of down); the family's config records the widths. Every MLP of the component is
 cut (an MMDiT block's image and text MLPs alike), SwiGLU and GELU the same way.
 """
+
 from __future__ import annotations
 
 import torch
 
-from ..families import family_for, like_given
 from ..choices import WIDTH_SCORES  # noqa: F401  (re-exported)
+from ..families import family_for, like_given
 from ..importance import neuron_scores
 
 

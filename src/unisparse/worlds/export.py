@@ -1,5 +1,6 @@
 """Write the shapes world's prompts and splits as GenEval-style metadata files (kept in data/), so
 the exact benchmark a score refers to is published with it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,13 +14,15 @@ from . import shapes
 def geneval_metadata() -> list[dict]:
     rows = []
     for p in shapes.all_gen_prompts():
-        rows.append({
-            "tag": p.tag,
-            "prompt": p.text,
-            "split": shapes.gen_split(p),
-            "include": [dataclasses.asdict(r) for r in p.include],
-            "exclude": [dataclasses.asdict(r) for r in p.exclude],
-        })
+        rows.append(
+            {
+                "tag": p.tag,
+                "prompt": p.text,
+                "split": shapes.gen_split(p),
+                "include": [dataclasses.asdict(r) for r in p.include],
+                "exclude": [dataclasses.asdict(r) for r in p.exclude],
+            }
+        )
     return rows
 
 

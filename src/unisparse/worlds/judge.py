@@ -134,9 +134,7 @@ def judge(image: np.ndarray, prompt: GenPrompt, detections: Optional[list] = Non
         if good and req.position is not None:
             rel, ref = req.position
             targets = matched[ref] if ref < len(matched) else None
-            good = targets is not None and all(
-                rel in relations(d.bbox, t.bbox) for d in found for t in targets
-            )
+            good = targets is not None and all(rel in relations(d.bbox, t.bbox) for d in found for t in targets)
         matched.append(found if good else None)
         ok = ok and good
     for req in prompt.exclude:

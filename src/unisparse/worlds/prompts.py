@@ -152,7 +152,7 @@ def _split_table() -> dict:
 
 
 def gen_split(prompt: GenPrompt) -> str:
-    """"train", "calib" or "eval": every prompt is in exactly one split."""
+    """ "train", "calib" or "eval": every prompt is in exactly one split."""
     return _split_table()[prompt.text]
 
 
@@ -185,11 +185,7 @@ def geneval_set(
                 texts = [texts[i] for i in sorted(idx)]
             keep.update(texts)
         prompts = [p for p in prompts if p.text in keep]
-    return [
-        (p, derive_seed("geneval-sample", seed, p.text, i))
-        for p in prompts
-        for i in range(samples_per_prompt)
-    ]
+    return [(p, derive_seed("geneval-sample", seed, p.text, i)) for p in prompts for i in range(samples_per_prompt)]
 
 
 _POSITION_SLOTS = {  # relation -> (slot of A, slot of B) for "a B <rel> a A"
@@ -220,9 +216,12 @@ def training_scene(prompt: GenPrompt, rng: np.random.Generator) -> Scene:
     """A training target for ``prompt``: its canonical placement, with every colour the prompt
     leaves open drawn uniformly from ``COLOURS`` (one draw per such object, in slot order)."""
     names = list(COLOURS)
-    return Scene(tuple(
-        Obj(o.shape, names[int(rng.integers(len(names)))] if o.colour == DEFAULT_COLOUR else o.colour, o.slot)
-        for o in canonical_scene(prompt).objects))
+    return Scene(
+        tuple(
+            Obj(o.shape, names[int(rng.integers(len(names)))] if o.colour == DEFAULT_COLOUR else o.colour, o.slot)
+            for o in canonical_scene(prompt).objects
+        )
+    )
 
 
 def sample_gen_example(rng: np.random.Generator, split: str = "train") -> tuple:

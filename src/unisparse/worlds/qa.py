@@ -34,12 +34,7 @@ def _random_objects(rng: np.random.Generator, shapes: list) -> Scene:
     """Scene with the given shapes in random distinct slots, random colours."""
     slots = rng.permutation(N_SLOTS)[: len(shapes)]
     names = list(COLOURS)
-    return Scene(
-        tuple(
-            Obj(s, names[int(rng.integers(len(names)))], int(slot))
-            for s, slot in zip(shapes, slots)
-        )
-    )
+    return Scene(tuple(Obj(s, names[int(rng.integers(len(names)))], int(slot)) for s, slot in zip(shapes, slots)))
 
 
 def _unique(values: list) -> list:
@@ -85,12 +80,13 @@ def _random_qa(rng: np.random.Generator, qtype: str) -> Optional[QAItem]:
 #: answer word of each relation in "where is the A relative to the B"
 RELATION_ANSWERS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
 #: slot pairs in one row or one column: exactly one GenEval relation holds between them
-_ALIGNED_PAIRS = [(a, b) for a in range(N_SLOTS) for b in range(N_SLOTS)
-                  if a != b and (a // 2 == b // 2 or a % 2 == b % 2)]
+_ALIGNED_PAIRS = [
+    (a, b) for a in range(N_SLOTS) for b in range(N_SLOTS) if a != b and (a // 2 == b // 2 or a % 2 == b % 2)
+]
 
 
 def _relation_qa(rng: np.random.Generator) -> QAItem:
-    """"where is the A relative to the B" about two objects in one row or column.
+    """ "where is the A relative to the B" about two objects in one row or column.
 
     Design: the yes/no form "is the A left of the B" balanced 50/50 gave a tiny model no
     first-order cue (only the conjunction of relation word and positions carries signal) and it
@@ -103,7 +99,9 @@ def _relation_qa(rng: np.random.Generator) -> QAItem:
     oa = Obj(SHAPES[int(shape_a)], colours[int(rng.integers(len(colours)))], slot_a)
     ob = Obj(SHAPES[int(shape_b)], colours[int(rng.integers(len(colours)))], slot_b)
     (rel,) = relations(object_bbox(oa), object_bbox(ob))
-    return QAItem(Scene((oa, ob)), f"where is the {oa.shape} relative to the {ob.shape}", RELATION_ANSWERS[rel], "relation")
+    return QAItem(
+        Scene((oa, ob)), f"where is the {oa.shape} relative to the {ob.shape}", RELATION_ANSWERS[rel], "relation"
+    )
 
 
 def sample_qa(rng: np.random.Generator, split: str, qtype_weights: Optional[Sequence[float]] = None) -> QAItem:
