@@ -1,24 +1,49 @@
+"""Fixtures shared by the test modules (their helpers are in tests/helpers/)."""
+
+import os
+import shutil
+from pathlib import Path
+
 import pytest
-import torch
 
-from unisparse.models.configuration_mot import MoTConfig
-from unisparse.models.modeling_mot import MoTForUnifiedModel
-from unisparse.tasks import model_config_kwargs
+pytest.register_assert_rewrite("helpers")  # their asserts explain a failure as a test's own do
 
-
-def make_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    spec = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
-    spec.update(overrides)
-    model = MoTForUnifiedModel(MoTConfig(**{**spec, **model_config_kwargs()}))
-    # random (not identity) norms and biases so tests exercise every weight
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+from helpers.models import make_model  # noqa: E402
+from helpers.workflow import copy_workflow, snakemake  # noqa: E402
 
 
 @pytest.fixture
 def tiny_model():
     return make_model()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for this process and its children; huggingface_hub read the variable at import,
+    so its constant is set too: any request the code makes raises instead of reaching the network."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> Path:
+    """A directory in which the whole micro pipeline (figures included) has run once (about 1.5 minutes
+    on two cores), for every test that needs pipeline outputs. Set UNISPARSE_MICRO_RUN=<dir of a
+    finished micro run> to start from a copy of that run instead: Snakemake then reruns only what is
+    out of date."""
+    workdir = tmp_path_factory.mktemp("micro_run")
+    previous = os.environ.get("UNISPARSE_MICRO_RUN")
+    if previous:
+        for name in ("results", "logs", ".snakemake"):
+            if (Path(previous) / name).is_dir():
+                shutil.copytree(
+                    Path(previous) / name,
+                    workdir / name,
+                    symlinks=True,
+                    ignore=shutil.ignore_patterns("locks", "incomplete"),
+                )
+    copy_workflow(workdir)
+    snakemake(workdir, "--cores", "2")
+    return workdir

@@ -132,12 +132,15 @@ def test_files_not_checked_out(fetched, capsys):
     assert len(lines) == 2 and lines[1].startswith("results/: 1 more file(s) not in the workspace")
 
 
-@pytest.mark.parametrize("held, why", [
-    ("nothing", "missing in the remote"),
-    (FILES["a.txt"], "not fetched, though the remote has it intact"),
-    (b"other", f"corrupted in the remote (it has md5 {md5(b'other')}"),
-    (None, "not fetched (missing or corrupted in the remote)"),  # no remote at hand
-])
+@pytest.mark.parametrize(
+    "held, why",
+    [
+        ("nothing", "missing in the remote"),
+        (FILES["a.txt"], "not fetched, though the remote has it intact"),
+        (b"other", f"corrupted in the remote (it has md5 {md5(b'other')}"),
+        (None, "not fetched (missing or corrupted in the remote)"),  # no remote at hand
+    ],
+)
 def test_absent_object_is_explained_by_the_remote(fetched, capsys, held, why):
     oid = md5(FILES["a.txt"])
     obj(fetched, oid).unlink()
@@ -153,8 +156,10 @@ def test_failed_pull_points_at_dvcs_error(fetched, capsys):
     Path("results/a.txt").write_bytes(b"stale")
     assert artifacts.verify_fetched(fetched, pull_failed=True, remote=lambda: None) == 4
     (line,) = named(capsys)
-    assert line == ("results/a.txt: not fetched (missing or corrupted in the remote, see DVC's error above);"
-                    " the file in the workspace is not the recorded one either")
+    assert line == (
+        "results/a.txt: not fetched (missing or corrupted in the remote, see DVC's error above);"
+        " the file in the workspace is not the recorded one either"
+    )
 
 
 def test_remote_is_asked_once(fetched, capsys):
@@ -232,8 +237,12 @@ def pulled(tmp_path, monkeypatch):
     """A pulled tree: data/in.txt (git) -> results/model (a directory, ended first) -> results/m.json;
     every file with a fresh, arbitrary timestamp."""
     monkeypatch.chdir(tmp_path)
-    write_lock([{"path": "results", "hash": "md5", "md5": "x.dir"}, {"path": ".snakemake/metadata", "hash": "md5",
-                                                                     "md5": "y.dir"}])
+    write_lock(
+        [
+            {"path": "results", "hash": "md5", "md5": "x.dir"},
+            {"path": ".snakemake/metadata", "hash": "md5", "md5": "y.dir"},
+        ]
+    )
     Path("data").mkdir()
     Path("data/in.txt").write_text("input")
     Path("results/model").mkdir(parents=True)
@@ -241,8 +250,9 @@ def pulled(tmp_path, monkeypatch):
     Path("results/model/.snakemake_timestamp").write_text("")
     Path("results/m.json").write_text("{}")
     sha = hashlib.sha256(b"input").hexdigest()
-    record("results/model", split=6, endtime=100.0, input=["data/in.txt"],
-           input_checksums={"data/in.txt": f"sha256:{sha}"})
+    record(
+        "results/model", split=6, endtime=100.0, input=["data/in.txt"], input_checksums={"data/in.txt": f"sha256:{sha}"}
+    )
     record("results/m.json", endtime=200.0, input=["results/model"])
     record("results/gone.json", endtime=300.0)  # a record of an output not pulled: ignored
     Path(".snakemake/metadata/not-a-record").write_text("{}")
@@ -306,5 +316,6 @@ def test_scripts_hold_no_python():
     for script in SCRIPTS:
         text = script.read_text()
         assert not re.search(r"(?<!<)<<(?!<)", text), f"{script.name}: a heredoc"
-        assert not re.search(r"python3?\"? +-(?!m )", text.replace('"$candidate" -c "import $2"', "")), \
+        assert not re.search(r"python3?\"? +-(?!m )", text.replace('"$candidate" -c "import $2"', "")), (
             f"{script.name}: an inline Python program"
+        )

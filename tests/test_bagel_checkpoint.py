@@ -1,5 +1,6 @@
 """BAGEL-7B-MoT's layout: a fake written at tiny sizes loads strictly and behaves as the native model;
 every way a checkpoint can differ from the layout fails with the key (or the trap) named."""
+
 import json
 
 import pytest
@@ -8,10 +9,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from unisparse.io import IntegrityError
+from unisparse.models.bagel import (
+    AE,
+    EMA,
+    LLM_CONFIG,
+    PUBLISHED,
+    VIT_CONFIG,
+    load_bagel,
+    published_config,
+    write_fake_checkpoint,
+)
 from unisparse.models.loading import load_model
 from unisparse.models.modeling_mot import MoTForUnifiedModel
-from unisparse.models.bagel import (AE, EMA, LLM_CONFIG, PUBLISHED, VIT_CONFIG, load_bagel, published_config,
-                                    write_fake_checkpoint)
 from unisparse.models.siglip_navit import conv_patch_weight_to_linear
 
 SIZES = dict(image_size=64, vit_image_size=28)
@@ -45,7 +54,16 @@ def _inputs():
 def test_fake_has_bagels_layout(fake):
     src, _ = fake
     names = {p.name for p in src.iterdir()}
-    assert {LLM_CONFIG, VIT_CONFIG, EMA, AE, "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"} <= names
+    assert {
+        LLM_CONFIG,
+        VIT_CONFIG,
+        EMA,
+        AE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+    } <= names
     llm, vit = json.loads((src / LLM_CONFIG).read_text()), json.loads((src / VIT_CONFIG).read_text())
     assert llm["model_type"] == "qwen2" and llm["tie_word_embeddings"] is False
     assert set(PUBLISHED["llm"]) <= set(llm) and set(PUBLISHED["vit"]) <= set(vit)
@@ -76,11 +94,19 @@ def test_strict_load_equals_the_native_model_on_both_tasks(fake):
         assert torch.equal(loaded.state_dict()[k], v), k
     images, questions, prompts = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(loaded.understanding_logits(images, questions),
-                                   native.understanding_logits(images, questions), atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded.understanding_logits(images, questions),
+            native.understanding_logits(images, questions),
+            atol=0,
+            rtol=0,
+        )
     kwargs = dict(num_steps=2, cfg_scale=4.0, cfg_interval=(0.4, 1.0), cfg_renorm="global")
-    torch.testing.assert_close(loaded.generate_images(prompts, [1, 2], **kwargs),
-                               native.generate_images(prompts, [1, 2], **kwargs), atol=0, rtol=0)
+    torch.testing.assert_close(
+        loaded.generate_images(prompts, [1, 2], **kwargs),
+        native.generate_images(prompts, [1, 2], **kwargs),
+        atol=0,
+        rtol=0,
+    )
 
 
 def test_bf16_load_keeps_the_stored_values(fake):
@@ -171,14 +197,31 @@ def test_imported_model_reloads_with_from_pretrained(fake, tmp_path):
 
     src, native = fake
     out = tmp_path / "dense"
-    main(["import-bagel", "--src", str(src), "--out", str(out), "--dtype", "float32",
-          "--image-size", "64", "--vit-image-size", "28"])
+    main(
+        [
+            "import-bagel",
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--dtype",
+            "float32",
+            "--image-size",
+            "64",
+            "--vit-image-size",
+            "28",
+        ]
+    )
     assert (out / "tokenizer.json").is_file()
     model = load_model(out)
     images, questions, _ = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(model.understanding_logits(images, questions),
-                                   native.understanding_logits(images, questions), atol=0, rtol=0)
+        torch.testing.assert_close(
+            model.understanding_logits(images, questions),
+            native.understanding_logits(images, questions),
+            atol=0,
+            rtol=0,
+        )
 
 
 def test_published_sizes_count_as_the_closed_form():
@@ -191,7 +234,10 @@ def test_published_sizes_count_as_the_closed_form():
     tower_layer = (H * H + H) + 2 * (H * kv + kv) + H * H + 2 * 128 + 3 * H * I + 2 * H
     assert counts["language_model"] == 2 * V * H + 2 * H + 2 * L * tower_layer == 14_141_252_608
     vh, vi, vl = 1152, 4304, 26
-    assert counts["vit_model"] == vh * (14 * 14 * 3 + 1) + 70 * 70 * vh + vl * (4 * vh * vh + 2 * vh * vi + 9 * vh + vi) + 2 * vh
+    assert (
+        counts["vit_model"]
+        == vh * (14 * 14 * 3 + 1) + 70 * 70 * vh + vl * (4 * vh * vh + 2 * vh * vi + 9 * vh + vi) + 2 * vh
+    )
     assert counts["connector"] == (vh * H + H) + (H * H + H)
     assert counts["vit_pos_embed"] == 70 * 70 * H and counts["latent_pos_embed"] == 64 * 64 * H
     assert counts["time_embedder"] == (256 * H + H) + (H * H + H)
@@ -206,8 +252,21 @@ def test_import_refuses_a_checkpoint_of_other_sizes(fake, tmp_path):
     from unisparse.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["import-bagel", "--src", str(fake[0]), "--out", str(tmp_path / "dense"), "--image-size", "64",
-              "--vit-image-size", "28", "--expect", json.dumps({"hidden_size": 3584, "num_hidden_layers": 2})])
+        main(
+            [
+                "import-bagel",
+                "--src",
+                str(fake[0]),
+                "--out",
+                str(tmp_path / "dense"),
+                "--image-size",
+                "64",
+                "--vit-image-size",
+                "28",
+                "--expect",
+                json.dumps({"hidden_size": 3584, "num_hidden_layers": 2}),
+            ]
+        )
     assert e.value.code != 0
     assert not (tmp_path / "dense").exists()
 
@@ -221,12 +280,17 @@ def test_images_of_their_own_sizes_are_understood_alone_or_together(fake):
     questions = [[40, 41, 42], [43]]
     with torch.no_grad():
         together = native.understanding_logits([wide, tall], questions)
-        alone = torch.cat([native.understanding_logits([wide], questions[:1]),
-                           native.understanding_logits([tall], questions[1:])])
+        alone = torch.cat(
+            [native.understanding_logits([wide], questions[:1]), native.understanding_logits([tall], questions[1:])]
+        )
         torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
         images = _inputs()[0]
-        torch.testing.assert_close(native.understanding_logits(list(images), questions),
-                                   native.understanding_logits(images, questions), atol=0, rtol=0)
+        torch.testing.assert_close(
+            native.understanding_logits(list(images), questions),
+            native.understanding_logits(images, questions),
+            atol=0,
+            rtol=0,
+        )
     with pytest.raises(ValueError, match="multiples of 14"):
         native.understanding_logits([torch.rand(15, 14, 3)], questions[:1])
 
@@ -238,9 +302,35 @@ def test_derived_models_keep_the_tokenizer(fake, tmp_path):
     from unisparse.text import FileTokenizer, tokenizer_for
 
     dense, pruned = tmp_path / "dense", tmp_path / "pruned"
-    main(["import-bagel", "--src", str(fake[0]), "--out", str(dense), "--dtype", "float32",
-          "--image-size", "64", "--vit-image-size", "28"])
-    main(["prune-width", str(dense), "--component", "gen", "--keep-ratio", "0.5", "--score", "weight", "--out", str(pruned)])
+    main(
+        [
+            "import-bagel",
+            "--src",
+            str(fake[0]),
+            "--out",
+            str(dense),
+            "--dtype",
+            "float32",
+            "--image-size",
+            "64",
+            "--vit-image-size",
+            "28",
+        ]
+    )
+    main(
+        [
+            "prune-width",
+            str(dense),
+            "--component",
+            "gen",
+            "--keep-ratio",
+            "0.5",
+            "--score",
+            "weight",
+            "--out",
+            str(pruned),
+        ]
+    )
     tok = tokenizer_for(pruned)
     assert isinstance(tok, FileTokenizer) and tok.decode(tok.encode("a red cube")) == "a red cube"
     assert load_model(pruned).config.mlp_width("gen", 0) == 64

@@ -1,38 +1,36 @@
 """Calibration at BAGEL's scale (issue 11, part 4): the co-activation statistic is an [I, d] sketch
 C Omega instead of the full [I, I] matrix C, clustering on it matches clustering on C, its memory is
 flat in tokens and far below I*I*8 bytes per layer, and every sidecar says how it was made."""
+
 import hashlib
 import json
-import logging
 from math import comb
 from pathlib import Path
 
 import pytest
 import torch
-
-from unisparse.families import family_for
 import yaml
-from conftest import make_model
 from torch.profiler import ProfilerActivity, profile
 
-from unisparse.config_checks import config_schema
-from unisparse.calibrate import (CALIB_DEFAULTS, LEGACY_COACT_KEY, SKETCH_KEY, Calibration, CalibrationStats,
-                                 run_calibration, sketch_projection)
-from unisparse.cli import main
-from unisparse.config_checks import ConfigError, check_config
+from helpers.cli import cli
+from helpers.models import make_model
+from unisparse.calibrate import (
+    CALIB_DEFAULTS,
+    LEGACY_COACT_KEY,
+    SKETCH_KEY,
+    Calibration,
+    CalibrationStats,
+    run_calibration,
+    sketch_projection,
+)
+from unisparse.config_checks import ConfigError, check_config, config_schema
+from unisparse.families import family_for
 from unisparse.io import ALLOW_UNVERIFIED_ENV, MANIFEST, save_model, sha256_file, state_digest
 from unisparse.models.loading import load_model
 from unisparse.moe.partition import partition_neurons
 from unisparse.worlds import shapes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*argv) -> None:
-    try:
-        main(["--no-progress", *map(str, argv)])
-    finally:  # the CLI's log handler writes to the caller's captured stderr
-        logging.getLogger().handlers.clear()
 
 
 def adjusted_rand(a, b) -> float:
@@ -58,19 +56,20 @@ def labels(experts, width):
 
 # --- the sketch -------------------------------------------------------------------------------------
 
+
 def test_projection_is_a_seeded_rademacher_matrix():
     I, d = 512, 64
     omega = sketch_projection(I, d, seed=5)
     assert omega.shape == (I, d) and omega.dtype == torch.float32
     assert torch.equal(omega, sketch_projection(I, d, seed=5)), "not a pure function of (width, dim, seed)"
     assert not torch.equal(omega, sketch_projection(I, d, seed=6))
-    assert set(omega.unique().tolist()) == {-d ** -0.5, d ** -0.5}
+    assert set(omega.unique().tolist()) == {-(d**-0.5), d**-0.5}
     assert abs(float(omega.sign().mean())) < 0.02
     # nearly orthogonal columns of unit norm: E[Omega^T Omega] = (I / d) Id
     gram = omega.T @ omega * (d / I)
     assert torch.allclose(gram.diagonal(), torch.ones(d))
     off = gram - torch.eye(d)
-    assert float(off.abs().max()) < 5 / I ** 0.5, float(off.abs().max())
+    assert float(off.abs().max()) < 5 / I**0.5, float(off.abs().max())
 
 
 def planted_activations(width=256, groups=8, tokens=2000, fire=0.5, noise=0.3, seed=0):
@@ -80,7 +79,9 @@ def planted_activations(width=256, groups=8, tokens=2000, fire=0.5, noise=0.3, s
     g = torch.Generator().manual_seed(seed)
     truth = torch.randperm(width, generator=g) % groups
     on = torch.rand(tokens, groups, generator=g) < 0.25
-    fires = (on[:, truth] & (torch.rand(tokens, width, generator=g) < fire)) | (torch.rand(tokens, width, generator=g) < noise)
+    fires = (on[:, truth] & (torch.rand(tokens, width, generator=g) < fire)) | (
+        torch.rand(tokens, width, generator=g) < noise
+    )
     act = torch.where(fires, torch.rand(tokens, width, generator=g) + 0.1, -torch.rand(tokens, width, generator=g))
     return act, fires, truth
 
@@ -90,7 +91,9 @@ def streamed_sketch(act, dim, seed=0, chunk=300, device="cpu"):
     model = make_model(intermediate_size=act.shape[1], num_hidden_layers=1).to(device)
     stats = CalibrationStats(family_for(model), coactivation=True, coactivation_dim=dim, coactivation_seed=seed)
     for part in act.to(device).split(chunk):
-        stats.on_layer(0, "und", torch.randn(len(part), model.config.hidden_size, device=device), None, None, {"act": part})
+        stats.on_layer(
+            0, "und", torch.randn(len(part), model.config.hidden_size, device=device), None, None, {"act": part}
+        )
     return Calibration.from_stats(stats, "und").coactivation("und", 0)
 
 
@@ -113,8 +116,11 @@ def test_clustering_on_the_sketch_recovers_the_planted_groups():
     full = (B.T @ B / B.shape[0]).float()
     importance = torch.rand(I, generator=torch.Generator().manual_seed(1))
     scores = {}
-    for name, coact in (("full", full), ("sketch", streamed_sketch(act, CALIB_DEFAULTS["coactivation_dim"])),
-                        ("narrow", streamed_sketch(act, 4))):
+    for name, coact in (
+        ("full", full),
+        ("sketch", streamed_sketch(act, CALIB_DEFAULTS["coactivation_dim"])),
+        ("narrow", streamed_sketch(act, 4)),
+    ):
         _, experts = partition_neurons(importance, E, method="cluster", coact=coact, seed=0)
         scores[name] = labels(experts, I)
     vs_truth = {k: adjusted_rand(v, truth) for k, v in scores.items()}
@@ -141,6 +147,7 @@ def test_a_calibration_file_with_the_full_matrix_still_clusters():
 
 # --- memory -----------------------------------------------------------------------------------------
 
+
 def held_bytes(obj) -> int:
     """Bytes of every tensor reachable from ``obj``'s attributes (each storage once)."""
     seen, total, stack = set(), 0, [vars(obj)]
@@ -163,7 +170,9 @@ def peak_allocated(fn):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     current = peak = 0
-    for _, nbytes in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage):
+    for _, nbytes in sorted(
+        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage
+    ):
         current += nbytes
         peak = max(peak, current)
     return result, peak
@@ -177,18 +186,25 @@ def test_statistics_memory_is_flat_in_tokens_and_far_below_the_full_matrix():
     model = make_model(intermediate_size=I, num_hidden_layers=L)
     runs = {}
     for factor in (1, 8):
-        spec = dict(samples_per_prompt=factor, max_prompts_per_tag=1, num_steps=2, batch_size=bs,
-                    coactivation=True, threads=1)
+        spec = dict(
+            samples_per_prompt=factor, max_prompts_per_tag=1, num_steps=2, batch_size=bs, coactivation=True, threads=1
+        )
         stats, peak = peak_allocated(lambda: run_calibration(model, "gen", spec))
-        runs[factor] = dict(stats=stats, peak=peak, held=held_bytes(stats),
-                            tokens={c: float(stats.sums[c]["tokens"].sum()) for c in ("und", "gen")})
+        runs[factor] = dict(
+            stats=stats,
+            peak=peak,
+            held=held_bytes(stats),
+            tokens={c: float(stats.sums[c]["tokens"].sum()) for c in ("und", "gen")},
+        )
     one, eight = runs[1], runs[8]
     assert all(eight["tokens"][c] == 8 * one["tokens"][c] > 0 for c in ("und", "gen")), (one["tokens"], eight["tokens"])
     d = CALIB_DEFAULTS["coactivation_dim"]
     full_matrix = I * I * 8
-    numbers = (f"held {one['held']} B (1x, tokens {one['tokens']}) vs {eight['held']} B (8x, tokens {eight['tokens']}); "
-               f"peak above start {one['peak']} B (1x) vs {eight['peak']} B (8x); "
-               f"full co-activation matrix I*I*8 = {full_matrix} B per layer and tower")
+    numbers = (
+        f"held {one['held']} B (1x, tokens {one['tokens']}) vs {eight['held']} B (8x, tokens {eight['tokens']}); "
+        f"peak above start {one['peak']} B (1x) vs {eight['peak']} B (8x); "
+        f"full co-activation matrix I*I*8 = {full_matrix} B per layer and tower"
+    )
     assert one["held"] == eight["held"], numbers
     # sketches (per layer and tower) + one shared Omega + [I]-sized vectors
     assert one["held"] <= (2 * L + 1) * I * d * 4 + 4 * L * I * 8 + 4 * L * I * 4 + 4096, numbers
@@ -201,12 +217,31 @@ def test_statistics_memory_is_flat_in_tokens_and_far_below_the_full_matrix():
 
 # --- provenance -------------------------------------------------------------------------------------
 
+
 def test_sidecar_records_what_was_run(tmp_path, monkeypatch):
     model = make_model(intermediate_size=64, num_hidden_layers=2)
     save_model(model, tmp_path / "dense")
-    gen_spec = dict(samples_per_prompt=2, max_prompts_per_tag=1, num_steps=3, cfg_scale=2.5, batch_size=4,
-                    coactivation=True, coactivation_dim=16, coactivation_seed=7, threads=1)
-    cli("calibrate", tmp_path / "dense", "--task", "gen", "--spec", json.dumps(gen_spec), "--out", tmp_path / "gen.safetensors")
+    gen_spec = dict(
+        samples_per_prompt=2,
+        max_prompts_per_tag=1,
+        num_steps=3,
+        cfg_scale=2.5,
+        batch_size=4,
+        coactivation=True,
+        coactivation_dim=16,
+        coactivation_seed=7,
+        threads=1,
+    )
+    cli(
+        "calibrate",
+        tmp_path / "dense",
+        "--task",
+        "gen",
+        "--spec",
+        json.dumps(gen_spec),
+        "--out",
+        tmp_path / "gen.safetensors",
+    )
     side = json.loads((tmp_path / "gen.safetensors.json").read_text())
 
     # the model hash: sha256 of the directory's SHA256SUMS, which lists the weights' own sha256
@@ -215,11 +250,24 @@ def test_sidecar_records_what_was_run(tmp_path, monkeypatch):
     assert f"{sha256_file(tmp_path / 'dense' / 'model.safetensors')}  model.safetensors" in manifest.decode()
 
     pairs = shapes.geneval_set("calib", 2, 1, CALIB_DEFAULTS["gen_seed"])
-    assert side["data"] == {"split": "calib", "batches": -(-len(pairs) // 4), "prompts": len({p.text for p, _ in pairs}),
-                            "images": len(pairs), "gen_seed": CALIB_DEFAULTS["gen_seed"], "max_prompts_per_tag": 1}
-    assert side["sampler"] == {"num_steps": 3, "cfg_scale": 2.5, "shift": float(model.config.timestep_shift),
-                               "cfg_interval": [0.0, 1.0], "cfg_renorm": "none", "cfg_renorm_min": 0.0,
-                               "samples_per_prompt": 2, "seeds": [s for _, s in pairs]}
+    assert side["data"] == {
+        "split": "calib",
+        "batches": -(-len(pairs) // 4),
+        "prompts": len({p.text for p, _ in pairs}),
+        "images": len(pairs),
+        "gen_seed": CALIB_DEFAULTS["gen_seed"],
+        "max_prompts_per_tag": 1,
+    }
+    assert side["sampler"] == {
+        "num_steps": 3,
+        "cfg_scale": 2.5,
+        "shift": float(model.config.timestep_shift),
+        "cfg_interval": [0.0, 1.0],
+        "cfg_renorm": "none",
+        "cfg_renorm_min": 0.0,
+        "samples_per_prompt": 2,
+        "seeds": [s for _, s in pairs],
+    }
     assert side["coactivation"] == {"key": SKETCH_KEY, "kind": "rademacher-hash32", "dim": 16, "seed": 7}
     assert side["spec"] == {**CALIB_DEFAULTS, **gen_spec}
     cal = Calibration.load(tmp_path / "gen.safetensors")
@@ -229,15 +277,31 @@ def test_sidecar_records_what_was_run(tmp_path, monkeypatch):
     und_spec = dict(qa_items=10, batch_size=4, threads=1)
     (tmp_path / "dense" / MANIFEST).unlink()  # a directory without a manifest: the weights are hashed instead
     monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")  # (loading it needs the user's opt-out)
-    cli("calibrate", tmp_path / "dense", "--task", "und", "--spec", json.dumps(und_spec), "--out", tmp_path / "und.safetensors")
+    cli(
+        "calibrate",
+        tmp_path / "dense",
+        "--task",
+        "und",
+        "--spec",
+        json.dumps(und_spec),
+        "--out",
+        tmp_path / "und.safetensors",
+    )
     side = json.loads((tmp_path / "und.safetensors.json").read_text())
-    assert side["data"] == {"split": "calib", "batches": 3, "qa_items": 10, "images": 10, "qa_seed": CALIB_DEFAULTS["qa_seed"]}
+    assert side["data"] == {
+        "split": "calib",
+        "batches": 3,
+        "qa_items": 10,
+        "images": 10,
+        "qa_seed": CALIB_DEFAULTS["qa_seed"],
+    }
     assert side["sampler"] is None and side["coactivation"] is None
     assert side["model_sha256"] is None
     assert side["model_state_sha256"] == state_digest(load_model(tmp_path / "dense"))
 
 
 # --- settings ---------------------------------------------------------------------------------------
+
 
 def test_schema_knows_every_calibration_setting():
     schema = config_schema(REPO / "workflow/schemas/config.schema.yaml")
@@ -255,6 +319,7 @@ def test_cluster_partitions_need_coactivation_in_the_config():
 
 
 # --- on a GPU (skipped without one) -----------------------------------------------------------------
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU sketch checks skipped")
 def test_sketch_on_cuda_matches_cpu_and_stays_flat_at_bagel_width():
@@ -285,5 +350,7 @@ def test_sketch_on_cuda_matches_cpu_and_stays_flat_at_bagel_width():
     assert sketch.device.type == "cuda" and sketch.nbytes == width * d * 4
     assert peaks[1] <= peaks[0], peaks  # the last of 8 forwards needs no more than the first
     assert max(peaks) < width * width * 8, (peaks, width * width * 8)
-    print(f"BAGEL width on {torch.cuda.get_device_name()}: sketch {sketch.nbytes} B, peak per forward of "
-          f"{tokens} tokens {peaks} B (full matrix {width * width * 8} B)")
+    print(
+        f"BAGEL width on {torch.cuda.get_device_name()}: sketch {sketch.nbytes} B, peak per forward of "
+        f"{tokens} tokens {peaks} B (full matrix {width * width * 8} B)"
+    )

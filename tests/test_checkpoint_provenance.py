@@ -7,17 +7,16 @@ run until the first checkpoint exists, interrupt Snakemake as a user would (SIGI
 `train.steps` (so the dense model, the partition and the tuning input all change), rerun with
 `--rerun-incomplete`, and compare with a clean run of the changed config in another directory.
 """
+
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from test_figures import MICRO, copy_workflow, snakemake
+from helpers.workflow import BIN, copy_workflow, interruptible, snakemake, write_config
 
 pytestmark = pytest.mark.slow  # drives Snakemake (or DVC) in subprocesses: outside the fast inner loop
 
@@ -26,28 +25,27 @@ TARGET = f"results/models/{MOE}/frozen"
 CHECKPOINT = Path(f"results/checkpoints/{MOE}/frozen/last/meta.json")
 
 
-def write_config(workdir: Path, train_steps: int) -> str:
-    config = yaml.safe_load((workdir / MICRO).read_text())
-    config["train"]["steps"] = train_steps
-    config["moe"]["tune"]["frozen"].update(steps=400, batch_gen=2, checkpoint_every=5)
-    path = workdir / "workflow/config/provenance.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path.relative_to(workdir))
+def provenance_config(workdir: Path, train_steps: int) -> str:
+    """micro.yaml with `train_steps` and a longer router-only tuning that checkpoints often."""
 
+    def edit(config):
+        config["train"]["steps"] = train_steps
+        config["moe"]["tune"]["frozen"].update(steps=400, batch_gen=2, checkpoint_every=5)
 
-def interruptible() -> None:
-    """Child-process setup: SIGINT handled by default again. A shell starts background jobs with SIGINT
-    ignored, and an ignored signal is inherited: under such a job (CI in the background) the Ctrl-C
-    these tests send would reach a Snakemake that ignores it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return write_config(workdir, edit, "workflow/config/provenance.yaml")
 
 
 def interrupt_when_checkpointed(workdir: Path, config: str, timeout: float = 300) -> None:
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([str(bindir / "snakemake"), TARGET, "--configfile", config, "--cores", "2"], cwd=workdir,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=interruptible)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(
+        [str(BIN / "snakemake"), TARGET, "--configfile", config, "--cores", "2"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=interruptible,
+    )
     deadline = time.time() + timeout
     try:
         while not (workdir / CHECKPOINT).exists():
@@ -65,16 +63,16 @@ def model_files(root: Path) -> dict:
 
 def test_kill_change_rerun_equals_clean_run_of_changed_config(tmp_path):
     killed = copy_workflow(tmp_path / "killed")
-    interrupt_when_checkpointed(killed, write_config(killed, train_steps=40))
+    interrupt_when_checkpointed(killed, provenance_config(killed, train_steps=40))
     assert (killed / CHECKPOINT).exists() and not (killed / TARGET).exists()
 
-    changed = write_config(killed, train_steps=41)
+    changed = provenance_config(killed, train_steps=41)
     snakemake(killed, "--cores", "2", "--rerun-incomplete", targets=[TARGET], config=changed)
     log = (killed / f"logs/{MOE}/frozen.log").read_text()
     assert "not resuming from checkpoint" in log and "another input model" in log, log[-2000:]
 
     clean = copy_workflow(tmp_path / "clean")
-    snakemake(clean, "--cores", "2", targets=[TARGET], config=write_config(clean, train_steps=41))
+    snakemake(clean, "--cores", "2", targets=[TARGET], config=provenance_config(clean, train_steps=41))
     for part in ("dense", f"{MOE}/none", f"{MOE}/frozen"):
         got, want = model_files(killed / f"results/models/{part}"), model_files(clean / f"results/models/{part}")
         assert got.keys() == want.keys() and {"model.safetensors", "SHA256SUMS"} <= got.keys()

@@ -8,24 +8,22 @@ the digests of a configuration that uses them; a real change to prune/width.py c
 verb's digest only; every family and benchmark module is attributed to its name. Unit level on
 copies of the package (fast); the ``slow`` test asks ``snakemake -n`` on a copy of the workflow.
 """
+
 from __future__ import annotations
 
 import ast
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers.workflow import BIN, REPO, copy_workflow, planned_jobs, snakemake, stand_in_cli
 from unisparse import codemap
 from unisparse.codemap import Package, write_code_identity
 
-REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "unisparse"
-BIN = Path(sys.executable).parent
 DEFAULT = ("mot", ("shapes_geneval", "shapesqa"))
 QWEN = ("qwen_image", ("geneval", "mme"))
 
@@ -80,7 +78,7 @@ def edit_docstrings(text: str) -> str:
     for line, col in sorted(spots, reverse=True):
         s = lines[line - 1]
         quote = 3 if s[:col].endswith(('"""', "'''")) else 1
-        lines[line - 1] = s[: col - quote] + " (edited, without new meaning)" + s[col - quote:]
+        lines[line - 1] = s[: col - quote] + " (edited, without new meaning)" + s[col - quote :]
     return "".join(lines)
 
 
@@ -108,6 +106,7 @@ def owner_files(package_dir: Path, name: str) -> list[Path]:
 
 
 # --- meaning, not text
+
 
 def test_comments_docstrings_and_formatting_change_no_digest(tmp_path):
     """A comment line at the top and bottom of every module, every docstring reworded, every argparse
@@ -161,6 +160,7 @@ def test_a_real_change_changes_the_digest_of_the_verbs_that_run_it(tmp_path):
 
 # --- families and benchmarks
 
+
 def test_family_and_benchmark_code_is_none_of_the_defaults(tmp_path):
     """A real change to every function of the Qwen-Image family's modules (families/qwen_image.py,
     models/qwen_image*.py, whatever they are split into), of evaluate/mme.py and of
@@ -168,8 +168,11 @@ def test_family_and_benchmark_code_is_none_of_the_defaults(tmp_path):
     pkg = copy_package(tmp_path)
     parsed = Package(pkg)
     default, qwen = digests_of(parsed, DEFAULT), digests_of(parsed, QWEN, ["evaluate"])
-    groups = {"qwen_image": owner_files(pkg, "qwen_image"), "mme": [pkg / "evaluate" / "mme.py"],
-              "geneval": [pkg / "evaluate" / "geneval.py"]}
+    groups = {
+        "qwen_image": owner_files(pkg, "qwen_image"),
+        "mme": [pkg / "evaluate" / "mme.py"],
+        "geneval": [pkg / "evaluate" / "geneval.py"],
+    }
     assert len(groups["qwen_image"]) >= 2, groups
     for name, paths in groups.items():
         originals = {p: p.read_text() for p in paths}
@@ -199,9 +202,11 @@ def test_every_family_and_benchmark_module_is_attributed():
         owned = pkg.owned_modules(name)
         for path in owner_files(SRC, name):
             module = "unisparse." + ".".join(path.relative_to(SRC).with_suffix("").parts)
-            assert module in owned, (f"{path.relative_to(REPO)} is reached without {name!r} being configured "
-                                     f"(e.g. {' -> '.join(pkg.path('unisparse.cli', module) or [])}): its edits "
-                                     "would rerun other configurations' jobs")
+            assert module in owned, (
+                f"{path.relative_to(REPO)} is reached without {name!r} being configured "
+                f"(e.g. {' -> '.join(pkg.path('unisparse.cli', module) or [])}): its edits "
+                "would rerun other configurations' jobs"
+            )
     configured = pkg.configured(*DEFAULT)
     foreign = set().union(*(pkg.owned_modules(n) for n in names - configured))
     for verb in DEFAULT_VERBS:
@@ -230,6 +235,7 @@ def test_a_new_module_of_a_family_is_attributed_without_being_named(tmp_path):
 
 # --- the slicing rules, on a made-up package
 
+
 def test_what_counts_on_a_made_up_package(tmp_path):
     """Definitions count by use; effects whenever their module loads; a branch on an unconfigured name
     and a registry entry of one do not count; the other verbs' commands do not; a module used as an
@@ -238,20 +244,26 @@ def test_what_counts_on_a_made_up_package(tmp_path):
     files = {
         "__init__.py": "",
         "choices.py": 'FAMILIES = ("a", "b")\nBENCHMARKS = {"t": ("x", "y")}\n',
-        "cli.py": ("import argparse\n\n"
-                   "def cmd_one(args):\n    from .lib import used\n    used()\n\n"
-                   "def cmd_two(args):\n    from .other import thing\n\n"
-                   "def build(sub):\n    s = sub.add_parser('one')\n    s.set_defaults(func=cmd_one)\n"
-                   "    s = sub.add_parser('two')\n    s.set_defaults(func=cmd_two)\n\n"
-                   "def main():\n    build(argparse.ArgumentParser().add_subparsers())\n"),
-        "lib.py": ("from .reg import REGISTRY, register\n\n"
-                   "def used(bench='x'):\n    if bench == 'y':\n        from .ybench import run\n        return run()\n"
-                   "    return helper() + REGISTRY['k']\n\n"
-                   "def helper():\n    return 1\n\n"
-                   "def unused():\n    return 2\n\n"
-                   "@register\ndef registered():\n    return 3\n"),
-        "reg.py": ("REGISTRY = {}\n\ndef register(f):\n    REGISTRY[f.__name__] = f\n    return f\n\n"
-                   "FAMILIES = {'a': 'pkg.fam_a:A', 'b': 'pkg.fam_b:B'}\n"),
+        "cli.py": (
+            "import argparse\n\n"
+            "def cmd_one(args):\n    from .lib import used\n    used()\n\n"
+            "def cmd_two(args):\n    from .other import thing\n\n"
+            "def build(sub):\n    s = sub.add_parser('one')\n    s.set_defaults(func=cmd_one)\n"
+            "    s = sub.add_parser('two')\n    s.set_defaults(func=cmd_two)\n\n"
+            "def main():\n    build(argparse.ArgumentParser().add_subparsers())\n"
+        ),
+        "lib.py": (
+            "from .reg import REGISTRY, register\n\n"
+            "def used(bench='x'):\n    if bench == 'y':\n        from .ybench import run\n        return run()\n"
+            "    return helper() + REGISTRY['k']\n\n"
+            "def helper():\n    return 1\n\n"
+            "def unused():\n    return 2\n\n"
+            "@register\ndef registered():\n    return 3\n"
+        ),
+        "reg.py": (
+            "REGISTRY = {}\n\ndef register(f):\n    REGISTRY[f.__name__] = f\n    return f\n\n"
+            "FAMILIES = {'a': 'pkg.fam_a:A', 'b': 'pkg.fam_b:B'}\n"
+        ),
         "ybench.py": "def run():\n    return 0\n",
         "fam_a.py": "class A: pass\n",
         "fam_b.py": "class B: pass\n",
@@ -272,6 +284,7 @@ def test_what_counts_on_a_made_up_package(tmp_path):
 
 
 # --- the digest file
+
 
 def test_the_digest_file_changes_only_with_the_digest(tmp_path):
     """Rewritten (a new modification time) only when the digest changes; its content depends on the
@@ -302,41 +315,12 @@ def test_the_digest_file_changes_only_with_the_digest(tmp_path):
 
 # --- with Snakemake
 
-STAND_IN = '''#!/usr/bin/env python3
-"""Stand-in for the unisparse CLI: creates the outputs named by --out, --metrics, --summary."""
-import os, sys
-args = sys.argv[1:]
-for flag, value in zip(args, args[1:]):
-    if flag in ("--out", "--metrics", "--summary"):
-        if value.endswith((".json", ".csv", ".safetensors")):
-            os.makedirs(os.path.dirname(value) or ".", exist_ok=True)
-            for path in [value] + ([value + ".json"] if value.endswith(".safetensors") else []):
-                with open(path, "w") as f:
-                    f.write("{}")
-        else:
-            os.makedirs(value, exist_ok=True)
-            with open(os.path.join(value, "config.json"), "w") as f:
-                f.write("{}")
-'''
 TARGETS = ["results/tables/probes.csv", "results/tables/moe.csv"]  # all but the figures (papermill)
 
 
-def snakemake(workdir: Path, *args: str, stand_in: Path | None = None) -> subprocess.CompletedProcess:
-    path = os.pathsep.join([*([str(stand_in)] if stand_in else []), str(BIN), os.environ.get("PATH", "")])
-    cmd = [str(BIN / "snakemake"), *TARGETS, "--configfile", "workflow/config/micro.yaml", "--cores", "1", *args]
-    proc = subprocess.run(cmd, cwd=workdir, env={**os.environ, "PATH": path}, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def planned(proc) -> dict[str, int]:
-    """rule -> jobs of a dry run."""
-    text = proc.stdout + proc.stderr
-    if "Nothing to be done" in text:
-        return {}
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", text.split("Job stats:", 1)[1].split("Reasons:")[0], re.M))
-    jobs.pop("total", None)
-    return {k: int(v) for k, v in jobs.items()}
+def micro_snakemake(workdir: Path, *args: str, stand_in: Path | None = None) -> subprocess.CompletedProcess:
+    """Snakemake on micro.yaml up to the tables, on one core; a failure fails the test."""
+    return snakemake(workdir, "--cores", "1", *args, targets=TARGETS, path_first=stand_in)
 
 
 @pytest.mark.slow
@@ -345,20 +329,9 @@ def test_snakemake_reruns_only_what_a_change_touches(tmp_path):
     a comment in families/qwen_image.py, a real change to it, to evaluate/mme.py or to
     evaluate/geneval.py plan nothing; a real change to prune/width.py plans the width jobs and what
     is made from them, not training, calibration, depth or the MoE partitions; undone, nothing."""
-    work = tmp_path / "wf"
-    for name in ["Snakefile", "environment.yml", "rules", "workflow", "notebooks", "data", "src"]:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
-        elif src.exists():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / name)
-    stand_in = tmp_path / "bin"
-    stand_in.mkdir()
-    (stand_in / "unisparse").write_text(STAND_IN)
-    (stand_in / "unisparse").chmod(0o755)
-    snakemake(work, stand_in=stand_in)
-    assert planned(snakemake(work, "-n")) == {}
+    work = copy_workflow(tmp_path / "wf")
+    micro_snakemake(work, stand_in=stand_in_cli(tmp_path / "bin"))
+    assert planned_jobs(micro_snakemake(work, "-n")) == {}
     pkg = work / "src" / "unisparse"
     family = pkg / "families" / "qwen_image.py"
     edits = [
@@ -370,15 +343,15 @@ def test_snakemake_reruns_only_what_a_change_touches(tmp_path):
     for path, edit in edits:
         original = path.read_text()
         path.write_text(edit(original))
-        assert planned(snakemake(work, "-n")) == {}, path.relative_to(work)
+        assert planned_jobs(micro_snakemake(work, "-n")) == {}, path.relative_to(work)
         path.write_text(original)
     width = pkg / "prune" / "width.py"
     original = width.read_text()
     width.write_text(touch_bodies(original))
-    jobs = planned(snakemake(work, "-n"))
+    jobs = planned_jobs(micro_snakemake(work, "-n"))
     assert jobs.pop("prune_width") >= 1
     assert set(jobs) <= {"tune_control", "probes_table", "moe_table"}, jobs
     assert not {"train_tiny", "calibrate", "prune_depth", "partition", "tune_moe", "evaluate"} & set(jobs)
     # undone: the digest file is rewritten (newer) with the content Snakemake recorded for the jobs
     width.write_text(original)
-    assert planned(snakemake(work, "-n")) == {}
+    assert planned_jobs(micro_snakemake(work, "-n")) == {}

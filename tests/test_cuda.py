@@ -1,12 +1,14 @@
 """Every verb on CUDA (issue 9), in float32 and bfloat16, on the micro checkpoint; CUDA float32 scores
 within 0.02 of the CPU's on the same checkpoint. Skipped where no CUDA device exists."""
+
 import pytest
 import torch
 
-from verb_chain import run_chain, score_differences, train_checkpoint
+from helpers.verb_chain import run_chain, score_differences, train_checkpoint
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA device (torch.cuda.is_available() is False): GPU checks skipped")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False): GPU checks skipped"
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +45,24 @@ def test_train_tiny_on_cuda(tmp_path, dtype):
 
     from safetensors.torch import load_file
 
-    from verb_chain import MICRO_MODEL, cli
+    from helpers.cli import cli
+    from helpers.models import MICRO_MODEL
 
-    cli("train-tiny", "--model", json.dumps(MICRO_MODEL), "--train", json.dumps({"steps": 20, "batch_und": 8, "batch_gen": 8}),
-        "--out", tmp_path / "m", "--summary", tmp_path / "s.json", "--device", "cuda", "--dtype", dtype)
+    cli(
+        "train-tiny",
+        "--model",
+        json.dumps(MICRO_MODEL),
+        "--train",
+        json.dumps({"steps": 20, "batch_und": 8, "batch_gen": 8}),
+        "--out",
+        tmp_path / "m",
+        "--summary",
+        tmp_path / "s.json",
+        "--device",
+        "cuda",
+        "--dtype",
+        dtype,
+    )
     assert {t.dtype for t in load_file(str(tmp_path / "m/model.safetensors")).values()} == {getattr(torch, dtype)}
     history = json.loads((tmp_path / "s.json").read_text())["history"]
     assert all(h["ce"] == h["ce"] and h["mse"] == h["mse"] for h in history)  # no NaN

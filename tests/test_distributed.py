@@ -2,6 +2,7 @@
 (gloo, FSDP2) end where one process with the same global batch, seed and steps ends, and an
 interrupted two-process run resumes to the same weights. The comparison is the largest relative
 difference of any weight tensor, max|a - b| / max|b|."""
+
 import json
 import os
 import shutil
@@ -13,28 +14,36 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_model
+from helpers.models import MICRO_MODEL, make_model
 from unisparse.io import save_model
 from unisparse.models.loading import load_model
 from unisparse.moe.convert import convert_to_moe
 from unisparse.moe.tune import tune_moe
 from unisparse.train import train_tiny
-from verb_chain import MICRO_MODEL
 
 BIN = Path(sys.executable).parent
 TORCHRUN = BIN / "torchrun"
 TUNE = {"steps": 6, "batch_gen": 4, "checkpoint_every": 2, "threads": 1, "seed": 3}
 TRAIN = {"steps": 5, "batch_und": 4, "batch_gen": 4, "threads": 1}
 
-pytestmark = [pytest.mark.slow,  # torchrun subprocesses: outside the fast inner loop
-              pytest.mark.skipif(not (TORCHRUN.exists() and torch.distributed.is_available()),
-                                 reason="needs torch.distributed and torchrun")]
+pytestmark = [
+    pytest.mark.slow,  # torchrun subprocesses: outside the fast inner loop
+    pytest.mark.skipif(
+        not (TORCHRUN.exists() and torch.distributed.is_available()), reason="needs torch.distributed and torchrun"
+    ),
+]
 
 
 def torchrun(*argv, cwd):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *map(str, argv)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *map(str, argv)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -59,8 +68,24 @@ def single_process_tuning(moe_dir, mode="full"):
 
 def test_two_process_tuning_equals_one_process(moe_dir, tmp_path):
     want, summary = single_process_tuning(moe_dir)
-    torchrun("-m", "unisparse", "--no-progress", "tune-moe", moe_dir, "--mode", "full", "--spec", json.dumps(TUNE),
-             "--summary", tmp_path / "summary.json", "--out", tmp_path / "out", "--device", "cpu", cwd=tmp_path)
+    torchrun(
+        "-m",
+        "unisparse",
+        "--no-progress",
+        "tune-moe",
+        moe_dir,
+        "--mode",
+        "full",
+        "--spec",
+        json.dumps(TUNE),
+        "--summary",
+        tmp_path / "summary.json",
+        "--out",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     got = load_file(str(tmp_path / "out/model.safetensors"))
     assert max_relative_difference(got, want) < 1e-4
     two = json.loads((tmp_path / "summary.json").read_text())
@@ -79,13 +104,43 @@ tune_moe(load_model(sys.argv[1]), "gen", "full", json.loads(sys.argv[2]), checkp
 
 def test_interrupted_two_process_tuning_resumes_to_the_same_weights(moe_dir, tmp_path):
     (tmp_path / "stop.py").write_text(STOP)
-    torchrun("-m", "unisparse", "--no-progress", "tune-moe", moe_dir, "--mode", "full", "--spec", json.dumps(TUNE),
-             "--out", tmp_path / "straight", "--device", "cpu", cwd=tmp_path)
+    torchrun(
+        "-m",
+        "unisparse",
+        "--no-progress",
+        "tune-moe",
+        moe_dir,
+        "--mode",
+        "full",
+        "--spec",
+        json.dumps(TUNE),
+        "--out",
+        tmp_path / "straight",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     torchrun(tmp_path / "stop.py", moe_dir, json.dumps(TUNE), tmp_path / "ck", 3, cwd=tmp_path)
     meta = json.loads((tmp_path / "ck/last/meta.json").read_text())
     assert meta["step"] == 2  # the checkpoint before the interruption at step 3
-    proc = torchrun("-m", "unisparse", "--no-progress", "tune-moe", moe_dir, "--mode", "full", "--spec", json.dumps(TUNE),
-                    "--checkpoint-dir", tmp_path / "ck", "--out", tmp_path / "resumed", "--device", "cpu", cwd=tmp_path)
+    proc = torchrun(
+        "-m",
+        "unisparse",
+        "--no-progress",
+        "tune-moe",
+        moe_dir,
+        "--mode",
+        "full",
+        "--spec",
+        json.dumps(TUNE),
+        "--checkpoint-dir",
+        tmp_path / "ck",
+        "--out",
+        tmp_path / "resumed",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     assert "resuming full tuning from step 2" in proc.stderr
     straight = load_file(str(tmp_path / "straight/model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed/model.safetensors"))
@@ -95,8 +150,21 @@ def test_interrupted_two_process_tuning_resumes_to_the_same_weights(moe_dir, tmp
 
 def test_two_process_training_equals_one_process(tmp_path):
     train_tiny(MICRO_MODEL, TRAIN, tmp_path / "one", progress=False)
-    torchrun("-m", "unisparse", "--no-progress", "train-tiny", "--model", json.dumps(MICRO_MODEL), "--train",
-             json.dumps(TRAIN), "--out", tmp_path / "two", "--device", "cpu", cwd=tmp_path)
+    torchrun(
+        "-m",
+        "unisparse",
+        "--no-progress",
+        "train-tiny",
+        "--model",
+        json.dumps(MICRO_MODEL),
+        "--train",
+        json.dumps(TRAIN),
+        "--out",
+        tmp_path / "two",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
     assert max_relative_difference(two, one) < 1e-4
     assert json.loads((tmp_path / "two/config.json").read_text())["num_hidden_layers"] == 2
@@ -104,10 +172,32 @@ def test_two_process_training_equals_one_process(tmp_path):
 
 def test_global_batch_must_split_evenly(moe_dir, tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "unisparse", "--no-progress",
-                           "tune-moe", str(moe_dir), "--mode", "frozen", "--spec", json.dumps({**TUNE, "batch_gen": 3}),
-                           "--out", str(tmp_path / "out"), "--device", "cpu"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(TORCHRUN),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "unisparse",
+            "--no-progress",
+            "tune-moe",
+            str(moe_dir),
+            "--mode",
+            "frozen",
+            "--spec",
+            json.dumps({**TUNE, "batch_gen": 3}),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "not divisible by the 2 processes" in proc.stderr
     assert not (tmp_path / "out").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)

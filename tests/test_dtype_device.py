@@ -1,16 +1,17 @@
 """Device and dtype are parameters (issue 9): every verb runs in bfloat16 on the CPU and scores within
 0.05 of float32 on the same checkpoint; statistics and losses stay fp32; the device is checked."""
+
 import json
 
 import pytest
 import torch
-
-from unisparse.families import family_for
 from safetensors.torch import load_file
 
-from conftest import make_model
+from helpers.cli import cli
+from helpers.models import MICRO_MODEL, make_model
+from helpers.verb_chain import run_chain, score_differences, train_checkpoint
+from unisparse.families import family_for
 from unisparse.runtime import resolve_device, resolve_dtype
-from verb_chain import MICRO_MODEL, cli, run_chain, score_differences, train_checkpoint
 
 pytestmark = pytest.mark.slow  # two whole verb chains on a trained checkpoint (minutes): outside the fast inner loop
 
@@ -18,7 +19,10 @@ pytestmark = pytest.mark.slow  # two whole verb chains on a trained checkpoint (
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory):
     root = train_checkpoint(tmp_path_factory.mktemp("checkpoint"))
-    return {dtype: (run_chain(root, tmp_path_factory.mktemp(dtype), "cpu", dtype), root) for dtype in ("float32", "bfloat16")}
+    return {
+        dtype: (run_chain(root, tmp_path_factory.mktemp(dtype), "cpu", dtype), root)
+        for dtype in ("float32", "bfloat16")
+    }
 
 
 def test_bfloat16_scores_within_0_05_of_float32(chains):
@@ -41,7 +45,9 @@ def test_bfloat16_answers_and_images_agree_with_float32(chains):
     fp32 = load_model(root / "dense")
     bf16 = load_model(root / "dense", dtype=torch.bfloat16)
     items = shapes.qa_set("eval", 256, 1)
-    same = sum(a == b for a, b in zip(answer_questions(family_for(fp32), items), answer_questions(family_for(bf16), items))) / len(items)
+    same = sum(
+        a == b for a, b in zip(answer_questions(family_for(fp32), items), answer_questions(family_for(bf16), items))
+    ) / len(items)
     assert same >= 0.9, same
     pairs = shapes.geneval_set("eval", 1, 2, 0)
     images = [generate_for(family_for(m), pairs, dict(num_steps=8, cfg_scale=3.0)) for m in (fp32, bf16)]
@@ -64,10 +70,23 @@ def test_bfloat16_artifacts_are_bfloat16_and_statistics_fp32(chains, tmp_path):
 
 
 def test_train_tiny_in_bfloat16(tmp_path):
-    cli("train-tiny", "--model", json.dumps(MICRO_MODEL), "--train", json.dumps({"steps": 3, "batch_und": 4, "batch_gen": 4}),
-        "--out", tmp_path / "m", "--summary", tmp_path / "s.json", "--dtype", "bfloat16")
+    cli(
+        "train-tiny",
+        "--model",
+        json.dumps(MICRO_MODEL),
+        "--train",
+        json.dumps({"steps": 3, "batch_und": 4, "batch_gen": 4}),
+        "--out",
+        tmp_path / "m",
+        "--summary",
+        tmp_path / "s.json",
+        "--dtype",
+        "bfloat16",
+    )
     assert {t.dtype for t in load_file(str(tmp_path / "m/model.safetensors")).values()} == {torch.bfloat16}
-    assert all(h["ce"] == h["ce"] and h["mse"] == h["mse"] for h in json.loads((tmp_path / "s.json").read_text())["history"])
+    assert all(
+        h["ce"] == h["ce"] and h["mse"] == h["mse"] for h in json.loads((tmp_path / "s.json").read_text())["history"]
+    )
 
 
 def test_sampling_noise_is_drawn_on_the_cpu_then_moved():

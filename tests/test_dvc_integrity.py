@@ -23,8 +23,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from test_checkpoint_provenance import interruptible
-from test_dvc_pull import CONFIG, copy_worktree, env, files, pytestmark, sh  # noqa: F401 (pytestmark: same skip)
+from helpers.workflow import MICRO as CONFIG
+from helpers.workflow import copy_worktree, env, files, interruptible, needs_dvc, sh
+
+pytestmark = [pytest.mark.slow, needs_dvc]  # snakemake, dvc and git in subprocesses: outside the fast inner loop
 
 RECORD = "workflow/scripts/record_artifacts.sh"
 FETCH = "workflow/scripts/fetch_artifacts.sh"
@@ -94,9 +96,15 @@ def test_record_refuses_unfinished_runs(recorded):
     # locks, and keeps the job's marker in .snakemake/incomplete
     locks, markers = producer / ".snakemake/locks", producer / ".snakemake/incomplete"
     with open(recorded.root / "background.log", "w") as log:
-        run = subprocess.Popen(["snakemake", NEXT, "--cores", "1", "--configfile", CONFIG], cwd=producer,
-                               env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               preexec_fn=interruptible)
+        run = subprocess.Popen(
+            ["snakemake", NEXT, "--cores", "1", "--configfile", CONFIG],
+            cwd=producer,
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=interruptible,
+        )
     try:
         deadline = time.monotonic() + 180
         while not (list(locks.glob("*.lock")) and list(markers.glob("*"))):  # locked, and the job started

@@ -18,57 +18,16 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline_helpers import failed_job_logs
+from helpers.workflow import MICRO as CONFIG
+from helpers.workflow import copy_worktree, env, failed_job_logs, files, needs_dvc, sh
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = "workflow/config/micro.yaml"
-BIN = Path(sys.executable).parent
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(  # subprocess-driven: outside the fast inner loop
-    not all((BIN / t).exists() or shutil.which(t) for t in ("snakemake", "dvc", "git")),
-    reason="needs snakemake, dvc (workflow extras: workflow/scripts/setup.sh) and git",
-)]
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("UNISPARSE_SLURM_", "SNAKEMAKE_"))}
-    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
-    e.update(GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.org")
-    e.update(GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.org")
-    e["DVC_NO_ANALYTICS"] = "1"
-    return e
-
-
-def sh(*cmd, cwd, check=True):
-    r = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
-                             + failed_job_logs(cwd, r.stdout + r.stderr))
-    return r
-
-
-def copy_worktree(dest):
-    """The working tree as git sees it (tracked + untracked-not-ignored files), in a new repository."""
-    listed = sh("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO).stdout
-    for rel in filter(None, listed.split("\0")):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    sh("git", "init", "-q", cwd=dest)
-    sh("git", "add", "-A", cwd=dest)
-    sh("git", "commit", "-q", "-m", "working tree", cwd=dest)
-
-
-def files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+pytestmark = [pytest.mark.slow, needs_dvc]  # subprocess-driven: outside the fast inner loop
 
 
 def planned(cwd):
@@ -192,7 +151,9 @@ def test_fetch_into_fresh_clone(tmp_path, finished):
     depth_jobs = 3  # micro.yaml: blocks of und and gen, and two sublayers of gen
     assert expected["steps"]["evaluate"] == 1 and expected["steps"]["prune_depth"] == depth_jobs
     assert expected["steps"]["prune_width"] == 2 and not expected["steps"].keys() & upstream
-    assert expected["code"]["evaluate"] == 1 and not expected["code"].keys() & (upstream | {"prune_width", "prune_depth"})
+    assert expected["code"]["evaluate"] == 1 and not expected["code"].keys() & (
+        upstream | {"prune_width", "prune_depth"}
+    )
     assert expected["artifact"]["prune_width"] == 2 and expected["artifact"]["prune_depth"] == depth_jobs
     assert not expected["artifact"].keys() & (upstream | {"evaluate"})
 
@@ -235,7 +196,9 @@ def advice(line):
 def follow(cwd, command):
     """Run a refusal's command as a user would paste it."""
     r = subprocess.run(["bash", "-c", command], cwd=cwd, env=env(), capture_output=True, text=True, check=False)
-    assert r.returncode == 0, f"{command}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}" + failed_job_logs(cwd, r.stdout + r.stderr)
+    assert r.returncode == 0, f"{command}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}" + failed_job_logs(
+        cwd, r.stdout + r.stderr
+    )
 
 
 def recorded_files(cwd):
@@ -287,8 +250,14 @@ def test_record_after_a_kill_follows_its_own_advice(tmp_path, finished):
     run = copy_run(finished, tmp_path / "run")
     markers, locks = run / ".snakemake/incomplete", run / ".snakemake/locks"
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(["snakemake", "--cores", "1", "--configfile", CONFIG, "--forcerun", "partition"],
-                                cwd=run, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["snakemake", "--cores", "1", "--configfile", CONFIG, "--forcerun", "partition"],
+            cwd=run,
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while not list(markers.glob("*")):  # marked once Snakemake has removed the job's old outputs

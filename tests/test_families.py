@@ -5,6 +5,7 @@ dropped sublayer computes what a zeroed one does; all experts active equals the 
 GELU) to 1e-5; every artifact reloads with identical outputs. Families whose optional dependency is
 missing (Qwen-Image: diffusers) are skipped.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_model
+from helpers.models import make_model
 from unisparse.families import Family, load_family
 from unisparse.families.mot import MoTFamily
 from unisparse.moe.convert import convert_to_moe
@@ -28,8 +29,7 @@ def build(name: str, tmp_path) -> Family:
     if name == "mot":
         return MoTFamily(make_model(), ShapesTokenizer())
     pytest.importorskip("diffusers")
-    from qwen_image_helpers import write_tiny_pipeline
-
+    from helpers.qwen_image import write_tiny_pipeline
     from unisparse.families.qwen_image import import_qwen_image
 
     # a raw diffusers snapshot has no SHA256SUMS: imported, as the pipeline does, it has one
@@ -47,8 +47,10 @@ def outputs(family: Family):
     items = shapes.qa_set("eval", 3, 0)
     images, questions, _ = qa_batch(items, family.encode)
     prompts = [family.encode(p.text) for p, _ in shapes.geneval_set("eval", 1, 1, 0)[:2]]
-    return (family.understanding_logits(images, questions).float(),
-            family.generate_images(prompts, [1, 2], num_steps=2, cfg_scale=2.0).float())
+    return (
+        family.understanding_logits(images, questions).float(),
+        family.generate_images(prompts, [1, 2], num_steps=2, cfg_scale=2.0).float(),
+    )
 
 
 def assert_same(a, b, atol=0.0):

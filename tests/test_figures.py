@@ -1,10 +1,9 @@
 """The figure stage end to end: papermill notebooks run by Snakemake rules on a micro run.
 
-`micro_run` (session-scoped) copies the workflow into a temporary directory and runs the whole
-micro pipeline there once (about 1.5 minutes on two cores); every test that needs pipeline outputs
-can reuse it (`from test_figures import micro_run` in another test module). Set
-UNISPARSE_MICRO_RUN=<dir of a finished micro run> to start from a copy of that run instead: Snakemake
-then reruns only what is out of date.
+`micro_run` (tests/conftest.py, session-scoped) copies the workflow into a temporary directory and
+runs the whole micro pipeline there once (about 1.5 minutes on two cores); every test that needs
+pipeline outputs reuses it. Set UNISPARSE_MICRO_RUN=<dir of a finished micro run> to start from a copy
+of that run instead: Snakemake then reruns only what is out of date.
 """
 
 import json
@@ -17,11 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers.workflow import MICRO, REPO, copy_workflow, snakemake
+
 pytestmark = pytest.mark.slow  # drives Snakemake (or DVC) in subprocesses: outside the fast inner loop
 
-REPO = Path(__file__).resolve().parents[1]
-MICRO = "workflow/config/micro.yaml"
-WORKFLOW_SOURCES = ["Snakefile", "environment.yml", "rules", "workflow", "notebooks", "data", "src"]
 FAMILIES = ["depth_curves", "width_curves", "moe_recovery", "expert_load", "quality_speed"]
 FIGURE_RULES = {
     "depth_figure": "depth_curves",
@@ -39,52 +37,18 @@ CAPTIONS = {  # the first words of each figure's caption in workflow/report/
 }
 
 
-def copy_workflow(dst: Path) -> Path:
-    """The workflow's sources (not results) in a fresh directory."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_SOURCES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"),
-                            dirs_exist_ok=True)
-        elif src.exists():
-            shutil.copy2(src, dst / name)
-    return dst
-
-
-def snakemake(workdir: Path, *args: str, targets=(), config: str = MICRO, check: bool = True) -> subprocess.CompletedProcess:
-    """Run Snakemake of this environment in `workdir`; its shell commands find `unisparse` and `papermill`.
-    Targets go first: several options (--configfile, --allowed-rules, --quiet) take a list of values."""
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [str(bindir / "snakemake"), *targets, "--configfile", config, *args]
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return proc
-
-
-@pytest.fixture(scope="session")
-def micro_run(tmp_path_factory) -> Path:
-    """A directory in which the whole micro pipeline (figures included) has run once."""
-    workdir = tmp_path_factory.mktemp("micro_run")
-    previous = os.environ.get("UNISPARSE_MICRO_RUN")
-    if previous:
-        for name in ("results", "logs", ".snakemake"):
-            if (Path(previous) / name).is_dir():
-                shutil.copytree(Path(previous) / name, workdir / name, symlinks=True,
-                                ignore=shutil.ignore_patterns("locks", "incomplete"))
-    copy_workflow(workdir)
-    snakemake(workdir, "--cores", "2")
-    return workdir
-
-
 def read_notebook(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
 def error_outputs(notebook: dict) -> list:
-    return [o for c in notebook["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []) if o["output_type"] == "error"]
+    return [
+        o
+        for c in notebook["cells"]
+        if c["cell_type"] == "code"
+        for o in c.get("outputs", [])
+        if o["output_type"] == "error"
+    ]
 
 
 # --- the notebooks as committed -----------------------------------------------------------------
@@ -97,7 +61,9 @@ def test_notebook_has_parameters_cell_title_and_no_outputs(family):
     assert len(tagged) == 1 and tagged[0]["cell_type"] == "code"
     assert nb["cells"][0]["cell_type"] == "markdown" and "".join(nb["cells"][0]["source"]).startswith("# ")
     # committed clean: results belong in logs/figures/, not in git
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb["cells"] if c["cell_type"] == "code")
+    assert all(
+        not c.get("outputs") and c.get("execution_count") is None for c in nb["cells"] if c["cell_type"] == "code"
+    )
 
 
 # --- the figure rules on a micro run --------------------------------------------------------------
@@ -132,8 +98,15 @@ def test_notebook_error_fails_rule_and_keeps_executed_notebook(micro_run, tmp_pa
     (workdir / "results/tables/probes.csv").write_text("stage,variant_id\nnot,a table\n")
     figure = workdir / "results/figures/depth_curves.png"
 
-    proc = snakemake(workdir, "--cores", "1", "--allowed-rules", "depth_figure",
-                     targets=[str(figure.relative_to(workdir))], check=False)
+    proc = snakemake(
+        workdir,
+        "--cores",
+        "1",
+        "--allowed-rules",
+        "depth_figure",
+        targets=[str(figure.relative_to(workdir))],
+        check=False,
+    )
 
     assert proc.returncode != 0
     assert "depth_figure" in proc.stderr
@@ -200,14 +173,29 @@ def test_figures_name_the_benchmarks_the_tables_hold(micro_run, tmp_path):
         df["benchmark"] = df.benchmark.map(renamed)
         tables[name] = tmp_path / f"{name}.csv"
         df.to_csv(tables[name], index=False)
-    inputs = {"depth_curves": ["-p", "probes", tables["probes"]], "width_curves": ["-p", "probes", tables["probes"]],
-              "moe_recovery": ["-p", "moe", tables["moe"]],
-              "quality_speed": ["-y", f"tables: [{tables['probes']}, {tables['moe']}]"]}
+    inputs = {
+        "depth_curves": ["-p", "probes", tables["probes"]],
+        "width_curves": ["-p", "probes", tables["probes"]],
+        "moe_recovery": ["-p", "moe", tables["moe"]],
+        "quality_speed": ["-y", f"tables: [{tables['probes']}, {tables['moe']}]"],
+    }
     for family, params in inputs.items():
         executed = tmp_path / f"{family}.ipynb"
-        cmd = [str(Path(sys.executable).parent / "papermill"), "--no-progress-bar", "-k", "python3",
-               str(REPO / "notebooks" / f"{family}.ipynb"), str(executed), *map(str, params),
-               "-p", "out_png", str(tmp_path / f"{family}.png"), "-p", "out_pdf", str(tmp_path / f"{family}.pdf")]
+        cmd = [
+            str(Path(sys.executable).parent / "papermill"),
+            "--no-progress-bar",
+            "-k",
+            "python3",
+            str(REPO / "notebooks" / f"{family}.ipynb"),
+            str(executed),
+            *map(str, params),
+            "-p",
+            "out_png",
+            str(tmp_path / f"{family}.png"),
+            "-p",
+            "out_pdf",
+            str(tmp_path / f"{family}.pdf"),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (tmp_path / f"{family}.png").stat().st_size > 0

@@ -1,4 +1,5 @@
 """The FLUX autoencoder codec: FLUX's exact weight names, BAGEL's latent patch order, scale/shift."""
+
 from types import SimpleNamespace
 
 import pytest

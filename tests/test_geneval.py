@@ -1,9 +1,9 @@
 """GenEval without mmdet: the committed prompt files, every scoring rule on hand-built detections, the
 mmdet-style post-processing, and an end-to-end run on tiny random models loaded from a temporary
 Hugging Face cache (no network: HF_HUB_OFFLINE=1)."""
+
 import hashlib
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.benchmarks import CLIP_COMMIT, DETECTOR_COMMIT, cache_repo, tiny_clip, tiny_detector
 from unisparse.evaluate import geneval as g
 from unisparse.evaluate.geneval import Detection
 
@@ -203,8 +204,9 @@ def test_colour_of_every_counted_object():
 
 
 def test_colour_attribution():
-    e = entry("color_attr", [{"class": "car", "count": 1, "color": "red"},
-                             {"class": "cup", "count": 1, "color": "blue"}])
+    e = entry(
+        "color_attr", [{"class": "car", "count": 1, "color": "red"}, {"class": "cup", "count": 1, "color": "blue"}]
+    )
     by_class = {"car": "red", "cup": "blue"}
     fn = lambda name, found: [by_class[name]] * len(found)
     dets = {"car": [det(0, 0, 10, 10)], "cup": [det(20, 0, 30, 10)]}
@@ -221,8 +223,12 @@ def position(rel):
 
 
 # the cat's box for each relation to a dog at (40, 40, 60, 60); y grows downward
-PLACES = {"left of": (0, 40, 20, 60), "right of": (80, 40, 100, 60),
-          "above": (40, 0, 60, 20), "below": (40, 80, 60, 100)}
+PLACES = {
+    "left of": (0, 40, 20, 60),
+    "right of": (80, 40, 100, 60),
+    "above": (40, 0, 60, 20),
+    "below": (40, 80, 60, 100),
+}
 DOG = det(40, 40, 60, 60)
 
 
@@ -267,8 +273,9 @@ def test_position_needs_its_target_and_checks_every_pair():
 
 
 def test_colour_requests_match_what_judge_asks():
-    e = entry("color_attr", [{"class": "car", "count": 1, "color": "red"},
-                             {"class": "cup", "count": 2, "color": "blue"}])
+    e = entry(
+        "color_attr", [{"class": "car", "count": 1, "color": "red"}, {"class": "cup", "count": 2, "color": "blue"}]
+    )
     kept = g.filter_detections({"car": [det(0, 0, 1, 1)], "cup": [det(0, 0, 1, 1)]}, e["tag"])
     asked = []
     g.judge(kept, e, lambda name, found: asked.append((name, len(found))) or ["red"] * len(found))
@@ -286,8 +293,14 @@ def _records(correct_by_tag, samples=2):
 
 
 def test_overall_is_the_mean_of_the_six_tags_keyed_by_name():
-    spec = {"single_object": (3, 1), "two_object": (1, 3), "counting": (2, 2), "colors": (4, 0),
-            "position": (0, 4), "color_attr": (1, 7)}
+    spec = {
+        "single_object": (3, 1),
+        "two_object": (1, 3),
+        "counting": (2, 2),
+        "colors": (4, 0),
+        "position": (0, 4),
+        "color_attr": (1, 7),
+    }
     records = _records(spec)
     expected = {t: r / (r + w) for t, (r, w) in spec.items()}
     out = g.summarize(records)
@@ -360,69 +373,6 @@ def test_mmdet_test_scale():
 
 
 # ------------------------------------------------------------------------------------------- end to end
-DETECTOR_COMMIT = "a" * 40
-CLIP_COMMIT = "b" * 40
-
-
-def _cache_repo(cache: Path, repo_id: str, commit: str, saved: Path) -> None:
-    """huggingface_hub's cache layout: blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/..., refs/main."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    for f in sorted(saved.iterdir()):
-        data = f.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / f.name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-
-
-def _tiny_detector(out: Path, favour: str) -> None:
-    """A random Mask2Former with a tiny Swin backbone and GenEval's 80 classes; its class head always
-    says ``favour`` (so detections pass the thresholds and the colour path runs)."""
-    import transformers as T
-
-    swin = T.SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                        window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = T.Mask2FormerConfig(backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32,
-                                 encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2,
-                                 num_attention_heads=2, dim_feedforward=32, num_queries=8,
-                                 id2label=dict(enumerate(g.object_names())))
-    torch.manual_seed(0)
-    model = T.Mask2FormerForUniversalSegmentation(config).eval()
-    with torch.no_grad():
-        model.class_predictor.weight.zero_()
-        model.class_predictor.bias.fill_(-10.0)
-        model.class_predictor.bias[g.object_names().index(favour)] = 10.0
-    model.save_pretrained(out)
-    T.Mask2FormerImageProcessorPil(size={"shortest_edge": 384}, size_divisor=32).save_pretrained(out)
-
-
-def _tiny_clip(out: Path) -> None:
-    """A random CLIP with a byte-level tokenizer in CLIP's format (every byte, with and without the
-    end-of-word mark, no merges)."""
-    import transformers as T
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (out / "vocab.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps(vocab))
-    (out / "merges.txt").write_text("#version: 0.2\n")
-    tok = T.CLIPTokenizer(vocab=vocab, merges=[])
-    tok.save_pretrained(out)
-    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(1)
-    T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval().save_pretrained(out)
-    T.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
-
-
 @pytest.fixture(scope="module")
 def hf_cache(tmp_path_factory):
     """A Hugging Face cache holding tiny stand-ins under the real names. The selected colors prompt's class
@@ -430,11 +380,11 @@ def hf_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     first = g.select_prompts(g.load_metadata("long"), 1)
     favour = next(e for _, e in first if e["tag"] == "colors")["include"][0]["class"]
-    _tiny_detector(root / "saved-detector", favour)
-    _tiny_clip(root / "saved-clip")
+    tiny_detector(root / "saved-detector", favour)
+    tiny_clip(root / "saved-clip")
     cache = root / "hub"
-    _cache_repo(cache, g.DEFAULT_DETECTOR, DETECTOR_COMMIT, root / "saved-detector")
-    _cache_repo(cache, g.DEFAULT_CLIP, CLIP_COMMIT, root / "saved-clip")
+    cache_repo(cache, g.DEFAULT_DETECTOR, DETECTOR_COMMIT, root / "saved-detector")
+    cache_repo(cache, g.DEFAULT_CLIP, CLIP_COMMIT, root / "saved-clip")
     return cache, favour
 
 
@@ -496,8 +446,15 @@ def test_crop_is_the_mask_over_grey_cropped_to_the_box(offline_cache):
 def test_run_geneval_end_to_end(offline_cache, tiny_bagel, tmp_path):
     _, favour = offline_cache
     model, tokenizer = tiny_bagel
-    spec = dict(geneval_prompts="short", samples_per_prompt=1, max_prompts_per_tag=1, gen_seed=3, batch_size=4,
-                num_steps=2, cfg_scale=2.0)
+    spec = dict(
+        geneval_prompts="short",
+        samples_per_prompt=1,
+        max_prompts_per_tag=1,
+        gen_seed=3,
+        batch_size=4,
+        num_steps=2,
+        cfg_scale=2.0,
+    )
     out = tmp_path / "geneval"
     metrics = g.run_geneval(model, tokenizer, spec, out)
     chosen = g.select_prompts(g.load_metadata("short"), 1)

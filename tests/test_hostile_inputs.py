@@ -5,8 +5,8 @@ checkpoints resumed only from the same input; artifacts readable by the user's g
 Pipeline-level cases (config validation, shell injection) live in test_workflow.py, the
 kill-change-rerun scenario in test_checkpoint_provenance.py, DVC cases in test_dvc_integrity.py.
 """
+
 import json
-import logging
 import os
 import stat
 from pathlib import Path
@@ -14,27 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_model
-from unisparse.calibrate import Calibration, run_calibration, save_stats
-from unisparse.cli import main
-from unisparse.io import ALLOW_UNVERIFIED_ENV, MANIFEST, IntegrityError, directory_digest, save_model
+from helpers.cli import refused, run_cli
+from helpers.models import make_model, save_calibration, save_dense
+from unisparse.calibrate import Calibration
+from unisparse.io import ALLOW_UNVERIFIED_ENV, MANIFEST, IntegrityError, save_model
 from unisparse.models.loading import load_model
 from unisparse.moe.convert import convert_to_moe
 from unisparse.moe.tune import tune_moe
 
-CALIB = {"qa_items": 8, "samples_per_prompt": 1, "max_prompts_per_tag": 1, "num_steps": 2}
-EVAL = json.dumps({"qa_items": 8, "samples_per_prompt": 1, "max_prompts_per_tag": 1, "num_steps": 2, "latency_repeats": 1})
+EVAL = json.dumps(
+    {"qa_items": 8, "samples_per_prompt": 1, "max_prompts_per_tag": 1, "num_steps": 2, "latency_repeats": 1}
+)
 TUNE = {"steps": 6, "batch_gen": 4, "checkpoint_every": 2, "threads": 1}
-
-
-def save_dense(path, seed=0, **overrides):
-    model = make_model(seed, **overrides)
-    save_model(model, path)
-    return model
-
-
-def save_calibration(model, model_dir, path, task="gen"):
-    save_stats(run_calibration(model, task, CALIB), task, path, model_sha256=directory_digest(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -48,27 +39,6 @@ def artifacts(tmp_path_factory):
     c = save_dense(root / "c", seed=2)  # same shapes as a, other weights
     save_calibration(c, root / "c", root / "c.safetensors")
     return root
-
-
-def run_cli(*argv):
-    """Run the CLI in-process; its exit status."""
-    try:
-        main(["--no-progress", *map(str, argv)])
-        return 0
-    except SystemExit as e:
-        return e.code
-    finally:  # the CLI's log handler writes to this test's captured stderr: drop it with the test
-        logging.getLogger().handlers.clear()
-
-
-def refused(capsys, *argv, naming):
-    """The verb exits 2 with one line that names the problem (no traceback)."""
-    code = run_cli(*argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, (code, err)
-    last = err[-1]
-    assert "Traceback" not in "\n".join(err) and naming in last, err
-    return last
 
 
 # --- item 5: strict loading, calibrations of other models, layers that do not exist ------------------
@@ -97,24 +67,52 @@ def test_mis_shaped_tensor_is_refused(tmp_path, monkeypatch):
         load_model(tmp_path / "m")
 
 
-@pytest.mark.parametrize("verb", [
-    ["prune-depth", "--component", "und", "--drop", "1"],
-    ["prune-width", "--component", "gen", "--keep-ratio", "0.5", "--score", "published"],
-    ["prune-width", "--component", "gen", "--keep-ratio", "0.5", "--score", "act_norm"],
-    ["partition", "--component", "gen", "--num-experts", "4", "--top-k", "2", "--dense-layers", "none"],
-])
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ["prune-depth", "--component", "und", "--drop", "1"],
+        ["prune-width", "--component", "gen", "--keep-ratio", "0.5", "--score", "published"],
+        ["prune-width", "--component", "gen", "--keep-ratio", "0.5", "--score", "act_norm"],
+        ["partition", "--component", "gen", "--num-experts", "4", "--top-k", "2", "--dense-layers", "none"],
+    ],
+)
 @pytest.mark.parametrize("other", ["b", "c"])
 def test_calibration_of_another_model_is_refused(artifacts, tmp_path, capsys, verb, other):
     """b: another layer count (structure check); c: same shapes, other weights (provenance hash)."""
     name, *rest = verb
-    refused(capsys, name, artifacts / "a", "--calibration", artifacts / f"{other}.safetensors", *rest,
-            "--out", tmp_path / "out", naming="another model" if other == "c" else "layers")
+    refused(
+        capsys,
+        name,
+        artifacts / "a",
+        "--calibration",
+        artifacts / f"{other}.safetensors",
+        *rest,
+        "--out",
+        tmp_path / "out",
+        naming="another model" if other == "c" else "layers",
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_partition_dense_layer_beyond_the_model_is_refused(artifacts, tmp_path, capsys):
-    refused(capsys, "partition", artifacts / "a", "--calibration", artifacts / "a.safetensors", "--component", "gen",
-            "--num-experts", "4", "--top-k", "2", "--dense-layers", "5", "--out", tmp_path / "out", naming="--dense-layers")
+    refused(
+        capsys,
+        "partition",
+        artifacts / "a",
+        "--calibration",
+        artifacts / "a.safetensors",
+        "--component",
+        "gen",
+        "--num-experts",
+        "4",
+        "--top-k",
+        "2",
+        "--dense-layers",
+        "5",
+        "--out",
+        tmp_path / "out",
+        naming="--dense-layers",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -131,26 +129,77 @@ BAD_ARGS = {
     "eval-spec missing file": ([*WIDTH_CUT, "--metrics", "{m}", "--eval-spec", "@/nonexistent.yaml"], "--eval-spec"),
     "meta not a mapping": ([*WIDTH_CUT, "--metrics", "{m}", "--meta", "3"], "--meta"),
     "eval-spec without metrics": ([*WIDTH_CUT, "--eval-spec", "{{}}"], "--metrics"),
-    "act_norm without calibration": (["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5"], "--calibration"),
-    "drop beyond the layers": (["prune-depth", "{a}", "--calibration", "{cal}", "--component", "und", "--drop", "5"], "--drop"),
-    "calib-spec unknown key": (["prune-depth", "{a}", "--calibration", "{cal}", "--component", "und", "--drop", "1",
-                                "--calib-spec", '{{"bogus": 1}}'], "bogus"),
-    "missing calibration file": (["prune-depth", "{a}", "--calibration", "/nonexistent.safetensors", "--component", "und",
-                                  "--drop", "1"], "nonexistent"),
-    "missing model": (["prune-width", "/nonexistent", "--component", "gen", "--keep-ratio", "0.5", "--score", "weight"],
-                      "/nonexistent"),
-    "shared expert as wide as the MLP": (["partition", "{a}", "--component", "gen", "--num-experts", "4", "--top-k", "2",
-                                          "--shared-size", "64", "--dense-layers", "none"], "shared_size"),
-    "experts not dividing the width": (["partition", "{a}", "--component", "gen", "--num-experts", "5", "--top-k", "2",
-                                        "--dense-layers", "none"], "num_experts"),
-    "cluster without calibration": (["partition", "{a}", "--component", "gen", "--num-experts", "4", "--top-k", "2",
-                                     "--method", "cluster"], "--calibration"),
-    "router-tune a dense model": (["tune-moe", "{a}", "--mode", "frozen", "--spec", '{{"steps": 2}}'], "no routers to tune"),
+    "act_norm without calibration": (
+        ["prune-width", "{a}", "--component", "gen", "--keep-ratio", "0.5"],
+        "--calibration",
+    ),
+    "drop beyond the layers": (
+        ["prune-depth", "{a}", "--calibration", "{cal}", "--component", "und", "--drop", "5"],
+        "--drop",
+    ),
+    "calib-spec unknown key": (
+        [
+            "prune-depth",
+            "{a}",
+            "--calibration",
+            "{cal}",
+            "--component",
+            "und",
+            "--drop",
+            "1",
+            "--calib-spec",
+            '{{"bogus": 1}}',
+        ],
+        "bogus",
+    ),
+    "missing calibration file": (
+        ["prune-depth", "{a}", "--calibration", "/nonexistent.safetensors", "--component", "und", "--drop", "1"],
+        "nonexistent",
+    ),
+    "missing model": (
+        ["prune-width", "/nonexistent", "--component", "gen", "--keep-ratio", "0.5", "--score", "weight"],
+        "/nonexistent",
+    ),
+    "shared expert as wide as the MLP": (
+        [
+            "partition",
+            "{a}",
+            "--component",
+            "gen",
+            "--num-experts",
+            "4",
+            "--top-k",
+            "2",
+            "--shared-size",
+            "64",
+            "--dense-layers",
+            "none",
+        ],
+        "shared_size",
+    ),
+    "experts not dividing the width": (
+        ["partition", "{a}", "--component", "gen", "--num-experts", "5", "--top-k", "2", "--dense-layers", "none"],
+        "num_experts",
+    ),
+    "cluster without calibration": (
+        ["partition", "{a}", "--component", "gen", "--num-experts", "4", "--top-k", "2", "--method", "cluster"],
+        "--calibration",
+    ),
+    "router-tune a dense model": (
+        ["tune-moe", "{a}", "--mode", "frozen", "--spec", '{{"steps": 2}}'],
+        "no routers to tune",
+    ),
     "calibrate spec unknown key": (["calibrate", "{a}", "--task", "gen", "--spec", '{{"qa_itemz": 1}}'], "qa_itemz"),
     "evaluate spec unknown key": (["evaluate", "{a}", "--spec", '{{"bogus": 1}}'], "bogus"),
     "evaluate meta unparsable": (["evaluate", "{a}", "--meta", '{{"a": '], "--meta"),
-    "train unknown model key": (["train-tiny", "--model", '{{"hiden_size": 32}}', "--train", '{{"steps": 1}}'], "hiden_size"),
-    "train negative size": (["train-tiny", "--model", '{{"hidden_size": -32}}', "--train", '{{"steps": 1}}'], "hidden_size"),
+    "train unknown model key": (
+        ["train-tiny", "--model", '{{"hiden_size": 32}}', "--train", '{{"steps": 1}}'],
+        "hiden_size",
+    ),
+    "train negative size": (
+        ["train-tiny", "--model", '{{"hidden_size": -32}}', "--train", '{{"steps": 1}}'],
+        "hidden_size",
+    ),
     "train unknown key": (["train-tiny", "--train", '{{"stpes": 1}}'], "stpes"),
     "train wrong type": (["train-tiny", "--train", '{{"lr": "fast"}}'], "lr"),
 }
@@ -172,10 +221,33 @@ ARGPARSE_BAD = {
     "keep ratio nan": ["prune-width", "m", "--component", "gen", "--keep-ratio", "nan", "--out", "o"],
     "negative drop": ["prune-depth", "m", "--calibration", "c", "--component", "und", "--drop", "-1", "--out", "o"],
     "zero experts": ["partition", "m", "--component", "gen", "--num-experts", "0", "--top-k", "1", "--out", "o"],
-    "dense layers garbage": ["partition", "m", "--component", "gen", "--num-experts", "4", "--top-k", "2",
-                             "--dense-layers", "1;rm", "--out", "o"],
+    "dense layers garbage": [
+        "partition",
+        "m",
+        "--component",
+        "gen",
+        "--num-experts",
+        "4",
+        "--top-k",
+        "2",
+        "--dense-layers",
+        "1;rm",
+        "--out",
+        "o",
+    ],
     "unknown component": ["prune-width", "m", "--component", "vision", "--keep-ratio", "0.5", "--out", "o"],
-    "unknown score": ["prune-width", "m", "--component", "gen", "--keep-ratio", "0.5", "--score", "magic", "--out", "o"],
+    "unknown score": [
+        "prune-width",
+        "m",
+        "--component",
+        "gen",
+        "--keep-ratio",
+        "0.5",
+        "--score",
+        "magic",
+        "--out",
+        "o",
+    ],
 }
 
 
@@ -188,9 +260,26 @@ def test_malformed_option_is_a_usage_error(tmp_path, capsys, case):
 def test_tune_moe_bad_eval_spec_fails_before_tuning(artifacts, tmp_path, capsys):
     moe = convert_to_moe(load_model(artifacts / "a"), "gen", 4, 2, dense_layers="none")
     save_model(moe, tmp_path / "moe")
-    refused(capsys, "tune-moe", tmp_path / "moe", "--mode", "frozen", "--spec", json.dumps(TUNE),
-            "--checkpoint-dir", tmp_path / "ck", "--summary", tmp_path / "summary.json", "--out", tmp_path / "out",
-            "--metrics", tmp_path / "m.json", "--eval-spec", '{"bogus": 1}', naming="bogus")
+    refused(
+        capsys,
+        "tune-moe",
+        tmp_path / "moe",
+        "--mode",
+        "frozen",
+        "--spec",
+        json.dumps(TUNE),
+        "--checkpoint-dir",
+        tmp_path / "ck",
+        "--summary",
+        tmp_path / "summary.json",
+        "--out",
+        tmp_path / "out",
+        "--metrics",
+        tmp_path / "m.json",
+        "--eval-spec",
+        '{"bogus": 1}',
+        naming="bogus",
+    )
     assert not any((tmp_path / n).exists() for n in ("ck", "summary.json", "out", "m.json"))
 
 
@@ -219,8 +308,20 @@ def test_corrupted_calibration_is_detected_naming_the_file(artifacts, tmp_path, 
     flip_tensor_byte(tmp_path / "a.safetensors")
     with pytest.raises(IntegrityError, match="a.safetensors is corrupted"):
         Calibration.load(tmp_path / "a.safetensors")
-    refused(capsys, "prune-depth", artifacts / "a", "--calibration", tmp_path / "a.safetensors", "--component", "und",
-            "--drop", "1", "--out", tmp_path / "out", naming="a.safetensors")
+    refused(
+        capsys,
+        "prune-depth",
+        artifacts / "a",
+        "--calibration",
+        tmp_path / "a.safetensors",
+        "--component",
+        "und",
+        "--drop",
+        "1",
+        "--out",
+        tmp_path / "out",
+        naming="a.safetensors",
+    )
 
 
 # --- items 2 and 8: checkpoints resumed only from their own input; the whole history kept -------------------

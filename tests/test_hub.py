@@ -1,7 +1,7 @@
 """The pinned checkpoint download (unisparse.hub, verbs fetch-checkpoint / lock-checkpoint, rule
 download_checkpoint), offline: a local Hugging Face cache in huggingface_hub's own layout stands in for
 the Hub, so every test runs without a network and with HF_HUB_OFFLINE=1."""
-import hashlib
+
 import json
 import os
 import subprocess
@@ -12,85 +12,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers.hub import (
+    COMMIT,
+    FILES,
+    NAME,
+    REPO_ID,
+    FakeInfo,
+    blob_of,
+    leftovers,
+    run_verb,
+    sha256,
+    write_hf_cache,
+    write_lock,
+)
+from helpers.workflow import MICRO, REPO, copy_workflow, snakemake
+from unisparse import hub
 from unisparse.choices import CHECKPOINT_SOURCES
 from unisparse.config_checks import config_schema
-from unisparse import hub
 from unisparse.io import IntegrityError
-
-REPO = Path(__file__).resolve().parents[1]
-REPO_ID = "ByteDance-Seed/BAGEL-7B-MoT"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"  # fake: no real revision is needed offline
-NAME = "bagel-7b-mot"
-UNISPARSE = str(Path(sys.executable).parent / "unisparse")
-# small stand-ins under BAGEL's file names; *.safetensors are LFS files on the Hub, the rest plain git
-FILES = {
-    "llm_config.json": b'{"hidden_size": 8, "num_hidden_layers": 2}\n',
-    "vit_config.json": b'{"hidden_size": 4}\n',
-    "config.json": b'{"architectures": ["Bagel"]}\n',
-    "ema.safetensors": bytes(range(256)) * 64,
-    "ae.safetensors": b"\x01\x02\x03" * 1000,
-    "tokenizer.json": b'{"model": {"type": "BPE"}}\n',
-    "tokenizer_config.json": b'{"tokenizer_class": "Qwen2Tokenizer"}\n',
-    "vocab.json": b'{"a": 0, "b": 1}\n',
-    "merges.txt": b"#version: 0.2\na b\n",
-    "generation_config.json": b'{"do_sample": false}\n',
-    "preprocessor_config.json": b'{"image_mean": [0.5, 0.5, 0.5]}\n',
-}
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def git_blob_id(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def write_hf_cache(cache: Path, files=FILES, commit=COMMIT, tree=True) -> Path:
-    """The cache huggingface_hub writes (file_download.py, _snapshot_download.py): blobs named by their
-    etag (an LFS file's sha256, a plain file's git blob id), snapshots/<commit>/<file> as relative
-    symlinks to them, refs/main holding the commit (no newline) and, as huggingface_hub >= 2.x also
-    writes, the commit's tree listing trees/<commit>.json."""
-    repo = cache / ("models--" + REPO_ID.replace("/", "--"))
-    listing = {}
-    for name, data in files.items():
-        lfs = name.endswith(".safetensors")
-        etag = sha256(data) if lfs else git_blob_id(data)
-        blob = repo / "blobs" / etag
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-        listing[name] = {"size": len(data), "blob_id": git_blob_id(b"lfs pointer " + data) if lfs else etag,
-                         **({"lfs_sha256": etag, "lfs_size": len(data)} if lfs else {})}
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    if tree:
-        (repo / "trees").mkdir(exist_ok=True)
-        (repo / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": listing}))
-    return repo
-
-
-def blob_of(repo: Path, name: str, commit=COMMIT) -> Path:
-    return (repo / "snapshots" / commit / name).resolve()
-
-
-def write_lock(path: Path, files=FILES, commit=COMMIT) -> Path:
-    lock = {"repo_id": REPO_ID, "revision": commit,
-            "files": {n: {"sha256": sha256(d), "size": len(d)} for n, d in files.items()}}
-    path.write_text(json.dumps(lock, indent=2))
-    return path
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """HF_HUB_OFFLINE=1 for this process and its children; huggingface_hub read the variable at import,
-    so its constant is set too: any request the code makes raises instead of reaching the network."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture
@@ -103,15 +42,6 @@ def cache(tmp_path, offline):
 @pytest.fixture
 def lock(tmp_path):
     return write_lock(tmp_path / "test.lock.json")
-
-
-def leftovers(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.tmp-*"))
-
-
-def run_verb(*args, cache_root: Path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache_root)}
-    return subprocess.run([UNISPARSE, "--no-progress", *args], capture_output=True, text=True, env=env)
 
 
 def check_fetched(out: Path) -> None:
@@ -161,8 +91,6 @@ def test_verb_fetches_offline_from_the_environment_cache(tmp_path, cache, lock):
 
 @pytest.mark.slow
 def test_snakemake_rule_downloads_the_locked_checkpoint(tmp_path, offline, monkeypatch):
-    from test_figures import MICRO, copy_workflow, snakemake
-
     workdir = copy_workflow(tmp_path / "wf")
     root = workdir.parent / "hf"
     write_hf_cache(root / "hub")
@@ -275,8 +203,10 @@ def test_killed_fetch_leaves_nothing_and_its_leftover_is_discarded(tmp_path, cac
         "hub.sha256_file = stuck\n"
         "hub.fetch_checkpoint(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3], progress=False)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", child, str(lock), str(out), str(cache), str(marker)],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, str(lock), str(out), str(cache), str(marker)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
@@ -298,8 +228,7 @@ def test_killed_fetch_leaves_nothing_and_its_leftover_is_discarded(tmp_path, cac
 
 
 def test_unfilled_lock_is_refused_naming_the_command(tmp_path, cache):
-    unfilled = {"repo_id": REPO_ID, "revision": None,
-                "files": {n: {"sha256": None, "size": None} for n in FILES}}
+    unfilled = {"repo_id": REPO_ID, "revision": None, "files": {n: {"sha256": None, "size": None} for n in FILES}}
     path = tmp_path / "bagel.lock.json"
     path.write_text(json.dumps(unfilled))
     out = tmp_path / NAME
@@ -317,14 +246,17 @@ def test_unfilled_lock_is_refused_naming_the_command(tmp_path, cache):
         hub.fetch_checkpoint(path, out, cache_dir=cache, progress=False)
 
 
-@pytest.mark.parametrize("edit, key", [
-    (lambda lock: lock.__setitem__("revision", "main"), "revision"),
-    (lambda lock: lock["files"]["ema.safetensors"].__setitem__("sha256", "ABC"), "ema.safetensors"),
-    (lambda lock: lock["files"].__setitem__("../escape.json", {"sha256": None, "size": None}), "escape"),
-    (lambda lock: lock["files"].__setitem__("*.safetensors", {"sha256": None, "size": None}), "*.safetensors"),
-    (lambda lock: lock.__setitem__("revison", COMMIT), "revison"),
-    (lambda lock: lock.__setitem__("files", {}), "files"),
-])
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda lock: lock.__setitem__("revision", "main"), "revision"),
+        (lambda lock: lock["files"]["ema.safetensors"].__setitem__("sha256", "ABC"), "ema.safetensors"),
+        (lambda lock: lock["files"].__setitem__("../escape.json", {"sha256": None, "size": None}), "escape"),
+        (lambda lock: lock["files"].__setitem__("*.safetensors", {"sha256": None, "size": None}), "*.safetensors"),
+        (lambda lock: lock.__setitem__("revison", COMMIT), "revison"),
+        (lambda lock: lock.__setitem__("files", {}), "files"),
+    ],
+)
 def test_malformed_lock_is_refused(tmp_path, lock, edit, key):
     data = json.loads(lock.read_text())
     edit(data)
@@ -354,21 +286,6 @@ def test_schema_states_the_checkpoint_sources():
     assert section["additionalProperties"] is False
 
 
-class FakeInfo:
-    """What HfApi.model_info(files_metadata=True) returns, for the fake repository."""
-
-    def __init__(self, files=FILES, commit=COMMIT, lfs_override=None):
-        from types import SimpleNamespace
-
-        self.sha = commit
-        self.siblings = []
-        for name, data in files.items():
-            lfs = None
-            if name.endswith(".safetensors"):
-                lfs = {"sha256": (lfs_override or {}).get(name, sha256(data)), "size": len(data), "pointer_size": 130}
-            self.siblings.append(SimpleNamespace(rfilename=name, size=len(data), blob_id="0" * 40, lfs=lfs))
-
-
 def test_lock_checkpoint_writes_the_lock_the_fetch_accepts(tmp_path, cache, monkeypatch):
     asked = []
     monkeypatch.setattr(hub, "_model_info", lambda repo_id, revision: asked.append(revision) or FakeInfo())
@@ -388,8 +305,9 @@ def test_lock_checkpoint_writes_the_lock_the_fetch_accepts(tmp_path, cache, monk
 
 
 def test_lock_checkpoint_refuses_a_download_the_hub_contradicts(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(hub, "_model_info",
-                        lambda repo_id, revision: FakeInfo(lfs_override={"ema.safetensors": "a" * 64}))
+    monkeypatch.setattr(
+        hub, "_model_info", lambda repo_id, revision: FakeInfo(lfs_override={"ema.safetensors": "a" * 64})
+    )
     out_lock = tmp_path / "new.lock.json"
     with pytest.raises(IntegrityError, match="ema.safetensors: the Hub states LFS sha256 a{64}"):
         hub.lock_checkpoint(REPO_ID, "main", sorted(FILES), out_lock, cache_dir=cache, progress=False)

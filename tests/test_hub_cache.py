@@ -4,15 +4,29 @@ A snapshot entry (``snapshots/<commit>/<file>``) is used only if it resolves to 
 the repository's own ``blobs/`` (or is a regular file in place, huggingface_hub's layout without
 symlinks); anything else is refused naming the entry, before anything is linked or copied, and no
 advice ever names a file outside the cache. The names of the manifests are reserved, and two
-spellings of one file in a lock are refused naming both. Offline, on the fake cache of test_hub.
+spellings of one file in a lock are refused naming both. Offline, on the fake cache of
+tests/helpers/hub.py.
 """
+
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from test_hub import COMMIT, FILES, NAME, REPO_ID, blob_of, leftovers, offline, run_verb, sha256, write_hf_cache, write_lock  # noqa: F401 (offline: a fixture)
+from helpers.hub import (
+    COMMIT,
+    FILES,
+    NAME,
+    REPO_ID,
+    FakeInfo,
+    blob_of,
+    leftovers,
+    run_verb,
+    sha256,
+    write_hf_cache,
+    write_lock,
+)
 from unisparse import hub
 from unisparse.io import IntegrityError
 
@@ -21,7 +35,7 @@ VICTIM = "vocab.json"  # a plain git file (a small one)
 
 
 @pytest.fixture
-def cache(tmp_path, offline):  # noqa: F811 (offline: the fixture)
+def cache(tmp_path, offline):
     root = tmp_path / "hf" / "hub"
     write_hf_cache(root)
     return root
@@ -157,8 +171,6 @@ def test_wrong_blob_advice_names_only_cache_files(tmp_path, cache, lock):
 
 
 def test_lock_checkpoint_hashes_only_cache_files(tmp_path, cache, monkeypatch):
-    from test_hub import FakeInfo
-
     monkeypatch.setattr(hub, "_model_info", lambda repo_id, revision: FakeInfo())
     outside = outside_file(tmp_path, FILES[VICTIM])
     relink(entry(cache), outside)
@@ -179,6 +191,7 @@ def lock_with(tmp_path, names_and_data) -> Path:
 @pytest.fixture
 def no_fetch(monkeypatch):
     """Any attempt to reach the cache (or the Hub) fails the test: refusals come before it."""
+
     def fetched(*args, **kwargs):
         raise AssertionError("the snapshot was asked for")
 
@@ -199,14 +212,17 @@ def test_reserved_name_in_a_lock_is_refused_before_fetching(tmp_path, cache, no_
         hub.lock_checkpoint(REPO_ID, COMMIT, [*FILES, reserved], tmp_path / "x.lock.json", cache_dir=cache)
 
 
-@pytest.mark.parametrize("spelling, plain", [
-    ("./config.json", "config.json"),
-    ("config.json/", "config.json"),
-    ("/config.json", "config.json"),
-    ("text_encoder//config.json", "text_encoder/config.json"),
-    ("text_encoder/./config.json", "text_encoder/config.json"),
-    ("text_encoder\\config.json", "text_encoder/config.json"),
-])
+@pytest.mark.parametrize(
+    "spelling, plain",
+    [
+        ("./config.json", "config.json"),
+        ("config.json/", "config.json"),
+        ("/config.json", "config.json"),
+        ("text_encoder//config.json", "text_encoder/config.json"),
+        ("text_encoder/./config.json", "text_encoder/config.json"),
+        ("text_encoder\\config.json", "text_encoder/config.json"),
+    ],
+)
 def test_two_spellings_of_one_file_are_refused_naming_both(tmp_path, cache, no_fetch, spelling, plain):
     data = FILES["config.json"]
     path = lock_with(tmp_path, [*FILES.items(), *([(plain, data)] if plain not in FILES else []), (spelling, data)])

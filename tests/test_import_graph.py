@@ -14,6 +14,7 @@ What counts as a cycle (``dependency_graph``):
 * a cycle is a set of at least two modules that reach each other; the test names one shortest cycle
   per set, with the line of each import.
 """
+
 from __future__ import annotations
 
 import ast
@@ -44,7 +45,9 @@ def targets(pkg: Package, imp) -> set[str]:
     """The modules an import depends on: the defining module of every name it takes."""
     if not imp.names:
         return {imp.target}
-    return {pkg.origin(imp.target, name) for name in imp.names if name != "*"} | ({imp.target} if "*" in imp.names else set())
+    return {pkg.origin(imp.target, name) for name in imp.names if name != "*"} | (
+        {imp.target} if "*" in imp.names else set()
+    )
 
 
 def inside(module: str, package: str) -> bool:
@@ -152,9 +155,14 @@ def mot_ties(pkg: Package, algorithms=ALGORITHMS) -> list[str]:
                 via = f" (via {imp.target}: {', '.join(names)})" if imp.target not in MOT_MODULES else ""
                 found.append(f"{path}:{imp.line}: imports {', '.join(bad)}{via}")
         tree = pkg.trees[module]
-        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
                 keys = [k for k in MOT_WEIGHT_KEYS if k in node.value]
@@ -179,9 +187,11 @@ def test_the_checks_find_what_they_look_for(tmp_path):
         "models/configuration_mot.py": "class MoTConfig: pass\n",
         "models/modeling_mot.py": "from .configuration_mot import MoTConfig\nclass Model: pass\n",
         "prune/__init__.py": "from .depth import drop\n",  # an __init__ listing its modules: no cycle
-        "prune/depth.py": ('"""Drops layers such as mlp_moe_gen (a docstring: fine)."""\n'
-                           "from . import common\n\ndef drop():\n    from ..models import MoTConfig\n"
-                           "    return 'language_model.model.layers.0'\n"),
+        "prune/depth.py": (
+            '"""Drops layers such as mlp_moe_gen (a docstring: fine)."""\n'
+            "from . import common\n\ndef drop():\n    from ..models import MoTConfig\n"
+            "    return 'language_model.model.layers.0'\n"
+        ),
         "prune/common.py": "def helper():\n    from .depth import drop\n",
         "moe/__init__.py": "",
         "moe/tune.py": "import unisparse.models.modeling_mot\n",
@@ -195,12 +205,15 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     assert "in helper" in cycle and "unisparse/prune/depth.py:2, module level" in cycle
     ties = mot_ties(pkg)
     assert len(ties) == 3, ties
-    assert any("depth.py:5: imports unisparse.models.configuration_mot (via unisparse.models: MoTConfig)" in t for t in ties)
+    assert any(
+        "depth.py:5: imports unisparse.models.configuration_mot (via unisparse.models: MoTConfig)" in t for t in ties
+    )
     assert any("depth.py:6: names MoT weight key" in t for t in ties)
     assert any("tune.py:1: imports unisparse.models.modeling_mot" in t for t in ties)
 
 
 # --- the rule-to-code map
+
 
 def rule_verbs() -> dict[str, tuple[str, str]]:
     """rule name -> (the verb its `code(...)` input names, its shell command)."""
@@ -218,9 +231,20 @@ def rule_verbs() -> dict[str, tuple[str, str]]:
 
 def test_every_rule_maps_the_verb_it_runs():
     rules = rule_verbs()
-    assert {"train_tiny", "calibrate", "prune_depth", "prune_width", "partition", "tune_moe", "tune_control",
-            "evaluate", "probes_table", "moe_table", "import_checkpoint",
-            "import_checkpoint[import-qwen-image]"} <= set(rules)
+    assert {
+        "train_tiny",
+        "calibrate",
+        "prune_depth",
+        "prune_width",
+        "partition",
+        "tune_moe",
+        "tune_control",
+        "evaluate",
+        "probes_table",
+        "moe_table",
+        "import_checkpoint",
+        "import_checkpoint[import-qwen-image]",
+    } <= set(rules)
     for rule, (verb, shell) in rules.items():
         assert re.search(rf"--no-progress {re.escape(verb)} ", shell), (rule, verb, shell)
         files = verb_sources(verb, SRC)
@@ -249,12 +273,14 @@ def test_codemap_resolves_imports(tmp_path):
     root = tmp_path / "pkg"
     files = {
         "__init__.py": "",
-        "cli.py": ("import argparse\nfrom . import base\n\n"
-                   "def cmd_a(args):\n    from .sub import a\n    helper()\n\n"
-                   "def helper():\n    import pkg.c\n\n"
-                   "def cmd_b(args):\n    from .sub.b import thing\n\n"
-                   "def build(sub):\n    s = sub.add_parser('a', aliases=['aa'])\n    s.set_defaults(func=cmd_a)\n"
-                   "    s = sub.add_parser('b')\n    s.set_defaults(func=cmd_b)\n"),
+        "cli.py": (
+            "import argparse\nfrom . import base\n\n"
+            "def cmd_a(args):\n    from .sub import a\n    helper()\n\n"
+            "def helper():\n    import pkg.c\n\n"
+            "def cmd_b(args):\n    from .sub.b import thing\n\n"
+            "def build(sub):\n    s = sub.add_parser('a', aliases=['aa'])\n    s.set_defaults(func=cmd_a)\n"
+            "    s = sub.add_parser('b')\n    s.set_defaults(func=cmd_b)\n"
+        ),
         "base.py": "X = 1\n",
         "c.py": "REGISTRY = {'d': 'pkg.d:D'}\n",
         "d.py": "class D: pass\n",

@@ -1,31 +1,52 @@
 """MME (unisparse.evaluate.mme): MME's answer parsing and scoring on hand-built answers, the image
 transform, and, offline, the whole runner on a tiny BAGEL-layout MoT reading a tiny MME-like dataset
 (and a POPE-like calibration set) from a temporary Hugging Face cache in the Hub's real layout."""
-import hashlib
-import io
-import os
 
 import numpy as np
 import pytest
 import torch
 
+from helpers.benchmarks import (
+    COCO_IN_MME,
+    COMMIT_MME,
+    COMMIT_POPE,
+    MME_SUBTASKS,
+    POPE_COLUMNS,
+    mme_files,
+    mme_rows,
+    parquet_bytes,
+    pope_rows,
+    write_dataset,
+)
 from unisparse.evaluate import mme
-
-COMMIT_MME = "d6c9023f017b564f7b3ccccf5348166bce8fdbcd"
-COMMIT_POPE = "4db1276663dfa5eb8ad16a52d24c31a09e470896"
 
 
 # ------------------------------------------------------------------------------------------ parsing
-@pytest.mark.parametrize("response, label", [
-    ("Yes.", "yes"), ("yes", "yes"), ("Yes", "yes"), ("No", "no"), ("no", "no"), ("No.", "no"),
-    ("Yes, it is", "yes"), ("maybe", "other"), ("", "other"), ("y", "other"),
-    ("not sure", "no"),  # the official rule looks at the first four characters: "not " holds "no"
-    ("The answer is yes", "other"),  # ... and only at them
-    ("   yes", "other"), (" yes", "yes"),
-    ("\nYes", "yes"),  # BAGEL drops newlines first
-    ("True", "yes"), ("false", "no"),  # BAGEL: true -> yes, false -> no
-    ("是", "yes"), ("不是", "no"), ("否", "no"),  # BAGEL's Chinese mapping
-])
+@pytest.mark.parametrize(
+    "response, label",
+    [
+        ("Yes.", "yes"),
+        ("yes", "yes"),
+        ("Yes", "yes"),
+        ("No", "no"),
+        ("no", "no"),
+        ("No.", "no"),
+        ("Yes, it is", "yes"),
+        ("maybe", "other"),
+        ("", "other"),
+        ("y", "other"),
+        ("not sure", "no"),  # the official rule looks at the first four characters: "not " holds "no"
+        ("The answer is yes", "other"),  # ... and only at them
+        ("   yes", "other"),
+        (" yes", "yes"),
+        ("\nYes", "yes"),  # BAGEL drops newlines first
+        ("True", "yes"),
+        ("false", "no"),  # BAGEL: true -> yes, false -> no
+        ("是", "yes"),
+        ("不是", "no"),
+        ("否", "no"),  # BAGEL's Chinese mapping
+    ],
+)
 def test_answer_label(response, label):
     assert mme.answer_label(response) == label
 
@@ -42,7 +63,8 @@ def test_prompt_is_bagels():
     q = "Is there a train in this image? Please answer yes or no."
     assert mme.mme_prompt(q + "\n") == q + " Answer the question using a single word or phrase."
     assert mme.calibration_prompt("Is there a dog in the image?") == (
-        "Is there a dog in the image? Please answer yes or no. Answer the question using a single word or phrase.")
+        "Is there a dog in the image? Please answer yes or no. Answer the question using a single word or phrase."
+    )
     assert mme.calibration_prompt(q) == mme.mme_prompt(q)
 
 
@@ -53,10 +75,14 @@ def rec(category, image, answer, pred):
 
 def test_scores_by_hand():
     records = [
-        rec("existence", "e1", "Yes", "yes"), rec("existence", "e1", "No", "no"),  # both right
-        rec("existence", "e2", "Yes", "yes"), rec("existence", "e2", "No", "yes"),  # one right
-        rec("existence", "e3", "yes", "other"), rec("existence", "e3", "no", "yes"),  # none (other = wrong)
-        rec("code_reasoning", "c1", "Yes", "yes"), rec("code_reasoning", "c1", "No", "no"),
+        rec("existence", "e1", "Yes", "yes"),
+        rec("existence", "e1", "No", "no"),  # both right
+        rec("existence", "e2", "Yes", "yes"),
+        rec("existence", "e2", "No", "yes"),  # one right
+        rec("existence", "e3", "yes", "other"),
+        rec("existence", "e3", "no", "yes"),  # none (other = wrong)
+        rec("code_reasoning", "c1", "Yes", "yes"),
+        rec("code_reasoning", "c1", "No", "no"),
     ]
     s = mme.mme_scores(records)
     ex = s["per_subtask"]["existence"]
@@ -155,111 +181,6 @@ def test_letterbox_keeps_aspect_and_pads_grey():
 
 
 # ------------------------------------------------------------------------------------------ a fake Hub cache
-def _png(size, colour, mode="RGB"):
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new(mode, size, colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(size, colour):
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def _parquet_bytes(rows, columns):
-    """Rows in the layout `datasets` pushes: string columns, and `image` as struct {bytes, path}."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    arrays = {c: pa.array([r[c] for r in rows], type=image_type if c == "image" else pa.string()) for c in columns}
-    buf = io.BytesIO()
-    pq.write_table(pa.table(arrays), buf)
-    return buf.getvalue()
-
-
-def write_dataset(cache, repo_id, commit, files: dict):
-    """huggingface_hub's cache layout for a dataset: blobs named by sha256, snapshots/<commit>/<path>
-    as relative symlinks to them, refs/main holding the commit."""
-    repo = cache / ("datasets--" + repo_id.replace("/", "--"))
-    for name, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return repo
-
-
-MME_SUBTASKS = ("existence", "OCR", "code_reasoning", "text_translation")  # both categories
-COCO_IN_MME = "000000006040"
-
-
-def mme_rows():
-    """Two images per subtask, two questions each (one yes, one no), images of several sizes and modes."""
-    rows = []
-    shapes_ = [((40, 30), "RGB"), ((20, 50), "RGBA"), ((33, 33), "L"), ((64, 16), "RGB")]
-    for t, task in enumerate(MME_SUBTASKS):
-        for i in range(2):
-            name = f"{COCO_IN_MME}.jpg" if (task, i) == ("existence", 0) else f"{i:04d}.png"
-            size, mode = shapes_[(t + i) % len(shapes_)]
-            data = _jpeg(size, (200, 30 * t, 60 * i)) if name.endswith(".jpg") else _png(size, 90 + 40 * i, mode)
-            for answer in ("Yes", "No"):
-                rows.append({"question_id": f"{task}/{name}", "image": {"bytes": data, "path": None},
-                             "question": f"Is this {task} image number {i} {answer.lower()}? Please answer yes or no.",
-                             "answer": answer, "category": task})
-    return rows
-
-
-MME_COLUMNS = ("question_id", "image", "question", "answer", "category")
-
-
-def mme_files(rows):
-    # the real shards' names: test-0000i-of-0000n-<hash>.parquet under data/
-    half = len(rows) // 2
-    return {"data/test-00000-of-00002-a25dbe3b44c4fda6.parquet": _parquet_bytes(rows[:half], MME_COLUMNS),
-            "data/test-00001-of-00002-7d22c7f1aba6fca4.parquet": _parquet_bytes(rows[half:], MME_COLUMNS),
-            "README.md": b"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
-                         b"    path: data/test-*\n---\n"}
-
-
-POPE_COLUMNS = ("id", "question_id", "question", "answer", "image_source", "image", "category")
-
-
-def pope_rows():
-    """POPE's layout: three negative-sampling settings asking overlapping questions about the same images."""
-    rows, n = [], 0
-    images = {f"COCO_val2014_{COCO_IN_MME}": _jpeg((48, 32), (10, 200, 10)),  # also one of MME's images
-              "COCO_val2014_000000310196": _jpeg((32, 48), (200, 10, 10)),
-              "COCO_val2014_000000000042": _png((40, 40), (10, 10, 200)),
-              "COCO_val2014_000000123456": _png((50, 20), (90, 90, 10))}
-    for category in ("adversarial", "popular", "random"):
-        for src, data in images.items():
-            for obj, answer in (("dog", "yes"), (f"{category} cat", "no")):
-                n += 1
-                rows.append({"id": str(n), "question_id": str(n), "question": f"Is there a {obj} in the image?",
-                             "answer": answer, "image_source": src, "image": {"bytes": data, "path": None},
-                             "category": category})
-    return rows
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """HF_HUB_OFFLINE=1 (also huggingface_hub's constant, read at import): any request raises."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
 @pytest.fixture
 def hf_cache(tmp_path, offline, monkeypatch):
     """A temporary Hugging Face cache holding the tiny MME and POPE, HF_HUB_CACHE pointed at it."""
@@ -269,9 +190,15 @@ def hf_cache(tmp_path, offline, monkeypatch):
     write_dataset(cache, "lmms-lab/MME", COMMIT_MME, mme_files(mme_rows()))
     rows = pope_rows()
     third = len(rows) // 3
-    write_dataset(cache, "lmms-lab/POPE", COMMIT_POPE, {
-        f"data/test-0000{i}-of-00003.parquet": _parquet_bytes(rows[i * third:(i + 1) * third], POPE_COLUMNS)
-        for i in range(3)})
+    write_dataset(
+        cache,
+        "lmms-lab/POPE",
+        COMMIT_POPE,
+        {
+            f"data/test-0000{i}-of-00003.parquet": parquet_bytes(rows[i * third : (i + 1) * third], POPE_COLUMNS)
+            for i in range(3)
+        },
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     return cache
@@ -464,8 +391,9 @@ def test_calibration_items(hf_cache, tiny_bagel):
 def test_calibration_needs_mme_for_the_exclusion(tmp_path, offline):
     cache = tmp_path / "hub"
     rows = pope_rows()
-    write_dataset(cache, "lmms-lab/POPE", COMMIT_POPE,
-                  {"data/test-00000-of-00001.parquet": _parquet_bytes(rows, POPE_COLUMNS)})
+    write_dataset(
+        cache, "lmms-lab/POPE", COMMIT_POPE, {"data/test-00000-of-00001.parquet": parquet_bytes(rows, POPE_COLUMNS)}
+    )
     with pytest.raises(FileNotFoundError, match="calib_exclude_mme_images"):
         mme.calibration_items({"hf_cache_dir": str(cache)})
     items = mme.calibration_items({"hf_cache_dir": str(cache), "calib_exclude_mme_images": False, "calib_items": 4})

@@ -1,13 +1,12 @@
 import pytest
 import torch
 
+from helpers.models import make_model
 from unisparse import tasks
 from unisparse.io import save_model
-from unisparse.models.loading import load_model
 from unisparse.models.configuration_mot import COMPONENTS, SUFFIX
+from unisparse.models.loading import load_model
 from unisparse.worlds import shapes
-
-from conftest import make_model
 
 
 def _qa_inputs(n=6):

@@ -1,5 +1,6 @@
 """MoE block: exact equivalence with the dense MLP it came from, routers, fast dispatch == reference
 (forward and gradients, empty experts included), gradient flow, accounting and clear errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,7 @@ def test_top_k_equals_dense_restricted_to_chosen_neurons(shared):
         logits = x @ moe.gate.weight.t()
         scale = torch.zeros(x.shape[0], WIDTH)
         if shared:
-            scale[:, s] = (1 + x @ moe.shared_expert_gate.weight.t())
+            scale[:, s] = 1 + x @ moe.shared_expert_gate.weight.t()
         top = logits.topk(k, dim=1).indices
         for n in range(x.shape[0]):
             for j in top[n].tolist():
@@ -196,7 +197,7 @@ def test_softmax_router_weights_and_balance_loss():
 
 
 def test_active_fractions_and_model_integration():
-    from conftest import make_model
+    from helpers.models import make_model
     from unisparse.accounting import parameter_counts
 
     spec = make_moe_spec([1], num_experts=4, top_k=2, expert_size=16)

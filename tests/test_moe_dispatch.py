@@ -2,6 +2,7 @@
 included) in forward and gradients, fp32 on the CPU to 1e-5, over empty experts, both routers,
 a shared expert, k=1 and k=E; the sync-free plan; ``auto``'s rule; torch.compile capture of the
 sync-free paths; bf16 on CUDA and the Triton kernels (CUDA only, or Triton's interpreter)."""
+
 import os
 import subprocess
 import sys
@@ -145,7 +146,9 @@ def test_auto_agrees_with_loop_on_every_side_of_its_thresholds(router):
 
 def test_auto_is_the_default():
     spec = make_moe_spec([0], 4, 2, 8)
-    assert spec["dispatch"] == "auto" and MoEMLP(H, {k: v for k, v in spec.items() if k != "dispatch"}).dispatch == "auto"
+    assert (
+        spec["dispatch"] == "auto" and MoEMLP(H, {k: v for k, v in spec.items() if k != "dispatch"}).dispatch == "auto"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -223,6 +226,7 @@ def test_nosync_makes_no_host_sync_on_cuda():
         torch.cuda.set_sync_debug_mode("error")
         try:
             from unisparse.models.moe_dispatch import dispatch_nosync
+
             idx, w = moe.route(moe.gate(x))
             dispatch_nosync(x, idx, w, moe.experts.gate_up_proj, moe.experts.down_proj)
         finally:
@@ -251,7 +255,9 @@ def test_triton_kernels_on_cuda(dtype):
         idx = torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(n)])
         ref = dispatch_loop(x, idx, w, gu, dn)
         with torch.no_grad():
-            y = triton_dispatch.moe_forward(*(t.to("cuda") for t in (x.to(dtype), idx, w.to(dtype), gu.to(dtype), dn.to(dtype))))
+            y = triton_dispatch.moe_forward(
+                *(t.to("cuda") for t in (x.to(dtype), idx, w.to(dtype), gu.to(dtype), dn.to(dtype)))
+            )
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(y.float().cpu(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
@@ -261,7 +267,8 @@ import torch
 from unisparse.models import moe_triton as triton_dispatch
 from unisparse.models.moe_dispatch import DISPATCH, dispatch_loop
 g = torch.Generator().manual_seed(0)
-for E, I, hidden, k, n, pool in [(7, 8, 16, 3, 25, 7), (16, 40, 72, 8, 130, 16), (8, 24, 32, 2, 50, 3), (4, 16, 16, 4, 1, 4)]:
+SHAPES = [(7, 8, 16, 3, 25, 7), (16, 40, 72, 8, 130, 16), (8, 24, 32, 2, 50, 3), (4, 16, 16, 4, 1, 4)]
+for E, I, hidden, k, n, pool in SHAPES:
     gu, dn = torch.randn(E, 2 * I, hidden, generator=g) * hidden**-0.5, torch.randn(E, hidden, I, generator=g) * I**-0.5
     x, w = torch.randn(n, hidden, generator=g), torch.randn(n, k, generator=g)
     idx = torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(n)])
@@ -294,7 +301,9 @@ def test_auto_block_compiles_to_one_graph():
     explanation = torch._dynamo.explain(moe)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(moe, backend="aot_eager", fullgraph=True)(x), moe(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.compile(moe, backend="aot_eager", fullgraph=True)(x), moe(x), atol=1e-5, rtol=1e-5
+        )
     torch._dynamo.reset()
 
 
@@ -305,10 +314,18 @@ def test_route_chooses_the_same_experts_as_a_sorted_topk_ties_included(router):
     g = torch.Generator().manual_seed(0)
     for E, k in ((16, 8), (32, 16), (8, 2), (6, 1)):
         moe = MoEMLP(H, make_moe_spec([0], E, k, 8, router=router))
-        for logits in (torch.randint(-2, 3, (400, E), generator=g).float(), torch.zeros(5, E), torch.randn(50, E, generator=g)):
+        for logits in (
+            torch.randint(-2, 3, (400, E), generator=g).float(),
+            torch.zeros(5, E),
+            torch.randn(50, E, generator=g),
+        ):
             idx, w = moe.route(logits)
             scores = logits if router == "paper" else torch.softmax(logits, -1)
             ref = scores.topk(k, dim=-1).indices
             assert torch.equal(idx.sort(1).values, ref.sort(1).values)
-            want = 1 + logits.gather(1, idx) if router == "paper" else scores.gather(1, idx) / scores.gather(1, idx).sum(1, keepdim=True)
+            want = (
+                1 + logits.gather(1, idx)
+                if router == "paper"
+                else scores.gather(1, idx) / scores.gather(1, idx).sum(1, keepdim=True)
+            )
             torch.testing.assert_close(w, want)

@@ -1,11 +1,12 @@
 """Model-level MoE conversion and tuning (the block itself is tested in test_moe_block.py)."""
+
 import pytest
 import torch
 
-from conftest import make_model
-from unisparse.families import family_for
+from helpers.models import make_model
 from unisparse.accounting import parameter_counts
 from unisparse.calibrate import Calibration, run_calibration
+from unisparse.families import family_for
 from unisparse.io import save_model
 from unisparse.models.loading import load_model
 from unisparse.moe.convert import convert_to_moe
@@ -83,6 +84,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, dense_and_cal):
 def test_full_tuning_of_a_dense_component_changes_only_its_mlps(dense_and_cal):
     """The tuned controls: `full` on a component without experts trains exactly its MLPs."""
     import copy
+
     dense, _ = dense_and_cal
     model = copy.deepcopy(dense)
     before = {k: v.clone() for k, v in model.state_dict().items()}

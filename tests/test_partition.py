@@ -1,5 +1,6 @@
 """Expert partitioning: every neuron placed once, snake dealing balanced, clustering groups
 co-activated neurons, bad sizes rejected with clear messages."""
+
 import pytest
 import torch
 

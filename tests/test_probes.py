@@ -1,17 +1,16 @@
 import pytest
 import torch
-
-from unisparse.families import family_for
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from unisparse import tasks
 from unisparse.accounting import parameter_counts
 from unisparse.calibrate import Calibration, run_calibration, save_stats
+from unisparse.families import family_for
+from unisparse.importance import neuron_scores
 from unisparse.io import save_model
 from unisparse.models.loading import load_model
 from unisparse.prune import drop_scores, prune_depth, prune_width
-from unisparse.importance import neuron_scores
 from unisparse.worlds import shapes
 
 CAL = dict(qa_items=12, samples_per_prompt=1, max_prompts_per_tag=1, num_steps=2, batch_size=5, threads=1)
@@ -48,8 +47,9 @@ def test_streaming_statistics_equal_full_batch(tiny_model, task):
         tiny_model.understanding_logits(images, questions, observer=rec)
     else:
         pairs = shapes.geneval_set("calib", 1, 1, 3)
-        tiny_model.generate_images([shapes.encode(p.text) for p, _ in pairs], [s for _, s in pairs], num_steps=2,
-                                   cfg_scale=3.0, observer=rec)
+        tiny_model.generate_images(
+            [shapes.encode(p.text) for p, _ in pairs], [s for _, s in pairs], num_steps=2, cfg_scale=3.0, observer=rec
+        )
     for (layer, comp), chunks in rec.rows.items():
         h_in = torch.cat([c[0] for c in chunks]).float()
         attn = torch.cat([c[1] for c in chunks]).float()
@@ -80,13 +80,17 @@ def test_calibration_file_round_trip(tmp_path, tiny_model):
 def test_drop_zero_and_keep_all_leave_outputs_unchanged(tiny_model):
     cal = Calibration.from_stats(run_calibration(tiny_model, "gen", CAL), "gen")
     ref = outputs(tiny_model)
-    for out in (outputs(prune_depth(tiny_model, cal, "gen", "block", 0)), outputs(prune_width(tiny_model, "und", 1.0, "act_norm", cal))):
+    for out in (
+        outputs(prune_depth(tiny_model, cal, "gen", "block", 0)),
+        outputs(prune_width(tiny_model, "und", 1.0, "act_norm", cal)),
+    ):
         for a, b in zip(ref, out):
             assert torch.equal(a, b)
 
 
 def _zeroed(model, comp, sub, layer):
     import copy
+
     m = copy.deepcopy(model)
     sfx = "" if comp == "und" else "_moe_gen"
     with torch.no_grad():
@@ -101,6 +105,7 @@ def _zeroed(model, comp, sub, layer):
 @pytest.mark.parametrize("sub", ["attn", "mlp"])
 def test_dropping_equals_zero_sublayer(tiny_model, comp, sub):
     from unisparse.prune.depth import apply_drop
+
     pruned = apply_drop(family_for(tiny_model), comp, {sub: [1]}).model
     for a, b in zip(outputs(pruned), outputs(_zeroed(tiny_model, comp, sub, 1))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -110,9 +115,13 @@ def test_sublayer_granularity_ranks_attention_and_mlp_together(tiny_model):
     """`sublayer` drops the n sublayers with the highest cosine among all 2L, attention and MLP alike,
     and equals dropping the same sublayers one type at a time."""
     from unisparse.prune.depth import apply_drop, choose_sublayers
+
     cal = Calibration.from_stats(run_calibration(tiny_model, "gen", CAL), "gen")
-    cos = {(sub, i): float(cal.cosine("gen", name)[i]) for sub, name in (("attn", "attn"), ("mlp", "mlp_ld"))
-           for i in range(tiny_model.config.num_hidden_layers)}
+    cos = {
+        (sub, i): float(cal.cosine("gen", name)[i])
+        for sub, name in (("attn", "attn"), ("mlp", "mlp_ld"))
+        for i in range(tiny_model.config.num_hidden_layers)
+    }
     L = tiny_model.config.num_hidden_layers
     for n in range(1, 2 * L + 1):
         chosen = choose_sublayers(cal, "gen", "sublayer", n)
@@ -132,6 +141,7 @@ def test_sublayer_granularity_ranks_attention_and_mlp_together(tiny_model):
 
 def test_published_kv_policy_hides_prompt_from_generation(tiny_model):
     from unisparse.prune.depth import apply_drop
+
     keep = apply_drop(family_for(tiny_model), "und", {"attn": [1]}, "keep").model
     none = apply_drop(family_for(tiny_model), "und", {"attn": [1]}, "none").model
     (u1, g1), (u2, g2) = outputs(keep), outputs(none)
@@ -143,6 +153,7 @@ def test_published_kv_policy_hides_prompt_from_generation(tiny_model):
 
 def test_dropped_sublayer_costs_no_compute(tiny_model):
     from unisparse.prune.depth import apply_drop
+
     images, questions, _ = qa_inputs(4)
 
     def flops(m):

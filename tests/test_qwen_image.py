@@ -1,5 +1,6 @@
 """The Qwen-Image family on a tiny random pipeline: import and loading, both tasks, and every structure
 change (dropped sublayers, widths, MoE) computing what it should and surviving save / load."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from qwen_image_helpers import write_tiny_pipeline  # noqa: E402
-
+from helpers.qwen_image import write_tiny_pipeline  # noqa: E402
 from unisparse.families.qwen_image import QwenImageFamily, import_qwen_image  # noqa: E402
 from unisparse.io import IntegrityError  # noqa: E402
 from unisparse.models.blocks import MLPWeights  # noqa: E402
@@ -149,8 +149,13 @@ def test_understanding_matches_transformers_forward(family, inputs, reference):
     pre, mid, post = family._template_ids(family.settings["und_template"], "{image}", "{question}")
     ids, mask = family._pad([pre + [te.config.image_token_id] * n + mid + q + post for q in inputs["questions"]])
     with torch.no_grad():
-        logits = te(input_ids=ids, attention_mask=mask.long(), pixel_values=pixel_values, image_grid_thw=grid,
-                    mm_token_type_ids=(ids == te.config.image_token_id).int()).logits
+        logits = te(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            mm_token_type_ids=(ids == te.config.image_token_id).int(),
+        ).logits
     last = logits[torch.arange(2), mask.sum(1) - 1]
     torch.testing.assert_close(reference["und"], last.float(), atol=1e-5, rtol=1e-5)
     assert reference["und"].shape == (2, len(family.tokenizer.hf))
@@ -166,8 +171,9 @@ def test_generation_is_deterministic(family, inputs, reference):
     torch.testing.assert_close(alone[0], images[1], atol=1e-5, rtol=0)
     other = family.generate_images(inputs["prompts"], [0, 2], **SAMPLER)
     assert torch.equal(other[0], images[0]) and not torch.equal(other[1], images[1])
-    renormed = family.generate_images(inputs["prompts"], [0, 1], num_steps=2, cfg_scale=3.0, cfg_renorm="pipeline",
-                                      cfg_interval=[0.5, 1.0], shift=3.0)
+    renormed = family.generate_images(
+        inputs["prompts"], [0, 1], num_steps=2, cfg_scale=3.0, cfg_renorm="pipeline", cfg_interval=[0.5, 1.0], shift=3.0
+    )
     assert renormed.shape == images.shape
 
 
@@ -181,8 +187,16 @@ def test_sampling_matches_qwen_image_pipeline(dirs, family, inputs):
     pre, _ = family._template_ids(family.settings["gen_template"], "{}")
     pipe.prompt_template_encode_start_idx = len(pre)  # upstream hard-codes the real tokenizer's 34
     texts = [family.tokenizer.decode(p) for p in inputs["prompts"]]
-    expected = pipe(texts, negative_prompt=["", ""], true_cfg_scale=3.0, height=16, width=16, num_inference_steps=3,
-                    generator=[torch.Generator().manual_seed(s) for s in (0, 1)], output_type="pt").images
+    expected = pipe(
+        texts,
+        negative_prompt=["", ""],
+        true_cfg_scale=3.0,
+        height=16,
+        width=16,
+        num_inference_steps=3,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+        output_type="pt",
+    ).images
     got = family.generate_images(inputs["prompts"], [0, 1], num_steps=3, cfg_scale=3.0, cfg_renorm="pipeline")
     torch.testing.assert_close(got, expected.permute(0, 2, 3, 1), atol=1e-4, rtol=0)
 
@@ -234,8 +248,10 @@ def test_observer_sees_every_layer(family, inputs):
     assert {(i, s) for _, i, s, *_ in gen} == {(i, s) for i in range(2) for s in ("img_mlp", "txt_mlp")}
     _, cond_mask = family.encode_prompts(inputs["prompts"])
     _, uncond_mask = family.encode_prompts([[], []])
-    rows = {"img_mlp": 2 * 2 * 4,  # (cond + uncond) x batch x 2x2 latent tokens
-            "txt_mlp": int(cond_mask.sum() + uncond_mask.sum())}  # valid text tokens only
+    rows = {
+        "img_mlp": 2 * 2 * 4,  # (cond + uncond) x batch x 2x2 latent tokens
+        "txt_mlp": int(cond_mask.sum() + uncond_mask.sum()),
+    }  # valid text tokens only
     for _, _, slot, h, a, m, aux in gen:
         assert h.shape == a.shape == m.shape == (rows[slot], 48) and aux["act"].shape == (rows[slot], 192)
     und = [c for c in rec.calls if c[0] == "und"]
@@ -277,15 +293,16 @@ def test_dropping_more_keeps_earlier_drops_and_never_restores(family, inputs):
     once = family.rebuild(skip={"gen": {"attn": [1]}})
     twice = once.rebuild(skip={"gen": {"attn": [1], "mlp": [1]}})
     assert twice.skipped("gen") == {"attn": [1], "mlp": [1]}
-    assert_same(outputs(family.rebuild(skip={"gen": {"attn": [1], "mlp": [1]}}), inputs, sample=False),
-                outputs(twice, inputs, sample=False))
+    assert_same(
+        outputs(family.rebuild(skip={"gen": {"attn": [1], "mlp": [1]}}), inputs, sample=False),
+        outputs(twice, inputs, sample=False),
+    )
     with pytest.raises(ValueError, match="cannot come back"):
         once.rebuild(skip={"gen": {"attn": []}})
 
 
 def all_mlps(family, select):
-    return {(c, i, s): select(family.mlp_weights(c, i, s))
-            for c in family.components for i, s in family.mlp_places(c)}
+    return {(c, i, s): select(family.mlp_weights(c, i, s)) for c in family.components for i, s in family.mlp_places(c)}
 
 
 def test_width_pruning(family, inputs, reference, tmp_path):
@@ -293,8 +310,9 @@ def test_width_pruning(family, inputs, reference, tmp_path):
     assert_same(reference, outputs(kept_all, inputs))
 
     g = torch.Generator().manual_seed(3)
-    narrow = family.rebuild(mlps=all_mlps(
-        family, lambda w: w.select(torch.randperm(w.width, generator=g)[:w.width // 2])))
+    narrow = family.rebuild(
+        mlps=all_mlps(family, lambda w: w.select(torch.randperm(w.width, generator=g)[: w.width // 2]))
+    )
     assert narrow.mlp_weights("und", 1).width == 16 and narrow.mlp_weights("gen", 0, "img_mlp").width == 96
     assert narrow.transformer.config.mlp_widths == {"img_mlp": [96, 96], "txt_mlp": [96, 96]}
     got = outputs(narrow, inputs, sample=False)
@@ -313,8 +331,9 @@ def test_moe_with_every_expert_active_is_the_dense_mlp(family, inputs, reference
     blocks, spec = {}, None
     for i, slot in family.mlp_places(component):
         w: MLPWeights = family.mlp_weights(component, i, slot)
-        spec = make_moe_spec(layers, num_experts=E, top_k=E, expert_size=w.width // E, router="paper",
-                             dispatch="loop", activation=kind)
+        spec = make_moe_spec(
+            layers, num_experts=E, top_k=E, expert_size=w.width // E, router="paper", dispatch="loop", activation=kind
+        )
         blocks[(component, i, slot)] = MoEMLP.from_dense(w, [], torch.arange(w.width).view(E, -1), spec)
     moe = family.rebuild(mlps=blocks, moe={component: spec})
     assert moe.moe_spec(component)["layers"] == layers and moe.mlp_weights(component, 0) is None

@@ -1,26 +1,20 @@
 """`snakemake -n --configfile workflow/config/qwen_image.yaml` plans the whole Qwen-Image study (no
 diffusers, no weights needed to plan it), and the config checks size its grids per component."""
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from test_workflow import planned_jobs
-
+from helpers.workflow import REPO, planned_jobs, snakemake
 from unisparse.config_checks import ConfigError, check_config, component_sizes
 
 pytestmark = pytest.mark.slow  # drives Snakemake (or DVC) in subprocesses: outside the fast inner loop
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "workflow/config/qwen_image.yaml"
 
 
 def dry_run(*args):
-    exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
-    return subprocess.run([exe, "-n", "--configfile", str(CONFIG), *args], cwd=REPO, capture_output=True, text=True)
+    """`snakemake -n` of the qwen_image config in the repository itself (a dry run writes no output)."""
+    return snakemake(REPO, "-n", *args, config=str(CONFIG), check=False)
 
 
 def test_the_dry_run_lists_the_whole_qwen_image_dag():

@@ -1,30 +1,54 @@
 """The real benchmarks through the CLI verbs the rules call: a BAGEL-layout checkpoint (tiny, imported
 strictly) calibrated on GenEval-style prompts and POPE, evaluated on GenEval and MME, with tiny random
 Mask2Former and CLIP models and tiny MME/POPE datasets in a temporary Hugging Face cache. Offline."""
+
 import json
 
 import pytest
 
-from test_geneval import CLIP_COMMIT, DETECTOR_COMMIT, _cache_repo, _tiny_clip, _tiny_detector
-from test_mme import COMMIT_MME, COMMIT_POPE, POPE_COLUMNS, _parquet_bytes, mme_files, mme_rows, pope_rows, write_dataset
+from helpers.benchmarks import (
+    CLIP_COMMIT,
+    COMMIT_MME,
+    COMMIT_POPE,
+    DETECTOR_COMMIT,
+    POPE_COLUMNS,
+    cache_repo,
+    mme_files,
+    mme_rows,
+    parquet_bytes,
+    pope_rows,
+    tiny_clip,
+    tiny_detector,
+    write_dataset,
+)
 from unisparse.cli import main
 from unisparse.evaluate import geneval as g
 
-REAL = {"benchmarks": {"gen": "geneval", "und": "mme"}, "num_steps": 2, "cfg_scale": 4.0, "cfg_renorm": "global",
-        "samples_per_prompt": 1, "max_prompts_per_tag": 1, "batch_size": 4, "threads": 1}
+REAL = {
+    "benchmarks": {"gen": "geneval", "und": "mme"},
+    "num_steps": 2,
+    "cfg_scale": 4.0,
+    "cfg_renorm": "global",
+    "samples_per_prompt": 1,
+    "max_prompts_per_tag": 1,
+    "batch_size": 4,
+    "threads": 1,
+}
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    _tiny_detector(root / "saved-detector", "cat")
-    _tiny_clip(root / "saved-clip")
+    tiny_detector(root / "saved-detector", "cat")
+    tiny_clip(root / "saved-clip")
     hub = root / "hub"
-    _cache_repo(hub, g.DEFAULT_DETECTOR, DETECTOR_COMMIT, root / "saved-detector")
-    _cache_repo(hub, g.DEFAULT_CLIP, CLIP_COMMIT, root / "saved-clip")
+    cache_repo(hub, g.DEFAULT_DETECTOR, DETECTOR_COMMIT, root / "saved-detector")
+    cache_repo(hub, g.DEFAULT_CLIP, CLIP_COMMIT, root / "saved-clip")
     write_dataset(hub, "lmms-lab/MME", COMMIT_MME, mme_files(mme_rows()))
     rows = pope_rows()
-    write_dataset(hub, "lmms-lab/POPE", COMMIT_POPE, {"data/test-00000-of-00001.parquet": _parquet_bytes(rows, POPE_COLUMNS)})
+    write_dataset(
+        hub, "lmms-lab/POPE", COMMIT_POPE, {"data/test-00000-of-00001.parquet": parquet_bytes(rows, POPE_COLUMNS)}
+    )
     return hub
 
 
@@ -44,8 +68,21 @@ def dense(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bagel")
     write_fake_checkpoint(root / "src")
-    main(["import-bagel", "--src", str(root / "src"), "--out", str(root / "dense"), "--dtype", "float32",
-          "--image-size", "64", "--vit-image-size", "28"])
+    main(
+        [
+            "import-bagel",
+            "--src",
+            str(root / "src"),
+            "--out",
+            str(root / "dense"),
+            "--dtype",
+            "float32",
+            "--image-size",
+            "64",
+            "--vit-image-size",
+            "28",
+        ]
+    )
     return root / "dense"
 
 

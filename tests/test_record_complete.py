@@ -4,6 +4,7 @@ Unit tests on a hand-made ``snakemake --summary`` and workspace; the end-to-end 
 dense model, a calibration file, a width model, a killed job) run on a finished micro run in
 test_dvc_pull.py. Also: the temporaries of killed writers are never recorded (.dvcignore).
 """
+
 import base64
 import shutil
 import subprocess
@@ -53,8 +54,11 @@ def mark(path):
 
 def test_summary_rows_skip_other_lines():
     rows = records.summary_rows(summary(*ROWS, row("results/x.csv", "missing", "update pending"), "trailing log"))
-    assert [r["output_file"] for r in rows] == ["results/models/dense", "results/calibration/gen.safetensors",
-                                                "results/x.csv"]
+    assert [r["output_file"] for r in rows] == [
+        "results/models/dense",
+        "results/calibration/gen.safetensors",
+        "results/x.csv",
+    ]
     with pytest.raises(ValueError, match="snakemake --summary"):
         records.summary_rows("Nothing to be done.\n")
 
@@ -67,11 +71,18 @@ def test_missing_intermediate_is_named_with_the_rebuild_command(workspace):
     """The dense model deleted after its consumers were made: Snakemake plans nothing ('no update'),
     the check names it; an output a job is planned for is the dry run's business, not this one's."""
     shutil.rmtree("results/models/dense")
-    rows = records.summary_rows(summary(row("results/models/dense", "missing", "no update", "train_tiny"), ROWS[1],
-                                        row("results/tables/x.csv", "missing", "update pending")))
+    rows = records.summary_rows(
+        summary(
+            row("results/models/dense", "missing", "no update", "train_tiny"),
+            ROWS[1],
+            row("results/tables/x.csv", "missing", "update pending"),
+        )
+    )
     line = records.refusal(rows, " --configfile workflow/config/micro.yaml")
     assert "\n" not in line and "1 output(s) the workflow expects are missing (results/models/dense)" in line
-    assert line.endswith("snakemake --cores all --configfile workflow/config/micro.yaml --forcerun results/models/dense")
+    assert line.endswith(
+        "snakemake --cores all --configfile workflow/config/micro.yaml --forcerun results/models/dense"
+    )
     assert "results/tables/x.csv" not in line
 
 
@@ -137,11 +148,28 @@ def test_leftover_temporaries_are_noted_not_recorded(workspace, capsys):
 def test_module_entry_point(workspace):
     shutil.rmtree("results/models/dense")
     Path("s.txt").write_text(summary(row("results/models/dense", "missing", "no update"), ROWS[1]))
-    proc = subprocess.run([sys.executable, "-m", "unisparse.records", "check", "--summary", "s.txt",
-                           "--config-args", " --configfile c.yaml"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unisparse.records",
+            "check",
+            "--summary",
+            "s.txt",
+            "--config-args",
+            " --configfile c.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 1 and proc.stdout.count("\n") == 1 and "results/models/dense" in proc.stdout
-    ok = subprocess.run([sys.executable, "-m", "unisparse.records", "check", "--summary", "missing.txt"],
-                        capture_output=True, text=True, check=False)
+    ok = subprocess.run(
+        [sys.executable, "-m", "unisparse.records", "check", "--summary", "missing.txt"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 1 and "cannot check the run" in ok.stdout
 
 
@@ -153,14 +181,25 @@ def test_dvcignore_keeps_temporaries_out(tmp_path):
     dvc = str(Path(sys.executable).parent / "dvc") if (Path(sys.executable).parent / "dvc").exists() else "dvc"
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
-    ignored = ["results/models/.dense.tmp-host-1-ab", "results/models/.dense.tmp-host-1-ab/model.safetensors",
-               "results/calibration/.gen.safetensors.tmp-x", "results/.tables.old-.tables.tmp-h-2-y-0",
-               "results/checkpoints/tuned/dense"]
-    kept = ["results/models/dense/model.safetensors", "results/models/dense/.snakemake_timestamp",
-            "results/calibration/gen.safetensors", "results/tmp-notes.txt", "results/models/dense.tmp"]
+    ignored = [
+        "results/models/.dense.tmp-host-1-ab",
+        "results/models/.dense.tmp-host-1-ab/model.safetensors",
+        "results/calibration/.gen.safetensors.tmp-x",
+        "results/.tables.old-.tables.tmp-h-2-y-0",
+        "results/checkpoints/tuned/dense",
+    ]
+    kept = [
+        "results/models/dense/model.safetensors",
+        "results/models/dense/.snakemake_timestamp",
+        "results/calibration/gen.safetensors",
+        "results/tmp-notes.txt",
+        "results/models/dense.tmp",
+    ]
     for path in ignored + kept:
         if not any(other.startswith(path + "/") for other in ignored + kept):  # a leaf: a file
             (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / path).write_bytes(b"x")
-    proc = subprocess.run([dvc, "check-ignore", *ignored, *kept], cwd=tmp_path, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [dvc, "check-ignore", *ignored, *kept], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
     assert sorted(proc.stdout.split()) == sorted(ignored), proc.stdout + proc.stderr

@@ -4,74 +4,38 @@ Cheap: dry runs (`snakemake -n -p`) of a copy of the workflow, and one run in wh
 the `unisparse` command creates the outputs a rule declares (seconds: nothing is trained), so that
 Snakemake has a record of every job's params to compare a changed config against.
 """
-import os
+
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from test_figures import MICRO, REPO, copy_workflow
-from test_workflow import planned_jobs
-
-from unisparse.config_checks import config_schema
+from helpers.workflow import MICRO, REPO, copy_workflow, planned_jobs, snakemake, stand_in_cli, write_config
 from unisparse import runtime
+from unisparse.config_checks import config_schema
 
 pytestmark = pytest.mark.slow  # drives Snakemake in subprocesses: outside the fast inner loop
 
-BIN = Path(sys.executable).parent
 #: the rules that call a `unisparse` verb other than `aggregate`, and that verb
-VERBS = {"train_tiny": "train-tiny", "calibrate": "calibrate", "evaluate": "evaluate", "prune_depth": "prune-depth",
-         "prune_width": "prune-width", "partition": "partition", "tune_moe": "tune-moe", "tune_control": "tune"}
+VERBS = {
+    "train_tiny": "train-tiny",
+    "calibrate": "calibrate",
+    "evaluate": "evaluate",
+    "prune_depth": "prune-depth",
+    "prune_width": "prune-width",
+    "partition": "partition",
+    "tune_moe": "tune-moe",
+    "tune_control": "tune",
+}
 TABLES = {"probes_table", "moe_table"}
 TARGETS = ["results/tables/probes.csv", "results/tables/moe.csv"]  # everything but the figures (papermill)
-
-STAND_IN = '''#!/usr/bin/env python3
-"""Stand-in for the unisparse CLI: creates the outputs named by --out, --metrics, --summary."""
-import os, sys
-args = sys.argv[1:]
-for flag, value in zip(args, args[1:]):
-    if flag in ("--out", "--metrics", "--summary"):
-        if value.endswith((".json", ".csv", ".safetensors")):
-            os.makedirs(os.path.dirname(value) or ".", exist_ok=True)
-            for path in [value] + ([value + ".json"] if value.endswith(".safetensors") else []):
-                with open(path, "w") as f:
-                    f.write("{}")
-        else:
-            os.makedirs(value, exist_ok=True)
-            with open(os.path.join(value, "config.json"), "w") as f:
-                f.write("{}")
-'''
-
-
-def stand_in_cli(directory: Path) -> Path:
-    """A directory holding an executable `unisparse` stand-in (put it first on PATH)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "unisparse").write_text(STAND_IN)
-    (directory / "unisparse").chmod(0o755)
-    return directory
-
-
-def run(workdir: Path, *args: str, config: str = MICRO, targets=(), path_first=None) -> subprocess.CompletedProcess:
-    """Snakemake of this environment in `workdir` (targets first: --configfile takes a list)."""
-    path = os.pathsep.join([*([str(path_first)] if path_first else []), str(BIN), os.environ.get("PATH", "")])
-    cmd = [str(BIN / "snakemake"), *targets, "--configfile", config, *args]
-    return subprocess.run(cmd, cwd=workdir, env={**os.environ, "PATH": path}, capture_output=True, text=True)
-
-
-def write_config(workdir: Path, edit, name="edited.yaml") -> str:
-    config = yaml.safe_load((workdir / MICRO).read_text())
-    edit(config)
-    (workdir / name).write_text(yaml.safe_dump(config))
-    return name
 
 
 def commands(workdir: Path, config: str = MICRO) -> dict:
     """rule -> [shell command as argv] of every job a dry run plans."""
-    proc = run(workdir, "-n", "-p", config=config)
+    proc = snakemake(workdir, "-n", "-p", config=config, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = {}
     blocks = re.split(r"^(?:local)?rule (\w+):$", proc.stdout, flags=re.M)  # [preamble, rule, body, rule, body, ...]
@@ -84,7 +48,7 @@ def commands(workdir: Path, config: str = MICRO) -> dict:
 
 def options(argv, verb):
     """The runtime options that follow the verb: {'--device': ..., '--dtype': ..., '--threads': ...}."""
-    after = argv[argv.index(verb) + 1:]
+    after = argv[argv.index(verb) + 1 :]
     return {k: after[after.index(k) + 1] for k in ("--device", "--dtype", "--threads") if k in after}
 
 
@@ -119,7 +83,9 @@ def test_every_unisparse_verb_gets_the_default_runtime(workdir):
 
 
 def test_runtime_values_reach_every_verb(workdir):
-    config = write_config(workdir, lambda c: c.__setitem__("runtime", {"device": "cpu", "dtype": "bfloat16", "threads": 3}))
+    config = write_config(
+        workdir, lambda c: c.__setitem__("runtime", {"device": "cpu", "dtype": "bfloat16", "threads": 3})
+    )
     jobs = commands(workdir, config)
     for rule, verb in VERBS.items():
         for argv in jobs[rule]:
@@ -133,12 +99,28 @@ def test_gpu_kinds_run_on_cuda_and_only_training_verbs_use_several_processes(wor
 
     jobs = commands(workdir, write_config(workdir, edit))
     device = {rule: {options(argv, verb)["--device"] for argv in jobs[rule]} for rule, verb in VERBS.items()}
-    assert device == {"train_tiny": {"cuda"}, "calibrate": {"auto"}, "evaluate": {"cuda"}, "prune_depth": {"cuda"},
-                      "prune_width": {"cuda"}, "partition": {"cuda"}, "tune_moe": {"cuda"}, "tune_control": {"cuda"}}
+    assert device == {
+        "train_tiny": {"cuda"},
+        "calibrate": {"auto"},
+        "evaluate": {"cuda"},
+        "prune_depth": {"cuda"},
+        "prune_width": {"cuda"},
+        "partition": {"cuda"},
+        "tune_moe": {"cuda"},
+        "tune_control": {"cuda"},
+    }
     for rule in ("tune_moe", "tune_control"):
         for argv in jobs[rule]:  # 2 GPUs: one process each
-            assert argv[:8] == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "unisparse", "--no-progress",
-                                VERBS[rule]], argv[:8]
+            assert argv[:8] == [
+                "torchrun",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "unisparse",
+                "--no-progress",
+                VERBS[rule],
+            ], argv[:8]
             assert options(argv, VERBS[rule]) == {"--device": "cuda", "--dtype": "bfloat16"}
     # one GPU (train) or a single-process verb on 4 GPUs (prune kind): plain unisparse
     for rule in ("train_tiny", "prune_depth", "prune_width", "partition", "evaluate", "calibrate"):
@@ -146,12 +128,23 @@ def test_gpu_kinds_run_on_cuda_and_only_training_verbs_use_several_processes(wor
 
     two = write_config(workdir, lambda c: c["resources"].update(train={"gpus": 2}), "train2.yaml")
     (argv,) = commands(workdir, two)["train_tiny"]
-    assert argv[:8] == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "unisparse", "--no-progress",
-                        "train-tiny"]
+    assert argv[:8] == [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "unisparse",
+        "--no-progress",
+        "train-tiny",
+    ]
 
     # an explicit device is used as given, GPUs or not
-    explicit = write_config(workdir, lambda c: (c["resources"].update(evaluate={"gpus": 1}),
-                                                c.__setitem__("runtime", {"device": "cuda:1"})), "explicit.yaml")
+    explicit = write_config(
+        workdir,
+        lambda c: (c["resources"].update(evaluate={"gpus": 1}), c.__setitem__("runtime", {"device": "cuda:1"})),
+        "explicit.yaml",
+    )
     assert {options(argv, "evaluate")["--device"] for argv in commands(workdir, explicit)["evaluate"]} == {"cuda:1"}
 
 
@@ -161,7 +154,11 @@ BAD = {
     "dtype int8": ({"dtype": "int8"}, None, ["runtime", "dtype", "int8"]),
     "unknown key": ({"devcie": "cuda"}, None, ["runtime", "devcie"]),
     "zero threads": ({"threads": 0}, None, ["runtime", "threads"]),
-    "one GPU named for a multi-process kind": ({"device": "cuda:0"}, {"tune": {"gpus": 2}}, ["runtime.device", "cuda:0"]),
+    "one GPU named for a multi-process kind": (
+        {"device": "cuda:0"},
+        {"tune": {"gpus": 2}},
+        ["runtime.device", "cuda:0"],
+    ),
 }
 
 
@@ -169,8 +166,10 @@ BAD = {
 def test_invalid_runtime_is_refused_before_any_job(tmp_path, case):
     section, resources, named = BAD[case]
     workdir = copy_workflow(tmp_path / "wf")
-    config = write_config(workdir, lambda c: (c.__setitem__("runtime", section), c["resources"].update(resources or {})))
-    proc = run(workdir, "--cores", "1", config=config, path_first=stand_in_cli(tmp_path / "bin"))
+    config = write_config(
+        workdir, lambda c: (c.__setitem__("runtime", section), c["resources"].update(resources or {}))
+    )
+    proc = snakemake(workdir, "--cores", "1", config=config, check=False, path_first=stand_in_cli(tmp_path / "bin"))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert all(word in out for word in named), out[-2000:]
@@ -182,28 +181,32 @@ def recorded(tmp_path_factory):
     """A workflow copy in which every job up to the tables has 'run' (stand-in CLI) with the micro config."""
     base = tmp_path_factory.mktemp("recorded")
     workdir = copy_workflow(base / "wf")
-    proc = run(workdir, "--cores", "1", targets=TARGETS, path_first=stand_in_cli(base / "bin"))
+    proc = snakemake(workdir, "--cores", "1", targets=TARGETS, check=False, path_first=stand_in_cli(base / "bin"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Nothing to be done" in run(workdir, "-n", targets=TARGETS).stdout
+    assert "Nothing to be done" in snakemake(workdir, "-n", targets=TARGETS, check=False).stdout
     return workdir
 
 
 def changes(workdir, config):
     """(rules whose outputs' params changed, {rule: outputs listed}, planned jobs per rule) against the record."""
-    summary = run(workdir, "--summary", config=config, targets=TARGETS)
+    summary = snakemake(workdir, "--summary", config=config, targets=TARGETS, check=False)
     assert summary.returncode == 0, summary.stderr[-3000:]
-    rows = [row for row in (line.split("\t") for line in summary.stdout.splitlines())
-            if len(row) == 6 and row[0] != "output_file"]
+    rows = [
+        row
+        for row in (line.split("\t") for line in summary.stdout.splitlines())
+        if len(row) == 6 and row[0] != "output_file"
+    ]
     changed = {row[2] for row in rows if row[4] == "params changed"}
     by_rule = {}
     for row in rows:
         by_rule.setdefault(row[2], set()).add(row[4])
-    return changed, by_rule, planned_jobs(run(workdir, "-n", config=config, targets=TARGETS))
+    planned = planned_jobs(snakemake(workdir, "-n", config=config, targets=TARGETS, check=False))
+    return changed, by_rule, planned
 
 
 def test_the_defaults_spelled_out_or_not_are_the_same_run(recorded):
     config = write_config(recorded, lambda c: c.pop("runtime"), "no-runtime.yaml")
-    assert "Nothing to be done" in run(recorded, "-n", config=config, targets=TARGETS).stdout
+    assert "Nothing to be done" in snakemake(recorded, "-n", config=config, targets=TARGETS, check=False).stdout
 
 
 @pytest.mark.parametrize("section", [{"dtype": "bfloat16"}, {"threads": 2}, {"device": "cpu"}])

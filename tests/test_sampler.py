@@ -1,14 +1,14 @@
 """BAGEL's sampler settings: the CFG interval, CFG renormalisation and where their values are defined."""
+
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_model
+from helpers.models import make_model
 from unisparse.config_checks import config_schema
 from unisparse.evaluate import EVAL_DEFAULTS
-from unisparse.models.sampling import SAMPLER_DEFAULTS
-from unisparse.models.sampling import CFG_RENORM_TYPES, guided_velocity
+from unisparse.models.sampling import CFG_RENORM_TYPES, SAMPLER_DEFAULTS, guided_velocity
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 6, 7], [8, 9]]
@@ -58,16 +58,18 @@ def test_sampler_settings_are_defined_once():
     assert schema["$defs"]["cfg_renorm"]["enum"] == list(CFG_RENORM_TYPES)
     for section in ("evaluate", "calibrate"):
         assert set(SAMPLER_DEFAULTS) <= set(schema["properties"][section]["properties"]), section
-    assert {k: EVAL_DEFAULTS[k] for k in SAMPLER_DEFAULTS if k not in ("num_steps", "cfg_scale")} == \
-        {k: v for k, v in SAMPLER_DEFAULTS.items() if k not in ("num_steps", "cfg_scale")}
+    assert {k: EVAL_DEFAULTS[k] for k in SAMPLER_DEFAULTS if k not in ("num_steps", "cfg_scale")} == {
+        k: v for k, v in SAMPLER_DEFAULTS.items() if k not in ("num_steps", "cfg_scale")
+    }
 
 
 def test_benchmark_names_are_defined_once():
     from unisparse.benchmarks import BENCHMARKS, check_benchmarks
 
     schema = config_schema(REPO / "workflow/schemas/config.schema.yaml")
-    assert {t: p["enum"] for t, p in schema["$defs"]["benchmarks"]["properties"].items()} == \
-        {t: list(v) for t, v in BENCHMARKS.items()}
+    assert {t: p["enum"] for t, p in schema["$defs"]["benchmarks"]["properties"].items()} == {
+        t: list(v) for t, v in BENCHMARKS.items()
+    }
     assert check_benchmarks({"gen": "shapes_geneval"}) == {"gen": "shapes_geneval", "und": "shapesqa"}
     with pytest.raises(ValueError, match="unknown benchmark 'coco'"):
         check_benchmarks({"gen": "coco"})

@@ -7,14 +7,14 @@ Snakemake builds the DAG, naming the key.
 Cheap: the config checks are called directly; a few `snakemake -n` dry runs of a workflow copy show
 that rules/common.smk applies them.
 """
+
 import copy
 import math
 
 import pytest
 import yaml
-from test_figures import MICRO, REPO, copy_workflow
-from test_runtime_rules import run, write_config
 
+from helpers.workflow import MICRO, REPO, copy_workflow, snakemake, write_config
 from unisparse import ranges
 from unisparse.calibrate import CALIB_DEFAULTS
 from unisparse.config_checks import (
@@ -31,8 +31,12 @@ from unisparse.train import TRAIN_DEFAULTS
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 #: settings kind -> (the stage's defaults, where the config holds them)
-KINDS = {"training": (TRAIN_DEFAULTS, ("train",)), "tuning": (TUNE_DEFAULTS, ("moe", "tune", "full")),
-         "evaluation": (EVAL_DEFAULTS, ("evaluate",)), "calibration": (CALIB_DEFAULTS, ("calibrate",))}
+KINDS = {
+    "training": (TRAIN_DEFAULTS, ("train",)),
+    "tuning": (TUNE_DEFAULTS, ("moe", "tune", "full")),
+    "evaluation": (EVAL_DEFAULTS, ("evaluate",)),
+    "calibration": (CALIB_DEFAULTS, ("calibrate",)),
+}
 
 
 def micro():
@@ -157,16 +161,20 @@ def test_the_cli_and_the_schema_refuse_and_accept_the_same_values(kind, key):
 
 NON_FINITE = {
     "evaluate.cfg_scale": (lambda c: c["evaluate"].__setitem__("cfg_scale", math.inf), "evaluate.cfg_scale"),
-    "evaluate.cfg_interval[1]": (lambda c: c["evaluate"].__setitem__("cfg_interval", [0.0, math.nan]),
-                                 "evaluate.cfg_interval[1]"),
+    "evaluate.cfg_interval[1]": (
+        lambda c: c["evaluate"].__setitem__("cfg_interval", [0.0, math.nan]),
+        "evaluate.cfg_interval[1]",
+    ),
     "model.timestep_shift": (lambda c: c["model"].__setitem__("timestep_shift", math.inf), "model.timestep_shift"),
     "train.lr nan": (lambda c: c["train"].__setitem__("lr", math.nan), "train.lr"),
     "train.lr inf": (lambda c: c["train"].__setitem__("lr", math.inf), "train.lr"),
     "train.warmup_frac": (lambda c: c["train"].__setitem__("warmup_frac", math.nan), "train.warmup_frac"),
     "train.qa_weights[2]": (lambda c: c["train"].__setitem__("qa_weights", [1, 1, math.inf, 1]), "train.qa_weights[2]"),
     "moe.tune.full.lr": (lambda c: c["moe"]["tune"]["full"].__setitem__("lr", math.inf), "moe.tune.full.lr"),
-    "keep_ratio nan": (lambda c: c["width"]["sweeps"][0].__setitem__("keep_ratio", [math.nan]),
-                       "width.sweeps[0].keep_ratio[0]"),
+    "keep_ratio nan": (
+        lambda c: c["width"]["sweeps"][0].__setitem__("keep_ratio", [math.nan]),
+        "width.sweeps[0].keep_ratio[0]",
+    ),
     "resources": (lambda c: c["resources"]["default"].__setitem__("mem_mb", -math.inf), "resources.default.mem_mb"),
 }
 
@@ -178,7 +186,9 @@ def test_a_non_finite_number_is_refused_anywhere_in_the_config(case):
     assert message is not None and message.startswith(f"{key}:") and "finite" in message, message
 
 
-@pytest.mark.parametrize("text", ['{"cfg_scale": Infinity}', '{"cfg_interval": [0.0, NaN]}', '{"cfg_scale": -Infinity}'])
+@pytest.mark.parametrize(
+    "text", ['{"cfg_scale": Infinity}', '{"cfg_interval": [0.0, NaN]}', '{"cfg_scale": -Infinity}']
+)
 def test_a_non_finite_number_is_refused_in_a_verbs_settings(text):
     import json
 
@@ -200,12 +210,23 @@ def test_list_settings_are_checked_item_by_item():
 # --- item 9: settings that cannot produce work, and a sane maximum ------------------------------------
 
 
-NO_WORK = [("training", "steps", -3), ("training", "steps", 0), ("evaluation", "num_steps", 0),
-           ("tuning", "warmup_frac", -5), ("tuning", "min_lr_frac", 7), ("evaluation", "max_prompts_per_tag", 0),
-           ("evaluation", "samples_per_prompt", 0), ("evaluation", "batch_size", 0),
-           ("evaluation", "latency_repeats", 0), ("evaluation", "qa_items", 0), ("calibration", "qa_items", 0),
-           ("calibration", "calib_items", 0), ("calibration", "samples_per_prompt", 0),
-           ("evaluation", "qa_items", 10**12), ("calibration", "coactivation_dim", 10**12)]
+NO_WORK = [
+    ("training", "steps", -3),
+    ("training", "steps", 0),
+    ("evaluation", "num_steps", 0),
+    ("tuning", "warmup_frac", -5),
+    ("tuning", "min_lr_frac", 7),
+    ("evaluation", "max_prompts_per_tag", 0),
+    ("evaluation", "samples_per_prompt", 0),
+    ("evaluation", "batch_size", 0),
+    ("evaluation", "latency_repeats", 0),
+    ("evaluation", "qa_items", 0),
+    ("calibration", "qa_items", 0),
+    ("calibration", "calib_items", 0),
+    ("calibration", "samples_per_prompt", 0),
+    ("evaluation", "qa_items", 10**12),
+    ("calibration", "coactivation_dim", 10**12),
+]
 
 
 @pytest.mark.parametrize("kind,key,value", NO_WORK, ids=[f"{k}.{s}={v}" for k, s, v in NO_WORK])
@@ -221,9 +242,16 @@ def test_settings_that_cannot_produce_work_are_refused(kind, key, value):
 # --- item 5: whole-string patterns ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key,value", [("results_dir", "results/x\n"), ("logs_dir", "logs/x\n"),
-                                       ("calibrate.calib_dataset", "lmms-lab/POPE\n"),
-                                       ("evaluate.mme_dataset", "lmms-lab/MME\n"), ("runtime.device", "cpu\n")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("results_dir", "results/x\n"),
+        ("logs_dir", "logs/x\n"),
+        ("calibrate.calib_dataset", "lmms-lab/POPE\n"),
+        ("evaluate.mme_dataset", "lmms-lab/MME\n"),
+        ("runtime.device", "cpu\n"),
+    ],
+)
 def test_a_trailing_newline_fails_the_path_and_pattern_checks(key, value):
     config = micro()
     *parents, leaf = key.split(".")
@@ -308,7 +336,7 @@ def workdir(tmp_path_factory):
 
 
 def dry_run_refuses(workdir, config, named):
-    proc = run(workdir, "-n", config=config)
+    proc = snakemake(workdir, "-n", config=config, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-2000:]
     assert "invalid config: " + named in out, out[-3000:]
@@ -317,18 +345,24 @@ def dry_run_refuses(workdir, config, named):
 
 @pytest.mark.slow
 def test_the_dag_refuses_a_duplicate_key(workdir):
-    (workdir / "dup.yaml").write_text((workdir / MICRO).read_text().replace("  steps: 40\n", "  steps: 40\n  steps: 4000\n"))
+    (workdir / "dup.yaml").write_text(
+        (workdir / MICRO).read_text().replace("  steps: 40\n", "  steps: 40\n  steps: 4000\n")
+    )
     dry_run_refuses(workdir, "dup.yaml", "steps: duplicate key in")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("edit,named", [
-    (lambda c: c["train"].__setitem__("lr", math.nan), "train.lr:"),
-    (lambda c: c["width"]["sweeps"][0].__setitem__("keep_ratio", [0.00001]), "width.sweeps[0].keep_ratio:"),
-    (lambda c: c["moe"].__setitem__("calib_task", "und"), "moe.calib_task:"),
-    (lambda c: c["runtime"].__setitem__("dtype", "float16"), "runtime.dtype:"),
-    (lambda c: c.__setitem__("results_dir", "results/x\n"), "results_dir:"),
-], ids=["nan lr", "keep1e-05", "calib_task und for gen", "float16 training", "newline in results_dir"])
+@pytest.mark.parametrize(
+    "edit,named",
+    [
+        (lambda c: c["train"].__setitem__("lr", math.nan), "train.lr:"),
+        (lambda c: c["width"]["sweeps"][0].__setitem__("keep_ratio", [0.00001]), "width.sweeps[0].keep_ratio:"),
+        (lambda c: c["moe"].__setitem__("calib_task", "und"), "moe.calib_task:"),
+        (lambda c: c["runtime"].__setitem__("dtype", "float16"), "runtime.dtype:"),
+        (lambda c: c.__setitem__("results_dir", "results/x\n"), "results_dir:"),
+    ],
+    ids=["nan lr", "keep1e-05", "calib_task und for gen", "float16 training", "newline in results_dir"],
+)
 def test_the_dag_refuses_before_any_job(workdir, edit, named):
     dry_run_refuses(workdir, write_config(workdir, edit, "edited.yaml"), named)
 

@@ -91,17 +91,13 @@ def test_canonical_positions():
     sc = S.canonical_scene(_prompt("a circle below a square"))
     assert {(o.shape, o.slot) for o in sc.objects} == {("square", 0), ("circle", 2)}
     sc = S.canonical_scene(_prompt("three crosses"))
-    assert [(o.shape, o.colour, o.slot) for o in sc.objects] == [
-        ("cross", S.DEFAULT_COLOUR, i) for i in range(3)
-    ]
+    assert [(o.shape, o.colour, o.slot) for o in sc.objects] == [("cross", S.DEFAULT_COLOUR, i) for i in range(3)]
 
 
 def test_judge_failure_cases():
     # wrong colour
     assert not S.judge(_img(("square", "blue", 0)), _prompt("a red square"))
-    assert not S.judge(
-        _img(("square", "red", 0), ("circle", "red", 1)), _prompt("a red square and a blue circle")
-    )
+    assert not S.judge(_img(("square", "red", 0), ("circle", "red", 1)), _prompt("a red square and a blue circle"))
     # missing object
     assert not S.judge(_img(("square", "white", 0)), _prompt("a square and a circle"))
     assert not S.judge(np.zeros((16, 16, 3), np.float32), _prompt("a cross"))
@@ -113,15 +109,9 @@ def test_judge_failure_cases():
         _prompt("three circles"),
     )
     # swapped positions, and a diagonal that is not "above"
-    assert not S.judge(
-        _img(("square", "white", 0), ("circle", "white", 1)), _prompt("a circle left of a square")
-    )
-    assert not S.judge(
-        _img(("square", "white", 0), ("circle", "white", 2)), _prompt("a circle above a square")
-    )
-    assert S.judge(
-        _img(("square", "white", 3), ("circle", "white", 0)), _prompt("a circle above a square")
-    )
+    assert not S.judge(_img(("square", "white", 0), ("circle", "white", 1)), _prompt("a circle left of a square"))
+    assert not S.judge(_img(("square", "white", 0), ("circle", "white", 2)), _prompt("a circle above a square"))
+    assert S.judge(_img(("square", "white", 3), ("circle", "white", 0)), _prompt("a circle above a square"))
     # wrong shape
     assert not S.judge(_img(("triangle", "white", 0)), _prompt("a square"))
     assert not S.judge(_img(("cross", "red", 0)), _prompt("a red circle"))
@@ -145,9 +135,7 @@ def test_detect_tolerates_stray_pixels_and_shifts():
     # an object drawn off the slot grid is still found
     img = np.zeros((16, 16, 3), np.float32)
     img[4:10, 5:11][S.TEMPLATES["cross"]] = (1, 1, 0)
-    assert [(d.shape, d.colour, d.bbox) for d in S.detect(img)] == [
-        ("cross", "yellow", (4.0, 5.0, 10.0, 11.0))
-    ]
+    assert [(d.shape, d.colour, d.bbox) for d in S.detect(img)] == [("cross", "yellow", (4.0, 5.0, 10.0, 11.0))]
 
 
 def test_relations_rule():

@@ -1,4 +1,5 @@
 """SigLIP NaViT vision tower: SigLIP's math and names, per-image attention when packed, BAGEL's layout."""
+
 import pytest
 import torch
 from torch import nn
@@ -12,8 +13,14 @@ from unisparse.models.siglip_navit import (
     navit_position_ids,
 )
 
-TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
-            max_num_patch_per_side=8)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    patch_size=4,
+    max_num_patch_per_side=8,
+)
 P, S, C = 4, 8, 3
 
 
@@ -36,8 +43,16 @@ def encode_one(tower, image):
 
 def test_equals_transformers_siglip_vision_model_on_full_grid():
     tower = make_tower()
-    hf_config = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                   num_channels=C, image_size=S * P, patch_size=P, vision_use_head=False)
+    hf_config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_channels=C,
+        image_size=S * P,
+        patch_size=P,
+        vision_use_head=False,
+    )
     hf = SiglipVisionModel(hf_config).eval()
     ours = tower.state_dict()
     theirs = {}
@@ -77,8 +92,9 @@ def test_packed_images_match_each_alone():
     same = [torch.randn(4 * P, 3 * P, C), torch.randn(4 * P, 3 * P, C)]
     with torch.no_grad():
         alone = torch.cat([encode_one(tower, im) for im in same])
-        packed = tower(patchify(torch.stack(same), P).flatten(0, 1),
-                       navit_position_ids(4, 3, S).repeat(2), torch.tensor([12, 12]))
+        packed = tower(
+            patchify(torch.stack(same), P).flatten(0, 1), navit_position_ids(4, 3, S).repeat(2), torch.tensor([12, 12])
+        )
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -110,12 +126,24 @@ def test_patch_layout_and_linear_equals_conv():
 def expected_bagel_names(num_layers):
     """BAGEL's ViT names (modeling/bagel/siglip_navit.py after convert_conv2d_to_linear, rope off)."""
     pre = "vit_model.vision_model."
-    names = [pre + "embeddings.patch_embedding.weight", pre + "embeddings.patch_embedding.bias",
-             pre + "embeddings.position_embedding.weight",
-             pre + "post_layernorm.weight", pre + "post_layernorm.bias"]
+    names = [
+        pre + "embeddings.patch_embedding.weight",
+        pre + "embeddings.patch_embedding.bias",
+        pre + "embeddings.position_embedding.weight",
+        pre + "post_layernorm.weight",
+        pre + "post_layernorm.bias",
+    ]
     for i in range(num_layers):
-        for sub in ("layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                    "layer_norm2", "mlp.fc1", "mlp.fc2"):
+        for sub in (
+            "layer_norm1",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.out_proj",
+            "layer_norm2",
+            "mlp.fc1",
+            "mlp.fc2",
+        ):
             names += [f"{pre}encoder.layers.{i}.{sub}.weight", f"{pre}encoder.layers.{i}.{sub}.bias"]
     return sorted(names)
 
@@ -143,8 +171,14 @@ def test_names_and_parameter_count_match_bagel():
     assert shapes["vit_model.vision_model.encoder.layers.25.mlp.fc1.weight"] == (4304, 1152)
     counted = sum(p.numel() for p in holder.parameters())
     d = SIGLIP_NAVIT_DEFAULTS
-    formula = closed_form_count(d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"], d["patch_size"],
-                                d["num_channels"], d["max_num_patch_per_side"])
+    formula = closed_form_count(
+        d["hidden_size"],
+        d["intermediate_size"],
+        d["num_hidden_layers"],
+        d["patch_size"],
+        d["num_channels"],
+        d["max_num_patch_per_side"],
+    )
     assert counted == formula == 402_552_736
 
 

@@ -17,24 +17,24 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline_helpers import failed_job_logs
+from helpers.workflow import BIN, REPO, failed_job_logs, stand_in_cli
+from helpers.workflow import MICRO as CONFIG
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "workflow/scripts/slurm_cluster.sh"
-CONFIG = "workflow/config/micro.yaml"
-BIN = Path(sys.executable).parent
 STATE = Path(os.environ.get("SLURM_TEST_STATE", "/var/tmp/unisparse-slurm"))
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(  # a SLURM cluster and Snakemake: outside the fast inner loop
-    not ((BIN / "snakemake").exists() or shutil.which("snakemake")),
-    reason="needs snakemake with the slurm executor plugin (workflow extras: workflow/scripts/setup.sh)",
-)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(  # a SLURM cluster and Snakemake: outside the fast inner loop
+        not ((BIN / "snakemake").exists() or shutil.which("snakemake")),
+        reason="needs snakemake with the slurm executor plugin (workflow extras: workflow/scripts/setup.sh)",
+    ),
+]
 
 
 def env(**extra):
@@ -47,8 +47,10 @@ def env(**extra):
 def sh(*cmd, cwd=REPO, check=True, **extra):
     r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env(**extra), capture_output=True, text=True)
     if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
-                             + failed_job_logs(cwd, r.stdout + r.stderr))
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
+            + failed_job_logs(cwd, r.stdout + r.stderr)
+        )
     return r
 
 
@@ -106,8 +108,15 @@ def jobs_in_log(text):
         body = m[3]
         resources = dict(re.findall(r"(\w+)=([^,\s]+)", re.search(r"resources: (.*)", body)[1]))
         threads = re.search(r"threads: (\d+)", body)
-        jobs.append((m[1] == "localrule", m[2], int(re.search(r"jobid: (\d+)", body)[1]), resources,
-                     int(threads[1]) if threads else 1))
+        jobs.append(
+            (
+                m[1] == "localrule",
+                m[2],
+                int(re.search(r"jobid: (\d+)", body)[1]),
+                resources,
+                int(threads[1]) if threads else 1,
+            )
+        )
     return jobs
 
 
@@ -133,7 +142,9 @@ def comparable(path):
         return strip_timings(json.loads(path.read_text()))
     if path.suffix == ".csv":
         with open(path, newline="") as f:
-            return [{k: v for k, v in row.items() if "latency" not in k and "seconds" not in k} for row in csv.DictReader(f)]
+            return [
+                {k: v for k, v in row.items() if "latency" not in k and "seconds" not in k} for row in csv.DictReader(f)
+            ]
     return path.read_bytes()
 
 
@@ -144,12 +155,27 @@ def test_micro_pipeline_runs_as_slurm_jobs(cluster, tmp_path):
     # it runs while the SLURM run mostly waits for its status polls
     reference = subprocess.Popen(
         ["snakemake", "--cores", "1", "--configfile", CONFIG, "--omit-from", *sorted(local_rules)],
-        cwd=local, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=local,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     install_profile(remote, tmp_path / "xdg")
-    r = sh("snakemake", "--profile", "slurm", "--configfile", CONFIG,
-           "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
-           cwd=remote, check=False, XDG_CONFIG_HOME=tmp_path / "xdg")
+    r = sh(
+        "snakemake",
+        "--profile",
+        "slurm",
+        "--configfile",
+        CONFIG,
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--slurm-keep-successful-logs",
+        cwd=remote,
+        check=False,
+        XDG_CONFIG_HOME=tmp_path / "xdg",
+    )
     out, _ = reference.communicate()
     assert r.returncode == 0, f"{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
     assert reference.returncode == 0, out[-6000:]
@@ -211,9 +237,22 @@ def submit(workdir, tmp_path, configfile, *args, **site):
         (fake / name).chmod(0o755)
     calls = tmp_path / "sbatch-calls.txt"
     calls.unlink(missing_ok=True)
-    r = sh("snakemake", "--profile", "slurm", "--configfile", configfile, "--slurm-init-seconds-before-status-checks", "1",
-           *args, cwd=workdir, check=False, XDG_CONFIG_HOME=tmp_path / "xdg", FAKE_SBATCH_CALLS=calls,
-           PATH=f"{fake}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}", **site)
+    r = sh(
+        "snakemake",
+        "--profile",
+        "slurm",
+        "--configfile",
+        configfile,
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        *args,
+        cwd=workdir,
+        check=False,
+        XDG_CONFIG_HOME=tmp_path / "xdg",
+        FAKE_SBATCH_CALLS=calls,
+        PATH=f"{fake}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
+        **site,
+    )
     assert calls.exists(), f"no sbatch call:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return calls.read_text().splitlines(), r.stdout + r.stderr
 
@@ -243,7 +282,9 @@ def test_gpu_resources_reach_the_sbatch_call(tmp_path):
 
     # the site's dialect: environment variables and the untracked site.yaml
     (workdir / "workflow/profiles/slurm/site.yaml").write_text("partition: cpuq\ngpu_partition: gpuq\n")
-    (call,) = submitted_calls(workdir, tmp_path, "gpu.yaml", UNISPARSE_SLURM_GPU="gres", UNISPARSE_SLURM_GPU_MODEL="a100")
+    (call,) = submitted_calls(
+        workdir, tmp_path, "gpu.yaml", UNISPARSE_SLURM_GPU="gres", UNISPARSE_SLURM_GPU_MODEL="a100"
+    )
     assert "--gres=gpu:a100:1" in call and "--gpus" not in call and "-p gpuq" in call
     (call,) = submitted_calls(workdir, tmp_path, CONFIG, UNISPARSE_SLURM_ACCOUNT="proj", UNISPARSE_SLURM_QOS="short")
     assert "-p cpuq" in call and "--qos=short" in call and "-A proj" in call
@@ -251,13 +292,20 @@ def test_gpu_resources_reach_the_sbatch_call(tmp_path):
 
 def test_multi_gpu_tuning_is_one_job_running_one_process_per_gpu(tmp_path):
     """resources.tune.gpus: 2 -> one SLURM job asking for 2 GPUs whose command is torchrun with 2 processes."""
-    from test_runtime_rules import stand_in_cli
-
     workdir = workdir_with_gpus(tmp_path, "tune", 2, "tune2.yaml")
     # the tuning's inputs (dense model, calibration, partition), made by a stand-in CLI in seconds,
     # so that the first job the profile submits is the first tuning
-    sh("snakemake", "--cores", "1", "--configfile", "tune2.yaml", "--until", "partition", cwd=workdir,
-       PATH=f"{stand_in_cli(tmp_path / 'stand-in')}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}")
+    sh(
+        "snakemake",
+        "--cores",
+        "1",
+        "--configfile",
+        "tune2.yaml",
+        "--until",
+        "partition",
+        cwd=workdir,
+        PATH=f"{stand_in_cli(tmp_path / 'stand-in')}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
+    )
 
     (call,), log = submit(workdir, tmp_path, "tune2.yaml", "--until", "tune_moe")
     assert "rule_tune_moe" in call and re.search(r"--target-jobs '?tune_moe:[^ ]*tuning=frozen", call)
@@ -267,7 +315,16 @@ def test_multi_gpu_tuning_is_one_job_running_one_process_per_gpu(tmp_path):
     (block,) = re.findall(r"^rule tune_moe:\n(.*?)^Shell command: (.*)$", log, re.M | re.S)
     assert "tuning=frozen" in block[0]
     argv = shlex.split(block[1])
-    assert argv[:8] == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "unisparse", "--no-progress", "tune-moe"]
+    assert argv[:8] == [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "unisparse",
+        "--no-progress",
+        "tune-moe",
+    ]
     assert argv[argv.index("--device") + 1] == "cuda"
 
 
@@ -282,9 +339,17 @@ def test_the_profile_plans_the_papers_dag_by_default(tmp_path):
     counts = {}
     gpu_minutes = 0
     paper = yaml.safe_load((workdir / "workflow/config/paper.yaml").read_text())
-    kind = {"download_checkpoint": "download", "import_checkpoint": "import", "calibrate": "calibrate",
-            "evaluate": "evaluate", "prune_depth": "prune", "prune_width": "prune", "partition": "prune",
-            "tune_moe": "tune", "tune_control": "tune"}
+    kind = {
+        "download_checkpoint": "download",
+        "import_checkpoint": "import",
+        "calibrate": "calibrate",
+        "evaluate": "evaluate",
+        "prune_depth": "prune",
+        "prune_width": "prune",
+        "partition": "prune",
+        "tune_moe": "tune",
+        "tune_control": "tune",
+    }
     for rule, resources in jobs:
         counts[rule] = counts.get(rule, 0) + 1
         res = dict(item.split("=", 1) for item in resources.split(", "))
@@ -292,9 +357,24 @@ def test_the_profile_plans_the_papers_dag_by_default(tmp_path):
             want = {**paper["resources"]["default"], **paper["resources"][kind[rule]]}
             assert (int(res["runtime"]), int(res.get("gpus", 0))) == (want["runtime"], want["gpus"]), rule
             gpu_minutes += int(res.get("gpus", 0)) * int(res["runtime"])
-    chain = ["download_checkpoint", "import_checkpoint", "calibrate", "evaluate", "prune_depth", "prune_width",
-             "partition", "tune_moe", "tune_control", "probes_table", "moe_table", "depth_figure", "width_figure",
-             "moe_recovery_figure", "expert_load_figure", "quality_speed_figure"]
+    chain = [
+        "download_checkpoint",
+        "import_checkpoint",
+        "calibrate",
+        "evaluate",
+        "prune_depth",
+        "prune_width",
+        "partition",
+        "tune_moe",
+        "tune_control",
+        "probes_table",
+        "moe_table",
+        "depth_figure",
+        "width_figure",
+        "moe_recovery_figure",
+        "expert_load_figure",
+        "quality_speed_figure",
+    ]
     assert set(chain) <= set(counts), sorted(set(chain) - set(counts))
     assert "train_tiny" not in counts
     # the grids of paper.yaml: 2 tasks; depth (und: 2 tasks, gen: 1) x (5 block + 2 x 3 sublayer drops) + 1

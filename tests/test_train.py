@@ -46,5 +46,7 @@ def test_training_checkpoint_of_other_settings_is_not_resumed(tmp_path, caplog):
     spec = dict(steps=8, batch_und=4, batch_gen=4, threads=1, checkpoint_every=3)
     train_tiny(MICRO, spec, None, progress=False, checkpoint_dir=tmp_path / "ck", stop_after=5)
     with caplog.at_level("WARNING"):
-        summary = train_tiny(MICRO, {**spec, "lr": 2e-3}, tmp_path / "b", progress=False, checkpoint_dir=tmp_path / "ck")
+        summary = train_tiny(
+            MICRO, {**spec, "lr": 2e-3}, tmp_path / "b", progress=False, checkpoint_dir=tmp_path / "ck"
+        )
     assert summary["resumed_from"] == 0 and "other settings" in caplog.text

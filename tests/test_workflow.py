@@ -1,4 +1,5 @@
 """The pipeline as a user drives it: config validation, incremental reruns (micro config)."""
+
 import json
 import re
 
@@ -6,36 +7,22 @@ import pandas as pd
 import pytest
 import yaml
 
-from test_figures import MICRO, copy_workflow, micro_run, snakemake  # noqa: F401  (micro_run is a fixture)
+from helpers.workflow import MICRO, REPO, copy_workflow, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow  # drives Snakemake (or DVC) in subprocesses: outside the fast inner loop
 
-AGGREGATES = {"probes_table", "moe_table", "depth_figure", "width_figure", "moe_recovery_figure",
-              "expert_load_figure", "quality_speed_figure", "all"}
-
-
-def planned_jobs(proc) -> dict:
-    """Rule -> job count from a dry run's "Job stats" table."""
-    text = proc.stdout + proc.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:", 1)[1]
-    jobs = {}
-    for line in table.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        if m.group(1) != "total":
-            jobs[m.group(1)] = int(m.group(2))
-    return jobs
-
-
-def write_config(workdir, edit) -> str:
-    config = yaml.safe_load((workdir / MICRO).read_text())
-    edit(config)
-    path = workdir / "workflow" / "config" / "edited.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path.relative_to(workdir))
+AGGREGATES = {
+    "probes_table",
+    "moe_table",
+    "depth_figure",
+    "width_figure",
+    "moe_recovery_figure",
+    "expert_load_figure",
+    "quality_speed_figure",
+    "all",
+}
+#: where the edited configs go (beside micro.yaml)
+EDITED = "workflow/config/edited.yaml"
 
 
 BAD = {
@@ -56,17 +43,27 @@ BAD = {
     # issue 8, item 4: values that only failed inside a job, or were accepted silently
     "drop above layers": (lambda c: c["depth"]["sweeps"][0].__setitem__("drop", [5]), "depth.sweeps[0].drop"),
     "kv heads not dividing heads": (lambda c: c["model"].__setitem__("num_key_value_heads", 3), "num_key_value_heads"),
-    "shared expert as wide as the MLP": (lambda c: c["moe"]["partitions"][0].__setitem__("shared_size", 64), "shared_size"),
-    "shared expert wider than the MLP": (lambda c: c["moe"]["partitions"][0].__setitem__("shared_size", 80), "shared_size"),
+    "shared expert as wide as the MLP": (
+        lambda c: c["moe"]["partitions"][0].__setitem__("shared_size", 64),
+        "shared_size",
+    ),
+    "shared expert wider than the MLP": (
+        lambda c: c["moe"]["partitions"][0].__setitem__("shared_size", 80),
+        "shared_size",
+    ),
     "dense layer beyond the model": (lambda c: c["moe"].__setitem__("dense_layers", [5]), "moe.dense_layers"),
     "every layer dense": (lambda c: c["moe"].__setitem__("dense_layers", [0, 1]), "moe.dense_layers"),
     "typo in a resource kind": (lambda c: c["resources"].__setitem__("trian", {"threads": 1}), "trian"),
     "missing full tuning settings": (lambda c: c["moe"]["tune"].pop("full"), "moe.tune.full"),
     # allowed values come from unisparse.choices (the schema's `{choices: NAME}`)
-    "unknown granularity": (lambda c: c["depth"]["sweeps"][0].__setitem__("granularity", ["block", "layer"]),
-                            "depth.sweeps[0].granularity[1]: 'layer' is not one of"),
-    "unknown router": (lambda c: c["moe"]["partitions"][0].__setitem__("router", "top1"),
-                       "moe.partitions[0].router: 'top1' is not one of ['paper', 'softmax']"),
+    "unknown granularity": (
+        lambda c: c["depth"]["sweeps"][0].__setitem__("granularity", ["block", "layer"]),
+        "depth.sweeps[0].granularity[1]: 'layer' is not one of",
+    ),
+    "unknown router": (
+        lambda c: c["moe"]["partitions"][0].__setitem__("router", "top1"),
+        "moe.partitions[0].router: 'top1' is not one of ['paper', 'softmax']",
+    ),
     "one QA weight too few": (lambda c: c["train"].__setitem__("qa_weights", [1, 1, 1]), "train.qa_weights"),
 }
 
@@ -75,7 +72,7 @@ BAD = {
 def test_bad_config_fails_before_any_job(tmp_path, case):
     edit, key = BAD[case]
     workdir = copy_workflow(tmp_path / "wf")
-    proc = snakemake(workdir, "--cores", "1", config=write_config(workdir, edit), check=False)
+    proc = snakemake(workdir, "--cores", "1", config=write_config(workdir, edit, EDITED), check=False)
     assert proc.returncode != 0
     assert key in proc.stdout + proc.stderr
     assert not (workdir / "results").exists(), "a job ran before validation failed"
@@ -84,8 +81,6 @@ def test_bad_config_fails_before_any_job(tmp_path, case):
 def test_schema_takes_every_allowed_value_from_choices():
     """No enum is written out in the schema: each `{choices: NAME}` names a tuple of unisparse.choices,
     and the schema the workflow validates against states exactly those values."""
-    from test_figures import REPO
-
     from unisparse import choices
     from unisparse.config_checks import config_schema
 
@@ -103,8 +98,6 @@ def test_schema_takes_every_allowed_value_from_choices():
 
 def test_wildcard_constraints_take_their_values_from_choices():
     """No rule spells out a list of allowed values as a regex (`und|gen`): one_of(choices.X) builds it."""
-    from test_figures import REPO
-
     spelled = []
     for path in sorted((REPO / "rules").glob("*.smk")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -113,30 +106,30 @@ def test_wildcard_constraints_take_their_values_from_choices():
     assert spelled == []
 
 
-def test_second_run_has_nothing_to_do(micro_run):  # noqa: F811  (pytest fixture)
+def test_second_run_has_nothing_to_do(micro_run):
     assert planned_jobs(snakemake(micro_run, "-n")) == {}
 
 
-def test_changing_one_ratio_reruns_only_that_ratio(micro_run):  # noqa: F811
+def test_changing_one_ratio_reruns_only_that_ratio(micro_run):
     def edit(c):
         c["width"]["sweeps"][0]["keep_ratio"] = [0.6]
 
-    jobs = planned_jobs(snakemake(micro_run, "-n", config=write_config(micro_run, edit)))
+    jobs = planned_jobs(snakemake(micro_run, "-n", config=write_config(micro_run, edit, EDITED)))
     components = len(yaml.safe_load((micro_run / MICRO).read_text())["width"]["sweeps"][0]["component"])
     assert jobs.pop("prune_width") == components
     assert set(jobs) <= AGGREGATES and {"probes_table", "all"} <= set(jobs)
 
 
-def test_changing_evaluation_reruns_every_evaluation_but_not_training(micro_run):  # noqa: F811
+def test_changing_evaluation_reruns_every_evaluation_but_not_training(micro_run):
     def edit(c):
         c["evaluate"]["num_steps"] += 1
 
-    jobs = planned_jobs(snakemake(micro_run, "-n", config=write_config(micro_run, edit)))
+    jobs = planned_jobs(snakemake(micro_run, "-n", config=write_config(micro_run, edit, EDITED)))
     assert "train_tiny" not in jobs and "calibrate" not in jobs
     assert {"evaluate", "prune_width", "prune_depth", "partition", "tune_moe"} <= set(jobs)
 
 
-def test_tuned_controls_get_the_moes_full_tuning(micro_run):  # noqa: F811
+def test_tuned_controls_get_the_moes_full_tuning(micro_run):
     """The dense model and the static cut at the MoE's active fraction are tuned with the MoE's full
     tuning settings and land in the MoE table; every score there carries its standard error."""
     table = pd.read_csv(micro_run / "results/tables/moe.csv")
@@ -166,8 +159,8 @@ def test_shell_injection_through_the_config_runs_nothing(tmp_path, case):
     key, template = INJECTIONS[case]
     marker = tmp_path / "PWNED"
     workdir = copy_workflow(tmp_path / "wf")
-    proc = snakemake(workdir, "--cores", "1", config=write_config(workdir, lambda c: c.__setitem__(key, template.format(marker=marker))),
-                     check=False)
+    config = write_config(workdir, lambda c: c.__setitem__(key, template.format(marker=marker)), EDITED)
+    proc = snakemake(workdir, "--cores", "1", config=config, check=False)
     assert proc.returncode != 0 and key in proc.stdout + proc.stderr
     assert not marker.exists(), "the config ran a command"
     assert not (workdir / "results").exists() and not (workdir / "logs").exists()
@@ -175,8 +168,6 @@ def test_shell_injection_through_the_config_runs_nothing(tmp_path, case):
 
 def test_every_shell_placeholder_is_quoted():
     """Defence in depth: every {input}/{output}/{log}/{params}/{wildcards} in a shell command is `:q`."""
-    from test_figures import REPO
-
     unquoted = []
     for path in sorted((REPO / "rules").glob("*.smk")):
         in_shell = False
@@ -188,6 +179,9 @@ def test_every_shell_placeholder_is_quoted():
             if in_shell and not stripped.startswith(('"', "'")):
                 in_shell = False
             if in_shell:
-                unquoted += [f"{path.name}:{number}: {m}" for m in re.findall(r"\{(?:input|output|log|params|wildcards)[^}]*\}", line)
-                             if not m.endswith(":q}")]
+                unquoted += [
+                    f"{path.name}:{number}: {m}"
+                    for m in re.findall(r"\{(?:input|output|log|params|wildcards)[^}]*\}", line)
+                    if not m.endswith(":q}")
+                ]
     assert unquoted == []

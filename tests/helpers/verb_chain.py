@@ -1,34 +1,56 @@
 """Every CLI verb of the pipeline on one micro checkpoint, on a given device and dtype (shared by
 test_dtype_device.py on the CPU and test_cuda.py on a GPU)."""
+
 import json
-import logging
 from pathlib import Path
 
-from unisparse.cli import main
+from helpers.cli import cli
+from helpers.models import MICRO_MODEL
 
-MICRO_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-               "num_key_value_heads": 1, "vit_patch_size": 8}
 #: enough training that the scores are not all zero, so a dtype or device change could move them
 TRAIN = {"steps": 300, "batch_und": 16, "batch_gen": 16, "threads": 2}
-EVAL = {"qa_items": 256, "samples_per_prompt": 2, "max_prompts_per_tag": 16, "num_steps": 8, "latency_repeats": 1, "threads": 2}
+EVAL = {
+    "qa_items": 256,
+    "samples_per_prompt": 2,
+    "max_prompts_per_tag": 16,
+    "num_steps": 8,
+    "latency_repeats": 1,
+    "threads": 2,
+}
 CALIB = {"qa_items": 32, "samples_per_prompt": 1, "max_prompts_per_tag": 2, "num_steps": 4, "threads": 2}
 TUNE = {"steps": 6, "batch_gen": 4, "checkpoint_every": 3, "threads": 2}
 SCORES = ("understanding", "generation")
 
 
-def cli(*argv) -> None:
-    try:
-        main(["--no-progress", *map(str, argv)])
-    finally:  # the CLI's log handler writes to the caller's captured stderr
-        logging.getLogger().handlers.clear()
-
-
 def train_checkpoint(root: Path) -> Path:
     """A micro model trained on the CPU in float32 (the checkpoint every device and dtype starts from)."""
-    cli("train-tiny", "--model", json.dumps(MICRO_MODEL), "--train", json.dumps(TRAIN), "--out", root / "dense",
-        "--device", "cpu", "--dtype", "float32")
-    cli("calibrate", root / "dense", "--task", "gen", "--spec", json.dumps(CALIB), "--out", root / "gen.safetensors",
-        "--device", "cpu", "--dtype", "float32")
+    cli(
+        "train-tiny",
+        "--model",
+        json.dumps(MICRO_MODEL),
+        "--train",
+        json.dumps(TRAIN),
+        "--out",
+        root / "dense",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    )
+    cli(
+        "calibrate",
+        root / "dense",
+        "--task",
+        "gen",
+        "--spec",
+        json.dumps(CALIB),
+        "--out",
+        root / "gen.safetensors",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    )
     return root
 
 
@@ -41,15 +63,77 @@ def run_chain(root: Path, out: Path, device: str, dtype: str) -> dict:
     dense, cal = root / "dense", root / "gen.safetensors"
     cli("calibrate", dense, "--task", "gen", "--spec", json.dumps(CALIB), "--out", out / "gen.safetensors", *run)
     cli("evaluate", dense, "--spec", json.dumps(EVAL), "--out", out / "dense.json", *run)
-    cli("prune-depth", dense, "--calibration", cal, "--component", "und", "--drop", "1", "--out", out / "depth",
-        "--metrics", out / "depth.json", *ev, *run)
-    cli("prune-width", dense, "--calibration", cal, "--component", "gen", "--keep-ratio", "0.5", "--out", out / "width",
-        "--metrics", out / "width.json", *ev, *run)
-    cli("partition", dense, "--calibration", cal, "--component", "gen", "--num-experts", "4", "--top-k", "2",
-        "--dense-layers", "none", "--out", out / "moe", "--metrics", out / "moe.json", *ev, *run)
+    cli(
+        "prune-depth",
+        dense,
+        "--calibration",
+        cal,
+        "--component",
+        "und",
+        "--drop",
+        "1",
+        "--out",
+        out / "depth",
+        "--metrics",
+        out / "depth.json",
+        *ev,
+        *run,
+    )
+    cli(
+        "prune-width",
+        dense,
+        "--calibration",
+        cal,
+        "--component",
+        "gen",
+        "--keep-ratio",
+        "0.5",
+        "--out",
+        out / "width",
+        "--metrics",
+        out / "width.json",
+        *ev,
+        *run,
+    )
+    cli(
+        "partition",
+        dense,
+        "--calibration",
+        cal,
+        "--component",
+        "gen",
+        "--num-experts",
+        "4",
+        "--top-k",
+        "2",
+        "--dense-layers",
+        "none",
+        "--out",
+        out / "moe",
+        "--metrics",
+        out / "moe.json",
+        *ev,
+        *run,
+    )
     for mode, source in (("frozen", "moe"), ("full", "frozen")):
-        tune = ("tune-moe", out / source, "--mode", mode, "--spec", json.dumps(TUNE), "--checkpoint-dir", out / f"ck-{mode}",
-                "--summary", out / f"{mode}-summary.json", "--out", out / mode, "--metrics", out / f"{mode}.json", *ev, *run)
+        tune = (
+            "tune-moe",
+            out / source,
+            "--mode",
+            mode,
+            "--spec",
+            json.dumps(TUNE),
+            "--checkpoint-dir",
+            out / f"ck-{mode}",
+            "--summary",
+            out / f"{mode}-summary.json",
+            "--out",
+            out / mode,
+            "--metrics",
+            out / f"{mode}.json",
+            *ev,
+            *run,
+        )
         if dtype == "float16":
             try:
                 cli(*tune)
