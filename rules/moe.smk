@@ -39,6 +39,7 @@ rule tune_moe:
     input:
         code=code("tune-moe"),
         model=moe_tuning_input,
+        **tuning_data_inputs(),
     output:
         model=directory(f"{R}/models/{MOE_PATH}/{{tuning}}"),
         metrics=f"{R}/metrics/{MOE_PATH}/{{tuning}}.json",
@@ -51,6 +52,7 @@ rule tune_moe:
         tune=lambda w: spec(MOE["tune"][w.tuning]),
         meta=lambda w: spec(moe_meta(w, w.tuning)),
         checkpoints=lambda w: f"{R}/checkpoints/{MOE_PATH.format(**w)}/{w.tuning}",
+        data=tuning_data_args,
         launch=launcher("tune", "tune-moe"),
         runtime=runtime_args("tune"),
     threads: res("tune", "threads")
@@ -64,7 +66,7 @@ rule tune_moe:
         "../environment.yml"
     shell:
         "{params.launch:q} --no-progress tune-moe {input.model:q} {params.runtime:q} --component {wildcards.component:q} --mode {wildcards.tuning:q}"
-        " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q}"
+        " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q} {params.data}"
         " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
 
 
@@ -74,6 +76,7 @@ rule tune_control:
     input:
         code=code("tune"),
         model=f"{R}/models/{{source}}",
+        **tuning_data_inputs(),
     output:
         model=directory(f"{R}/models/tuned/{{source}}"),
         metrics=f"{R}/metrics/tuned/{{source}}.json",
@@ -86,6 +89,7 @@ rule tune_control:
         meta=lambda w: spec(control_meta(w.source)),
         component=MOE.get("component", "gen"),
         checkpoints=lambda w: f"{R}/checkpoints/tuned/{w.source}",
+        data=tuning_data_args,
         launch=launcher("tune", "tune"),
         runtime=runtime_args("tune"),
     threads: res("tune", "threads")
@@ -99,5 +103,5 @@ rule tune_control:
         "../environment.yml"
     shell:
         "{params.launch:q} --no-progress tune {input.model:q} {params.runtime:q} --component {params.component:q} --mode full"
-        " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q}"
+        " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q} {params.data}"
         " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

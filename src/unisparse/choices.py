@@ -64,6 +64,18 @@ FULL_INITS = ("none", "frozen")
 DENSE_LAYER_PRESETS = ("first_last", "none")
 #: models given the MoE's full tuning as controls: the dense model, the static width cut at k/E
 MOE_CONTROLS = ("dense", "static")
+#: where tuning data comes from: the shapes world (the embedded default, drawn on the fly), WebDataset
+#: tars, BAGEL's T2I parquet, or captions only whose images the dense model samples (``teacher``)
+TUNE_DATA_SOURCES = ("shapes", "webdataset", "bagel_parquet", "teacher")
+#: what tuning minimises: the rectified-flow loss on the data, or the student's velocity against the
+#: frozen dense teacher's at the same x_t, t and prompt
+TUNE_OBJECTIVES = ("flow", "distill")
+#: the clean latent of a pre-encoded image: drawn from the codec's posterior (BAGEL's trainer) or its mean
+LATENT_TARGETS = ("sample", "mean")
+#: an image smaller than the training resolution: refuse the dataset, skip the image, or upscale it
+SMALL_IMAGE_POLICIES = ("refuse", "skip", "upscale")
+#: how prepared latents are stored (bfloat16 halves the disk; tuning reads them as float32)
+LATENT_STORAGE_DTYPES = ("float32", "bfloat16")
 
 # --- model families (families/__init__.py registers their adapters)
 #: the model families the pipeline runs: the Mixture-of-Transformers (tiny default, BAGEL-7B-MoT) and

@@ -446,9 +446,24 @@ def cmd_tune_moe(args) -> None:
     _check_trainable(args)
     settings = _output_settings(args)
     spec = _settings(args, args.spec, "--spec", TUNE_DEFAULTS, "tuning")
+    if spec.get("objective", TUNE_DEFAULTS["objective"]) == "distill" and not args.teacher:
+        raise UsageError("--spec: objective distill needs --teacher (the dense model the tuned one came from)")
+    data = _tuning_data(args)
     family, _ = _load(args)
+    teacher = None
+    if args.teacher:
+        from .families import load_family
+
+        teacher = load_family(args.teacher, device=family.device, dtype=family.dtype)
     summary = tune_moe(
-        family, args.component, args.mode, spec, checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress
+        family,
+        args.component,
+        args.mode,
+        spec,
+        checkpoint_dir=args.checkpoint_dir,
+        progress=not args.no_progress,
+        data=data,
+        teacher=teacher,
     )
     if not world().is_main:
         return  # under torchrun: rank 0 holds the gathered weights and writes everything
@@ -457,6 +472,58 @@ def cmd_tune_moe(args) -> None:
         write_json(args.summary, summary)
     if args.checkpoint_dir:
         shutil.rmtree(args.checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
+
+
+def _tuning_data(args):
+    """The prepared tuning data of ``--data`` (verified: every shard against its sha256), or None."""
+    if not args.data:
+        return None
+    from .tunedata.latents import LatentSet
+
+    return LatentSet(args.data)
+
+
+def cmd_prepare_tune_data(args) -> None:
+    from collections import Counter
+
+    from .tunedata.prepare import check_settings, prepare_tune_data
+    from .tunedata.sources import read_records, source_files
+
+    try:
+        settings = check_settings(parse_spec(args.settings, "--settings"))
+    except ValueError as e:
+        raise UsageError(f"--settings: {e}") from None
+    if settings["source"] == "shapes":
+        raise UsageError("--settings: source shapes has no prepare stage (tuning draws the shapes world)")
+    prompts = _evaluation_prompts(args.check_against, args.prompts_file)
+    files = source_files(args.source_dir, settings["source"])
+    inputs = [{"file": f.name, "bytes": f.stat().st_size} for f in files]
+    family, _ = _load(args)
+    skipped = Counter()
+    manifest = prepare_tune_data(
+        family,
+        read_records(args.source_dir, settings, skipped),
+        args.out,
+        settings,
+        prompts,
+        skipped=skipped,
+        inputs=inputs,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({k: manifest[k] for k in ("count", "skipped", "latent_shape")}))
+
+
+def _evaluation_prompts(sets, files) -> dict[str, list[str]]:
+    """The generation prompts a tuning set is checked against: GenEval's short and long sets (the
+    repository's metadata files) and any prompt files given (``.txt`` lines or ``.jsonl`` ``prompt``)."""
+    from .evaluate.geneval import load_metadata
+
+    prompts = {f"geneval_{v}": [e["prompt"] for e in load_metadata(v)] for v in sets}
+    for path in files or ():
+        path = Path(path)
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts[path.name] = [json.loads(line)["prompt"] for line in lines] if path.suffix == ".jsonl" else lines
+    return prompts
 
 
 def _register_moe(sub) -> None:
@@ -498,8 +565,32 @@ def _register_moe(sub) -> None:
     s.add_argument("--spec", help="tuning settings (JSON/YAML or @file)")
     s.add_argument("--checkpoint-dir", help="where to keep resumable checkpoints (removed on success)")
     s.add_argument("--summary", help="JSON file for the tuning summary")
+    s.add_argument("--data", help="prepared tuning data (prepare-tune-data's directory); default: the shapes world")
+    s.add_argument("--teacher", help="the dense model directory the distill objective compares with")
     _add_output_args(s)
     s.set_defaults(func=cmd_tune_moe)
+
+    from .choices import GENEVAL_PROMPT_SETS
+
+    s = sub.add_parser(
+        "prepare-tune-data",
+        parents=[runtime_options()],
+        help="encode raw text-to-image data once through the model's codec and tokenizer into "
+        "verified latent shards, checked against the evaluation prompts",
+    )
+    s.add_argument("model_dir", help="the dense model (its codec encodes, its tokenizer tokenises)")
+    s.add_argument("--source-dir", required=True, help="the raw data: WebDataset tars, BAGEL parquet or caption files")
+    s.add_argument("--settings", help="tune data settings (JSON/YAML or @file; config moe.tune.data)")
+    s.add_argument(
+        "--check-against",
+        nargs="*",
+        default=list(GENEVAL_PROMPT_SETS),
+        choices=GENEVAL_PROMPT_SETS,
+        help="GenEval prompt sets the captions are checked against (default: both)",
+    )
+    s.add_argument("--prompts-file", action="append", help="more evaluation prompts (.txt lines or .jsonl prompt)")
+    s.add_argument("--out", required=True, help="the prepared directory (shards + manifest.json)")
+    s.set_defaults(func=cmd_prepare_tune_data)
 
 
 def cmd_export_benchmarks(args) -> None:

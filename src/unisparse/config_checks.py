@@ -313,6 +313,23 @@ def _check_moe(config: dict, sizes: dict) -> None:
         raise ConfigError(
             "moe.full_init: 'frozen' (full tuning starts from the router-tuned model) needs 'frozen' in moe.tunings"
         )
+    _check_tune_data(config)
+
+
+def _check_tune_data(config: dict) -> None:
+    """A real checkpoint never tunes on the shapes world (64-pixel toy shapes through a real tokenizer
+    would "tune" it into nonsense), and a prepared source says where its raw files are."""
+    moe = config.get("moe") or {}
+    tunes = any(t != "none" for t in moe.get("tunings", [])) or bool(moe.get("controls"))
+    data = (moe.get("tune") or {}).get("data") or {"source": "shapes"}
+    source = config.get("checkpoint", {}).get("source", "train")
+    if tunes and source != "train" and data.get("source", "shapes") == "shapes":
+        raise ConfigError(
+            f"moe.tune.data.source: 'shapes' (the embedded toy world) cannot tune a {source} checkpoint; "
+            "name real data: webdataset, bagel_parquet or teacher (docs/tuning-data.md)"
+        )
+    if data.get("source", "shapes") != "shapes" and not any(data.get(k) for k in ("path", "lock")):
+        raise ConfigError(f"moe.tune.data: source {data['source']!r} needs a path or a lock of its raw files")
 
 
 def _check_train(config: dict) -> None:

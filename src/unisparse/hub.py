@@ -36,7 +36,9 @@ MANIFEST = "checkpoint.json"
 RESERVED_TOP = (MANIFEST,)
 RESERVED_ANY_DEPTH = (MODEL_MANIFEST,)
 #: ``note`` is free text for people (where the values came from); the code ignores it
-LOCK_KEYS = ("repo_id", "revision", "files", "note")
+LOCK_KEYS = ("repo_id", "repo_type", "revision", "files", "note")
+#: what a lock may pin: a model repository (the default) or a dataset repository
+REPO_TYPES = ("model", "dataset")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -81,6 +83,8 @@ def read_lock(path, complete: bool = True) -> dict:
         raise LockError(f"{path}: revision must be a 40-hex commit hash (a branch or tag moves), got {revision!r}")
     if not isinstance(files, dict) or not files:
         raise LockError(f"{path}: files must be a non-empty mapping of file name -> {{sha256, size}}")
+    if lock.setdefault("repo_type", "model") not in REPO_TYPES:
+        raise LockError(f"{path}: repo_type must be one of {REPO_TYPES}, got {lock['repo_type']!r}")
     check_file_names(files, path)
     for name, entry in files.items():
         if not isinstance(entry, dict) or set(entry) != {"sha256", "size"}:
@@ -170,7 +174,9 @@ def _hub_progress(progress: bool):
             enable_progress_bars()
 
 
-def _snapshot(repo_id: str, revision: str, files, cache_dir=None, progress: bool = True) -> Path:
+def _snapshot(
+    repo_id: str, revision: str, files, cache_dir=None, progress: bool = True, repo_type: str = "model"
+) -> Path:
     """The cache's snapshot folder of ``revision`` holding (at least) ``files``.
 
     ``snapshot_download`` with a commit hash and everything cached downloads nothing (online it may
@@ -186,7 +192,12 @@ def _snapshot(repo_id: str, revision: str, files, cache_dir=None, progress: bool
     try:
         with _hub_progress(progress):
             folder = snapshot_download(
-                repo_id, revision=revision, allow_patterns=sorted(files), cache_dir=cache_dir, local_files_only=offline
+                repo_id,
+                revision=revision,
+                repo_type=repo_type,
+                allow_patterns=sorted(files),
+                cache_dir=cache_dir,
+                local_files_only=offline,
             )
     except LocalEntryNotFoundError as e:
         where = cache_dir or "the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub)"
@@ -333,7 +344,7 @@ def fetch_checkpoint(lock_path, out_dir, cache_dir=None, progress: bool = True) 
     out_dir = Path(out_dir)
     repo_id, revision, files = lock["repo_id"], lock["revision"], lock["files"]
     _discard_leftovers(out_dir)
-    snapshot = _snapshot(repo_id, revision, files, cache_dir=cache_dir, progress=progress)
+    snapshot = _snapshot(repo_id, revision, files, cache_dir=cache_dir, progress=progress, repo_type=lock["repo_type"])
     entries = _cache_entries(snapshot, files)  # before anything is written
     with atomic_path(out_dir, is_dir=True) as tmp:
         _materialise(entries, tmp)

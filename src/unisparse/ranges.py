@@ -74,9 +74,28 @@ RANGES: dict[str, dict[str, dict]] = {
         "coactivation_seed": NONNEGATIVE,
         "calib_items": POSITIVE,
     },
+    "tune_data": {
+        "max_samples": POSITIVE,
+        "shard_size": POSITIVE,
+        "batch_size": POSITIVE,
+        "seed": NONNEGATIVE,
+        "teacher_steps": POSITIVE,
+        "teacher_cfg_scale": NONNEGATIVE,
+    },
+    "tune_data_contamination": {
+        "ngram": POSITIVE,
+        "near_overlap": {"exclusiveMinimum": 0, "maximum": 1},
+        "max_exact": NONNEGATIVE,
+        "max_near_fraction": FRACTION,
+        "examples": NONNEGATIVE,
+    },
 }
 #: settings that may also be null (None): no cap (every prompt of a tag, every image of a subtask)
-NULLABLE = {"evaluation": {"max_prompts_per_tag", "mme_max_images_per_subtask"}, "calibration": {"max_prompts_per_tag"}}
+NULLABLE = {
+    "evaluation": {"max_prompts_per_tag", "mme_max_images_per_subtask"},
+    "calibration": {"max_prompts_per_tag"},
+    "tune_data": {"max_samples"},
+}
 
 
 def bounds(name: str) -> dict:

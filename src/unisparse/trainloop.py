@@ -101,7 +101,7 @@ class Checkpoint:
         self.source = self.path  # where ``resumable`` found the checkpoint to resume
         self.provenance = provenance
 
-    def save(self, step: int, params: dict, names, opt, rng, gen, history: list, world) -> None:
+    def save(self, step: int, params: dict, names, opt, rng, gen, history: list, world, data=None) -> None:
         tensors = {f"param.{n}": distributed.full_tensor(params[n].detach()).cpu().contiguous() for n in names}
         for i, p in enumerate(opt.param_groups[0]["params"]):
             for k, v in opt.state.get(p, {}).items():
@@ -116,6 +116,7 @@ class Checkpoint:
                     "numpy_rng": rng.bit_generator.state,
                     "history": history,
                     "state_sha256": sha256_file(tmp / "state.safetensors"),
+                    **({"data_position": data.state()} if data is not None else {}),
                     **self.provenance,
                 }
                 (tmp / "meta.json").write_text(json.dumps(meta))
@@ -148,7 +149,7 @@ class Checkpoint:
             return None, "its state.safetensors is missing or corrupted"
         return meta, ""
 
-    def load(self, meta: dict, params: dict, names, opt, rng, gen) -> None:
+    def load(self, meta: dict, params: dict, names, opt, rng, gen, data=None) -> None:
         tensors = load_file(str(self.source / "state.safetensors"))
         with torch.no_grad():
             for n in names:
@@ -159,6 +160,8 @@ class Checkpoint:
                 opt.state[p] = {k: (v if k == "step" else distributed.shard_like(v, p)) for k, v in state.items()}
         gen.set_state(tensors["rng.torch"])
         rng.bit_generator.state = meta["numpy_rng"]
+        if data is not None:
+            data.restore(meta["data_position"])
 
 
 def run_training(
@@ -172,12 +175,15 @@ def run_training(
     progress: bool = True,
     stop_after: int | None = None,
     log_every: int = 50,
+    data=None,
 ) -> dict:
     """Train ``names`` of ``model`` in place for ``cfg["steps"]`` steps.
 
     ``batch_loss(model, rng, gen, world) -> (loss, {name: value})`` draws the global batch from the
     numpy ``rng`` and the CPU torch ``gen`` (so every device and every process count sees the same
     draws) and returns the loss on ``world``'s slice. ``stop_after`` ends early (to test resumption).
+    ``data``: a reader of prepared data with ``digest`` (its identity, recorded instead of the shapes
+    world's) and ``state()`` / ``restore(state)`` (its reading position, kept in every checkpoint).
     Returns the loss history (every ``log_every`` steps and the last), seconds and the resume step.
     """
     missing = [k for k in LOOP_KEYS if k not in cfg]
@@ -188,7 +194,7 @@ def run_training(
     w = distributed.world(device)
     provenance = {
         "input_model_sha256": state_digest(model),
-        "data_sha256": data_digest(),
+        "data_sha256": data.digest if data is not None else data_digest(),
         "spec": json.loads(json.dumps(cfg)),
         "names": list(names),
     }
@@ -212,7 +218,7 @@ def run_training(
             if w.is_main:
                 shutil.rmtree(ckpt.path)
         else:
-            ckpt.load(meta, params, names, opt, rng, gen)
+            ckpt.load(meta, params, names, opt, rng, gen, data)
             start, history = int(meta["step"]), list(meta["history"])
             log.info(
                 "resuming %s from step %d (checkpoint %s matches input model, data and settings)",
@@ -245,7 +251,7 @@ def run_training(
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "step"})
             log.info("step %d %s", step, " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
         if ckpt is not None and ((step + 1) % cfg.get("checkpoint_every", steps) == 0 or step + 1 == steps):
-            ckpt.save(step + 1, params, names, opt, rng, gen, history, w)
+            ckpt.save(step + 1, params, names, opt, rng, gen, history, w, data)
     trained.eval()
     if w.sharded:
         distributed.copy_back(trained, model, w)

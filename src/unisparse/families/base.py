@@ -241,6 +241,51 @@ class Family:
         """Rectified-flow loss (fp32 scalar) of the generation component on (prompt, image) pairs."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ tuning data (pre-encoded latents)
+    @property
+    def training_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the images ``flow_loss`` and ``latent_moments`` take."""
+        raise NotImplementedError(f"the {self.name} family does not say its training resolution")
+
+    def latent_moments(self, images):
+        """The codec's posterior of images [B, H, W, 3] in [0, 1] at ``training_size``: (mean, std),
+        fp32 latent tokens of ``noise_shape``'s shape each (std zero for a deterministic codec). A
+        training target is ``mean + std * noise`` (sampled) or ``mean``."""
+        raise NotImplementedError(f"the {self.name} family cannot pre-encode images")
+
+    def decode_latents(self, tokens):
+        """Latent tokens -> images [B, H, W, 3] in [0, 1] (what the sampler does with its last state)."""
+        raise NotImplementedError(f"the {self.name} family cannot decode latents")
+
+    def velocity_at(self, prompt_ids, x_t, t, cond_keep=None, observer=None):
+        """The generation component's predicted velocity (fp32, ``x_t``'s shape) at noised latent tokens
+        ``x_t`` and times ``t`` [B] after each prompt; ``cond_keep`` False drops that sample's prompt.
+        The flow loss on pre-encoded latents and the distillation loss are both built on it."""
+        raise NotImplementedError(f"the {self.name} family has no velocity forward")
+
+    def codec(self) -> nn.Module | None:
+        """The image codec's module (None for a codec without weights); see ``codec_digest``."""
+        return None
+
+    def codec_digest(self) -> str:
+        """Identity of the codec that encodes training latents: sha256 of its weights as loaded (name,
+        dtype, shape, bytes) and of the family's codec description. Latents prepared by one codec
+        must never train a model whose codec differs."""
+        import hashlib
+        import json
+
+        h = hashlib.sha256(json.dumps(self.codec_description(), sort_keys=True, default=str).encode())
+        module = self.codec()
+        for name, tensor in sorted((module.state_dict() if module is not None else {}).items()):
+            t = tensor.detach().contiguous().cpu()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def codec_description(self) -> dict:
+        """What identifies the codec besides its weights (kind and latent geometry)."""
+        return {"family": self.name, "training_size": list(self.training_size), "latent": list(self.noise_shape(1))}
+
     # ------------------------------------------------------------------ files
     def save(self, out_dir, extra_files=()) -> None:
         """Write the model atomically (with a ``SHA256SUMS`` manifest) so that ``load`` reads it back."""

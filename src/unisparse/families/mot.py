@@ -165,6 +165,32 @@ class MoTFamily(Family):
     def flow_loss(self, prompt_ids, images, cond_keep=None, noise=None, t=None, observer=None):
         return self.model.flow_loss(prompt_ids, images, cond_keep=cond_keep, noise=noise, t=t, observer=observer)
 
+    @property
+    def training_size(self) -> tuple[int, int]:
+        return (self.config.image_size, self.config.image_size)
+
+    def latent_moments(self, images):
+        return self.model.codec.moments(images.to(device=self.device, dtype=torch.float32))
+
+    def decode_latents(self, tokens):
+        return self.model.codec.decode(tokens.to(self.device))
+
+    def velocity_at(self, prompt_ids, x_t, t, cond_keep=None, observer=None):
+        return self.model.velocity_at(prompt_ids, x_t, t, cond_keep=cond_keep, observer=observer)
+
+    def codec(self):
+        codec = self.model.codec
+        return codec if isinstance(codec, torch.nn.Module) else None
+
+    def codec_description(self) -> dict:
+        c = self.config
+        return {
+            **super().codec_description(),
+            "codec": c.codec,
+            "codec_config": c.codec_config,
+            "latent_patch_size": c.latent_patch_size,
+        }
+
     # ------------------------------------------------------------------ files
     def save(self, out_dir, extra_files=()) -> None:
         save_model(self.model, out_dir, extra_files=extra_files)

@@ -278,6 +278,25 @@ class QwenImageFamily(Family):
     def flow_loss(self, prompt_ids, images, cond_keep=None, noise=None, t=None, observer=None):
         return self.tasks.flow_loss(prompt_ids, images, cond_keep=cond_keep, noise=noise, t=t, observer=observer)
 
+    @property
+    def training_size(self) -> tuple[int, int]:
+        return tuple(self.tasks.sample_size)
+
+    def latent_moments(self, images):
+        return self.tasks.latent_moments(images)
+
+    def decode_latents(self, tokens):
+        return self.tasks.decode_latents(tokens)
+
+    def velocity_at(self, prompt_ids, x_t, t, cond_keep=None, observer=None):
+        return self.tasks.velocity_at(prompt_ids, x_t, t, cond_keep=cond_keep, observer=observer)
+
+    def codec(self):
+        return self.vae
+
+    def codec_description(self) -> dict:
+        return {**super().codec_description(), "vae": dict(self.vae.config)}
+
     def encode_prompts(self, prompt_ids, observer=None):
         """Prompt embeddings [B, T, H] and their bool mask (``QwenImageTasks.encode_prompts``)."""
         return self.tasks.encode_prompts(prompt_ids, observer)

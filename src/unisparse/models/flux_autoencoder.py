@@ -329,6 +329,21 @@ class FluxCodec(FluxAutoEncoder):
         latent = super().encode(x, sample=sample, generator=generator)
         return patchify_latent(latent.float(), self.patch_size)
 
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scaled posterior's mean and standard deviation as tokens (fp32, [B, L, p*p*z] each): a
+        training target drawn as ``mean + std * noise`` is exactly ``encode(images, sample=True)``
+        with that noise (BAGEL's trainer samples the posterior; ``encode`` takes its mean)."""
+        _, H, W, _ = images.shape
+        stride = self.downsample * self.patch_size
+        if H % stride or W % stride:
+            raise ValueError(f"image size {H}x{W} is not a multiple of downsample*patch = {stride}")
+        p = self._param
+        x = images.to(p.device).permute(0, 3, 1, 2) * 2.0 - 1.0
+        mean, logvar = self.encoder(x.to(dtype=p.dtype)).chunk(2, dim=1)
+        mean = self.scale_factor * (mean.float() - self.shift_factor)
+        std = self.scale_factor * torch.exp(0.5 * logvar.float())
+        return patchify_latent(mean, self.patch_size), patchify_latent(std, self.patch_size)
+
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Tokens [B, L, p*p*z] -> images [B, H, W, C] in [0, 1], fp32, clamped.
 

@@ -300,6 +300,11 @@ class IdentityCodec:
     def encode(self, images):
         return patchify(images * 2.0 - 1.0, self.config.latent_patch_size)
 
+    def moments(self, images):
+        """The latent's mean and standard deviation (zero: the identity codec is deterministic)."""
+        mean = self.encode(images)
+        return mean, torch.zeros_like(mean)
+
     def decode(self, tokens):
         c = self.config
         img = unpatchify(tokens, c.latent_patch_size, c.latent_grid, c.latent_channels)
@@ -539,16 +544,23 @@ class MoTForUnifiedModel(PreTrainedModel):
         noise / t: given by a caller that draws a larger batch and trains on a slice of it (several
         processes); otherwise drawn from ``generator`` (noise first, then t).
         """
-        ids, pvalid, ppos, plen = self.prompt_inputs(prompt_ids)
-        B, Tp = ids.shape
         x0 = self.codec.encode(images.to(device=self.device, dtype=torch.float32))
         if noise is None:  # drawn where the generator lives (the CPU): identical on every device
             noise = torch.randn(x0.shape, generator=generator, device=_device_of(generator))
         if t is None:
-            t = torch.sigmoid(torch.randn(B, generator=generator, device=_device_of(generator)))
+            t = torch.sigmoid(torch.randn(len(x0), generator=generator, device=_device_of(generator)))
         noise, t = noise.to(self.device, torch.float32), t.to(self.device, torch.float32)
         x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
-        block, block_types = self.latent_block(x_t, t)
+        v = self.velocity_at(prompt_ids, x_t, t, cond_keep=cond_keep, observer=observer, need_aux=need_aux)
+        return F.mse_loss(v, noise - x0)
+
+    def velocity_at(self, prompt_ids, x_t, t, cond_keep=None, observer=None, need_aux=False):
+        """The predicted velocity (fp32 [B, L, D]) of noised latent tokens ``x_t`` at times ``t`` [B]
+        after each prompt, in one training-style forward (prompt and latents together); ``cond_keep``
+        False hides the prompt from that sample's latents (classifier-free guidance training)."""
+        ids, pvalid, ppos, plen = self.prompt_inputs(prompt_ids)
+        B, Tp = ids.shape
+        block, block_types = self.latent_block(x_t.to(self.device, torch.float32), t.to(self.device, torch.float32))
         h = torch.cat([self.language_model.model.embed_tokens(ids), block], dim=1)
         Lb = block.shape[1]
         pos = torch.cat([ppos, plen[:, None].expand(B, Lb)], dim=1)
@@ -560,8 +572,7 @@ class MoTForUnifiedModel(PreTrainedModel):
         mask[:, Tp:, :Tp] &= cond_keep[:, None, None]
         types = torch.cat([torch.where(pvalid, UND, PAD), block_types], dim=1)
         h, _ = self.run_layers(h, types, pos, mask, observer=observer, need_aux=need_aux)
-        v = self.velocity(h[:, Tp:])
-        return F.mse_loss(v, noise - x0)
+        return self.velocity(h[:, Tp:])
 
     def prefill(self, prompt_ids, observer=None):
         """Run the prompt through the understanding tower once; return the per-layer KV cache."""

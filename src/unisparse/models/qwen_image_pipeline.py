@@ -431,6 +431,25 @@ class QwenImageTasks:
         latents = (self.vae.encode(x).latent_dist.mode().float() - mean) / std
         return pack_latents(latents)
 
+    def latent_moments(self, images):
+        """The VAE posterior's normalised mean and standard deviation as packed tokens (fp32 [B, L, 4 z]
+        each) of images [B, H, W, 3] in [0, 1] at ``sample_size``: ``mean`` is ``encode_images``."""
+        x = resize_images(torch.as_tensor(images, dtype=torch.float32, device=self.device), self.sample_size)
+        x = (x.permute(0, 3, 1, 2).unsqueeze(2) * 2 - 1).to(self.vae.dtype)
+        dist = self.vae.encode(x).latent_dist
+        mean, std = self._latent_stats()
+        return pack_latents((dist.mean.float() - mean) / std), pack_latents(dist.std.float() / std)
+
+    def velocity_at(self, prompt_ids, x_t, t, cond_keep=None, observer=None):
+        """The MMDiT's velocity (fp32) at noised tokens ``x_t`` and times ``t`` after each prompt (the
+        text encoder runs without gradients); ``cond_keep`` False gives that sample the empty prompt."""
+        if cond_keep is not None:
+            prompt_ids = [p if bool(k) else [] for p, k in zip(prompt_ids, cond_keep.tolist())]
+        with torch.no_grad():
+            embeds, mask = self.encode_prompts(prompt_ids, observer)
+        x_t, t = x_t.to(self.device, torch.float32), t.to(self.device, torch.float32)
+        return self.velocity(x_t, t, embeds, mask, observer)
+
     def decode_latents(self, tokens):
         """Latent tokens [B, L, 4 z] -> images [B, H, W, 3] in [0, 1] at ``image_size``."""
         mean, std = self._latent_stats()

@@ -21,6 +21,7 @@ from ..models.moe_block import load_balancing_loss
 from ..spec import merge_spec
 from ..trainloop import run_training
 from ..worlds import shapes
+from .objectives import latent_batch_loss, share_frozen
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ TUNE_DEFAULTS = dict(
     checkpoint_every=100,
     seed=0,
     threads=2,
+    objective="flow",
+    latent="sample",
 )
 
 
@@ -97,22 +100,49 @@ def tune_moe(
     progress: bool = True,
     stop_after: int | None = None,
     examples=shapes_examples,
+    data=None,
+    teacher=None,
 ) -> dict:
     """Tune in place with the one training loop (resumable; sharded under torchrun). ``stop_after``
     ends the run early (used to test resumption). A checkpoint in ``checkpoint_dir`` is resumed only
     if it was made from this very input model (content hash), the same data and the same settings.
     ``examples(rng, n)``: the training data, ``n`` (prompt, image) examples per call drawn with the
-    loop's generator (as ``tasks.gen_batch_loss`` takes them); the shapes world by default."""
+    loop's generator (as ``tasks.gen_batch_loss`` takes them); the shapes world by default.
+    ``data``: prepared latents (``tunedata.latents.LatentSet``) to read instead, in the seeded order
+    from ``spec["seed"]``; ``teacher``: the dense family the ``distill`` objective compares with (its
+    frozen weights become the student's own, so only the tuned component is held twice)."""
     family = family_for(family)
     cfg = merge_spec(TUNE_DEFAULTS, spec, "tuning")
+    check_objective(cfg, teacher)
     torch.set_num_threads(int(cfg["threads"]))
     names = trainable_names(family, component, mode)
     router_spec = family.moe_spec(component)  # None for a dense or width-cut control
+    reader = None
+    if data is not None:
+        from ..tunedata.latents import LatentReader
+
+        data.check_model(family)
+        reader = LatentReader(data, cfg["seed"])
+    if teacher is not None:
+        teacher = require_family(teacher, "tune_moe")
+        log.info("distillation teacher shares %d frozen tensors with the student", share_frozen(teacher, family, names))
 
     def batch_loss(m, rng, gen, world):
-        batch = examples(rng, cfg["batch_gen"])
         collector = RouterCollector() if cfg["balance_coef"] and router_spec else None
-        loss = tasks.gen_batch_loss(family.with_model(m), batch, cfg["cond_dropout"], gen, world, observer=collector)
+        student = family.with_model(m)
+        if reader is not None:
+            mean, std, ids = reader.batch(cfg["batch_gen"])
+            loss = latent_batch_loss(
+                student, ids, mean, std, cfg, gen, world, teacher, collector, sample=cfg["latent"] == "sample"
+            )
+        elif cfg["objective"] == "distill":  # the shapes world's images, encoded on the fly
+            ids, images = tasks.gen_batch(examples(rng, cfg["batch_gen"]), family.encode)
+            with torch.no_grad():
+                mean, _ = family.latent_moments(images)
+            loss = latent_batch_loss(student, ids, mean.cpu(), None, cfg, gen, world, teacher, collector)
+        else:
+            batch = examples(rng, cfg["batch_gen"])
+            loss = tasks.gen_batch_loss(student, batch, cfg["cond_dropout"], gen, world, observer=collector)
         if collector is not None:
             bal = sum(
                 load_balancing_loss(a["router_logits"], a["expert_idx"], router_spec["num_experts"])
@@ -131,6 +161,7 @@ def tune_moe(
         progress=progress,
         stop_after=stop_after,
         log_every=50,
+        data=reader,
     )
     return {
         "mode": mode,
@@ -141,7 +172,20 @@ def tune_moe(
         "tune": cfg,
         "resumed_from": run["resumed_from"],
         "processes": run["processes"],
+        **({"data": {"sha256": data.digest, "examples": len(data)}} if data is not None else {}),
     }
+
+
+def check_objective(cfg: dict, teacher) -> None:
+    """Refuse an unknown objective or latent target, and ``distill`` without a teacher."""
+    from ..choices import LATENT_TARGETS, TUNE_OBJECTIVES
+
+    if cfg["objective"] not in TUNE_OBJECTIVES:
+        raise ValueError(f"tuning setting objective={cfg['objective']!r}: expected one of {TUNE_OBJECTIVES}")
+    if cfg["latent"] not in LATENT_TARGETS:
+        raise ValueError(f"tuning setting latent={cfg['latent']!r}: expected one of {LATENT_TARGETS}")
+    if cfg["objective"] == "distill" and teacher is None:
+        raise ValueError("tuning objective 'distill' needs the dense teacher model (tune-moe --teacher DIR)")
 
 
 def expert_load(family, component: str, items: int = 64, num_steps: int = 10, seed: int = 0) -> dict:
