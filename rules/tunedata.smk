@@ -83,6 +83,7 @@ if PREPARED:
             data=directory(PREPARED),
         params:
             settings=spec(PREPARE_SETTINGS),
+            benchmark=check_benchmarks(config["evaluate"].get("benchmarks"), implemented_only=False)["gen"],
             runtime=runtime_args("prepare"),
         threads: res("prepare", "threads")
         resources:
@@ -95,4 +96,4 @@ if PREPARED:
             "../environment.yml"
         shell:
             "unisparse --no-progress prepare-tune-data {input.model:q} {params.runtime:q} --source-dir {input.raw:q}"
-            " --settings {params.settings:q} --out {output.data:q} 2> {log:q}"
+            " --settings {params.settings:q} --benchmark {params.benchmark:q} --out {output.data:q} 2> {log:q}"

@@ -29,7 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "unisparse"
 
 #: algorithm modules: they see a model only through families/ (docs/models.md, "Model families")
-ALGORITHMS = ("unisparse.calibrate", "unisparse.importance", "unisparse.prune", "unisparse.moe", "unisparse.evaluate")
+ALGORITHMS = (
+    "unisparse.calibrate",
+    "unisparse.importance",
+    "unisparse.prune",
+    "unisparse.moe",
+    "unisparse.tunedata",
+    "unisparse.evaluate",
+)
 #: the MoT's modelling files, which algorithms must not import
 MOT_MODULES = ("unisparse.models.modeling_mot", "unisparse.models.configuration_mot")
 #: fragments of the MoT's weight names: an algorithm naming one is tied to that checkpoint layout

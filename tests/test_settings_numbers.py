@@ -28,6 +28,8 @@ from unisparse.evaluate.runner import EVAL_DEFAULTS
 from unisparse.moe.tune import TUNE_DEFAULTS
 from unisparse.spec import merge_spec
 from unisparse.train import TRAIN_DEFAULTS
+from unisparse.tunedata.contamination import CONTAMINATION_DEFAULTS
+from unisparse.tunedata.prepare import PREPARE_DEFAULTS
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 #: settings kind -> (the stage's defaults, where the config holds them)
@@ -36,6 +38,8 @@ KINDS = {
     "tuning": (TUNE_DEFAULTS, ("moe", "tune", "full")),
     "evaluation": (EVAL_DEFAULTS, ("evaluate",)),
     "calibration": (CALIB_DEFAULTS, ("calibrate",)),
+    "tune_data": (PREPARE_DEFAULTS, ("moe", "tune", "data")),
+    "tune_data_contamination": (CONTAMINATION_DEFAULTS, ("moe", "tune", "data", "contamination")),
 }
 
 
@@ -61,9 +65,21 @@ def edited(edit):
 
 
 def section(config, where):
+    """The mapping at ``where`` (made empty where the config does not have it: ``moe.tune.data``)."""
     for key in where:
-        config = config[key]
+        config = config.setdefault(key, {})
     return config
+
+
+def schema_node(schema, kind):
+    """The schema node of a settings kind's section (``tune`` and ``tune_data`` are shared definitions)."""
+    defs = {"tuning": ("tune",), "tune_data": ("tune_data",), "tune_data_contamination": ("tune_data", "contamination")}
+    if kind not in defs:
+        return schema["properties"][KINDS[kind][1][0]]
+    node = schema["$defs"][defs[kind][0]]
+    for key in defs[kind][1:]:
+        node = node["properties"][key]
+    return node
 
 
 # --- the ranges are defined once: ranges.py, the schema and the stages' defaults agree ----------------
@@ -108,7 +124,7 @@ def test_every_numeric_stage_setting_has_a_range_and_its_default_lies_in_it(kind
     assert set(ranges.RANGES[kind]) <= set(defaults), "a range for a setting the stage does not have"
     merge_spec(defaults, {}, kind)  # the defaults themselves pass
     schema = config_schema(SCHEMA)
-    node = schema["$defs"]["tune"] if kind == "tuning" else schema["properties"][where[0]]
+    node = schema_node(schema, kind)
     assert set(ranges.RANGES[kind]) <= set(node["properties"]), "a range the config section does not have"
 
 

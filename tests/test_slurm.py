@@ -341,7 +341,9 @@ def test_the_profile_plans_the_papers_dag_by_default(tmp_path):
     paper = yaml.safe_load((workdir / "workflow/config/paper.yaml").read_text())
     kind = {
         "download_checkpoint": "download",
+        "download_tune_data": "download",
         "import_checkpoint": "import",
+        "prepare_tune_data": "prepare",
         "calibrate": "calibrate",
         "evaluate": "evaluate",
         "prune_depth": "prune",
@@ -365,6 +367,8 @@ def test_the_profile_plans_the_papers_dag_by_default(tmp_path):
         "prune_depth",
         "prune_width",
         "partition",
+        "download_tune_data",
+        "prepare_tune_data",
         "tune_moe",
         "tune_control",
         "probes_table",
@@ -382,4 +386,5 @@ def test_the_profile_plans_the_papers_dag_by_default(tmp_path):
     assert counts["calibrate"] == 2 and counts["prune_depth"] == 3 * (5 + 6) + 1 and counts["prune_width"] == 3 * 4 + 6
     assert counts["partition"] == 2 and counts["tune_moe"] == 4 and counts["tune_control"] == 2
     print("jobs per rule:", counts, f"GPU-hours: {gpu_minutes / 60:.0f}")
-    assert gpu_minutes / 60 == 2 * 4 + 12 + 54 * 13 + 6 * 8 * 36
+    assert counts["download_tune_data"] == 1 and counts["prepare_tune_data"] == 1  # the tuning data, once
+    assert gpu_minutes / 60 == 2 * 4 + 12 + 54 * 13 + 6 * 8 * 36 + 2  # + preparing the tuning latents

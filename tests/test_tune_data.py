@@ -392,3 +392,59 @@ def test_shapes_tuning_is_unchanged_by_the_data_seam():
     run = run_training(b, names, cfg, batch_loss, what="full tuning", progress=False, log_every=50)
     assert tuned["history"] == run["history"]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# --- refusals before any job ---------------------------------------------------------------------
+
+
+def _checked(edit):
+    import yaml
+
+    from helpers.workflow import MICRO, REPO
+    from unisparse.config_checks import ConfigError, check_config, validate_config
+
+    config = yaml.safe_load((REPO / MICRO).read_text())
+    edit(config)
+    try:
+        validate_config(config, REPO / "workflow/schemas/config.schema.yaml")
+        check_config(config)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_a_real_checkpoint_tuned_on_the_shapes_world_is_refused_at_dag_time():
+    def real(config):
+        config["checkpoint"] = {"source": "huggingface", "lock": "data/bagel-7b-mot.lock.json"}
+
+    assert "moe.tune.data.source: 'shapes' (the embedded toy world) cannot tune a huggingface checkpoint" in _checked(
+        real
+    )
+
+    def real_with_data(config):
+        real(config)
+        config["moe"]["tune"]["data"] = {"source": "webdataset", "lock": "data/text-to-image-2m.lock.json"}
+
+    assert _checked(real_with_data) is None
+    assert _checked(lambda c: c["moe"]["tune"].update(data={"source": "shapes"})) is None  # the default, said
+
+
+def test_a_prepared_source_without_its_files_or_with_a_bad_setting_is_refused_at_dag_time():
+    assert "moe.tune.data" in _checked(lambda c: c["moe"]["tune"].update(data={"source": "webdataset"}))
+    bad = {"source": "teacher", "path": "x", "small_images": "stretch"}
+    assert "moe.tune.data.small_images" in _checked(lambda c: c["moe"]["tune"].update(data=bad))
+    assert "moe.tune.full.objective" in _checked(lambda c: c["moe"]["tune"]["full"].update(objective="kl"))
+
+
+def test_the_paper_and_qwen_image_configs_tune_on_the_locked_dataset():
+    import yaml
+
+    from helpers.workflow import REPO
+    from unisparse.hub import read_lock
+
+    for name in ("paper", "qwen_image"):
+        config = yaml.safe_load((REPO / f"workflow/config/{name}.yaml").read_text())
+        data = config["moe"]["tune"]["data"]
+        assert data["source"] == "webdataset" and data["lock"] == "data/text-to-image-2m.lock.json", name
+    lock = read_lock(REPO / "data/text-to-image-2m.lock.json", complete=False)
+    assert lock["repo_id"] == "jackyhate/text-to-image-2M" and lock["repo_type"] == "dataset"

@@ -495,7 +495,7 @@ def cmd_prepare_tune_data(args) -> None:
         raise UsageError(f"--settings: {e}") from None
     if settings["source"] == "shapes":
         raise UsageError("--settings: source shapes has no prepare stage (tuning draws the shapes world)")
-    prompts = _evaluation_prompts(args.check_against, args.prompts_file)
+    prompts = _evaluation_prompts(args.benchmark, args.check_against, args.prompts_file)
     files = source_files(args.source_dir, settings["source"])
     inputs = [{"file": f.name, "bytes": f.stat().st_size} for f in files]
     family, _ = _load(args)
@@ -513,12 +513,15 @@ def cmd_prepare_tune_data(args) -> None:
     print(json.dumps({k: manifest[k] for k in ("count", "skipped", "latent_shape")}))
 
 
-def _evaluation_prompts(sets, files) -> dict[str, list[str]]:
-    """The generation prompts a tuning set is checked against: GenEval's short and long sets (the
-    repository's metadata files) and any prompt files given (``.txt`` lines or ``.jsonl`` ``prompt``)."""
-    from .evaluate.geneval import load_metadata
+def _evaluation_prompts(benchmark: str, sets, files) -> dict[str, list[str]]:
+    """The generation prompts a tuning set is checked against: the generation benchmark's (GenEval:
+    its short and long sets, the repository's metadata files) and any prompt files given (``.txt``
+    lines or ``.jsonl`` ``prompt``). The shapes world's prompts are no outside benchmark's."""
+    prompts = {}
+    if benchmark == "geneval":
+        from .evaluate.geneval import load_metadata
 
-    prompts = {f"geneval_{v}": [e["prompt"] for e in load_metadata(v)] for v in sets}
+        prompts.update({f"geneval_{v}": [e["prompt"] for e in load_metadata(v)] for v in sets})
     for path in files or ():
         path = Path(path)
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -570,7 +573,7 @@ def _register_moe(sub) -> None:
     _add_output_args(s)
     s.set_defaults(func=cmd_tune_moe)
 
-    from .choices import GENEVAL_PROMPT_SETS
+    from .choices import BENCHMARKS, GENEVAL_PROMPT_SETS
 
     s = sub.add_parser(
         "prepare-tune-data",
@@ -582,11 +585,17 @@ def _register_moe(sub) -> None:
     s.add_argument("--source-dir", required=True, help="the raw data: WebDataset tars, BAGEL parquet or caption files")
     s.add_argument("--settings", help="tune data settings (JSON/YAML or @file; config moe.tune.data)")
     s.add_argument(
+        "--benchmark",
+        default="geneval",
+        choices=BENCHMARKS["gen"],
+        help="the generation benchmark whose prompts the captions are checked against (default: geneval)",
+    )
+    s.add_argument(
         "--check-against",
         nargs="*",
         default=list(GENEVAL_PROMPT_SETS),
         choices=GENEVAL_PROMPT_SETS,
-        help="GenEval prompt sets the captions are checked against (default: both)",
+        help="GenEval's prompt sets checked (default: both)",
     )
     s.add_argument("--prompts-file", action="append", help="more evaluation prompts (.txt lines or .jsonl prompt)")
     s.add_argument("--out", required=True, help="the prepared directory (shards + manifest.json)")

@@ -295,7 +295,9 @@ class QwenImageFamily(Family):
         return self.vae
 
     def codec_description(self) -> dict:
-        return {**super().codec_description(), "vae": dict(self.vae.config)}
+        # without the config's bookkeeping (``_name_or_path`` is where it was loaded from)
+        vae = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
+        return {**super().codec_description(), "vae": vae}
 
     def encode_prompts(self, prompt_ids, observer=None):
         """Prompt embeddings [B, T, H] and their bool mask (``QwenImageTasks.encode_prompts``)."""
