@@ -1,7 +1,7 @@
 """The tuning-data stage through Snakemake on both real families at toy scale: a BAGEL-layout
-checkpoint (``models.bagel.write_fake_checkpoint``, imported strictly) with a tiny WebDataset tar, and
-a tiny Qwen-Image pipeline with a tiny BAGEL T2I parquet. Snakemake prepares the data, then runs the
-MoE's expert-frozen and full tuning and both tuned controls (dense and the static width cut) on it,
+checkpoint (``models.bagel.write_fake_checkpoint``, imported strictly) and a tiny Qwen-Image
+pipeline, each with a tiny WebDataset tar and a tiny BAGEL T2I parquet. Snakemake prepares the data,
+then runs the MoE's expert-frozen and full tuning and both tuned controls (dense and the static width cut) on it,
 each job evaluating its model; the real benchmarks of the BAGEL run read tiny detector, CLIP and MME
 models from a temporary Hugging Face cache, offline."""
 
@@ -91,29 +91,31 @@ def run_study(workdir, config: dict):
     return jobs
 
 
-def check_tuned(workdir, jobs):
+def check_tuned(workdir, jobs, source):
+    """One prepare job, then both MoE tunings and both controls, each on the prepared set."""
     assert jobs["prepare_tune_data"] == 1 and jobs["tune_moe"] == 2 and jobs["tune_control"] == 2, jobs
-    manifest = json.loads(
-        (workdir / "results/tunedata" / (jobs_source := _source(workdir)) / "manifest.json").read_text()
-    )
-    for summary in [f"moe/gen/E4-k2-snake-paper-s0/{m}" for m in ("frozen", "full")] + [
-        "tuned/dense",
-        f"tuned/{STATIC}",
-    ]:
-        s = json.loads((workdir / "results/tuning" / f"{summary}.json").read_text())
-        assert s["data"]["examples"] == manifest["count"], (summary, jobs_source)
-        assert s["tune"]["objective"] == ("flow" if summary.endswith("frozen") else "distill")
-        assert (workdir / "results/models" / summary).is_dir() and (
-            workdir / "results/metrics" / f"{summary}.json"
-        ).is_file()
+    manifest = json.loads((workdir / "results/tunedata" / source / "manifest.json").read_text())
+    for name in [f"moe/gen/E4-k2-snake-paper-s0/{m}" for m in ("frozen", "full")] + ["tuned/dense", f"tuned/{STATIC}"]:
+        summary = json.loads((workdir / "results/tuning" / f"{name}.json").read_text())
+        assert summary["data"]["examples"] == manifest["count"] == 6, name
+        assert summary["tune"]["objective"] == ("flow" if name.endswith("frozen") else "distill")
+        assert (workdir / "results/models" / name).is_dir() and (workdir / "results/metrics" / f"{name}.json").is_file()
 
 
-def _source(workdir):
-    (source,) = [p.name for p in (workdir / "results/tunedata").iterdir()]
-    return source
+def raw_data(root, source: str, captions, size) -> dict:
+    """A tiny raw set of ``source`` in its real layout under ``root``; its ``moe.tune.data`` section."""
+    if source == "webdataset":
+        write_tar(root / "part-0.tar", captions, size=size)
+    else:
+        write_parquet(root / "t2i-0.parquet", captions, size=size, variants={"same": lambda c: c})
+    return {"source": source, "path": str(root), "shard_size": 4, "batch_size": 4}
 
 
-def test_bagel_layout_tunes_on_a_prepared_webdataset_through_snakemake(tmp_path, monkeypatch):
+SOURCES = ["webdataset", "bagel_parquet"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_bagel_layout_tunes_on_prepared_data_through_snakemake(tmp_path, monkeypatch, source):
     from unisparse.evaluate import geneval as g
     from unisparse.models.bagel import FAKE_SIZES, write_fake_checkpoint
 
@@ -130,7 +132,6 @@ def test_bagel_layout_tunes_on_a_prepared_webdataset_through_snakemake(tmp_path,
     write_fake_checkpoint(tmp_path / "src", sizes={"image_size": 32})
     cli("import-bagel", "--src", tmp_path / "src", "--out", workdir / "results/models/dense", "--dtype", "float32",
         "--image-size", "32", "--vit-image-size", "28")  # fmt: skip
-    write_tar(tmp_path / "raw" / "part-0.tar", CAPTIONS[:6], size=(48, 40))
     sizes = {k: FAKE_SIZES[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
     model = {**sizes, "num_attention_heads": FAKE_SIZES["num_attention_heads"],
              "num_key_value_heads": FAKE_SIZES["num_key_value_heads"]}  # fmt: skip
@@ -140,14 +141,15 @@ def test_bagel_layout_tunes_on_a_prepared_webdataset_through_snakemake(tmp_path,
         model,
         {**real, "geneval_prompts": "short", "mme_max_images_per_subtask": 1, "latency_repeats": 1},
         real,
-        {"source": "webdataset", "path": str(tmp_path / "raw"), "shard_size": 4, "batch_size": 4},
+        raw_data(tmp_path / "raw", source, CAPTIONS[:6], (48, 40)),
         {"source": "huggingface", "lock": "data/bagel-7b-mot.lock.json"},
     )
     jobs = run_study(workdir, config)
-    check_tuned(workdir, jobs)
+    check_tuned(workdir, jobs, source)
 
 
-def test_qwen_image_tunes_on_a_prepared_bagel_parquet_through_snakemake(tmp_path):
+@pytest.mark.parametrize("source", SOURCES)
+def test_qwen_image_tunes_on_prepared_data_through_snakemake(tmp_path, source):
     pytest.importorskip("diffusers")
     from helpers.qwen_image import write_tiny_pipeline
     from unisparse.families import load_family
@@ -158,7 +160,6 @@ def test_qwen_image_tunes_on_a_prepared_bagel_parquet_through_snakemake(tmp_path
     cli("import-qwen-image", "--src", tmp_path / "pipeline", "--out", dense)
     family = load_family(dense)
     H, W = family.training_size
-    write_parquet(tmp_path / "raw" / "t2i.parquet", SHAPES_CAPTIONS[:6], size=(W, H), variants={"same": lambda c: c})
     layers = {c: family.num_layers(c) for c in family.components}
     widths = {c: family.mlp_weights(c, 0).width for c in family.components}
     shapes = {"samples_per_prompt": 1, "max_prompts_per_tag": 1, "num_steps": 2, "batch_size": 8, "threads": 1,
@@ -167,8 +168,8 @@ def test_qwen_image_tunes_on_a_prepared_bagel_parquet_through_snakemake(tmp_path
         {"family": "qwen_image", "layers": layers, "mlp_width": widths},
         {**shapes, "latency_repeats": 1},
         shapes,
-        {"source": "bagel_parquet", "path": str(tmp_path / "raw"), "shard_size": 4},
+        raw_data(tmp_path / "raw", source, SHAPES_CAPTIONS[:6], (W + 8, H)),
         {"source": "huggingface", "lock": "data/qwen-image.lock.json"},
     )
     jobs = run_study(workdir, config)
-    check_tuned(workdir, jobs)
+    check_tuned(workdir, jobs, source)
