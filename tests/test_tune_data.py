@@ -20,7 +20,15 @@ import torch
 
 from helpers.cli import cli, refused
 from helpers.models import make_model, save_dense
-from helpers.tune_data import SHAPES_CAPTIONS, encoded, picture, write_parquet, write_tar
+from helpers.tune_data import (
+    SHAPES_CAPTIONS,
+    encoded,
+    import_fake_bagel,
+    picture,
+    prepare_argv,
+    write_parquet,
+    write_tar,
+)
 from unisparse.evaluate.geneval import load_metadata
 from unisparse.families import family_for, load_family
 from unisparse.io import IntegrityError
@@ -133,21 +141,11 @@ def test_small_images_are_refused_skipped_or_upscaled_as_configured():
 
 def test_prepare_refuses_a_set_with_images_below_the_resolution(dense, tmp_path, capsys):
     write_tar(tmp_path / "raw" / "a.tar", SHAPES_CAPTIONS[:2], size=(10, 10))
-    settings = json.dumps(WEBDATASET)
-    argv = (
-        "prepare-tune-data",
-        dense,
-        "--source-dir",
-        tmp_path / "raw",
-        "--settings",
-        settings,
-        "--out",
-        tmp_path / "p",
-    )
+    argv = prepare_argv(dense, tmp_path / "raw", WEBDATASET, tmp_path / "p")
     refused(capsys, *argv, naming="smaller than the training resolution 16x16")
     assert not (tmp_path / "p").exists()
-    skip = json.dumps({**WEBDATASET, "small_images": "skip"})
-    refused(capsys, *argv[:4], "--settings", skip, "--out", tmp_path / "p", naming="no tuning examples were read")
+    argv = prepare_argv(dense, tmp_path / "raw", {**WEBDATASET, "small_images": "skip"}, tmp_path / "p")
+    refused(capsys, *argv, naming="no tuning examples were read")
 
 
 # --- contamination ----------------------------------------------------------------------------------
@@ -169,24 +167,9 @@ def test_exact_and_near_matches_of_evaluation_prompts():
 def test_a_tar_of_geneval_prompts_is_refused_naming_them(tmp_path, capsys):
     prompts = [e["prompt"] for e in load_metadata("short")[:3]]
     write_tar(tmp_path / "raw" / "a.tar", SHAPES_CAPTIONS[:5] + prompts)
-    model = tmp_path / "dense"
     # GenEval's prompts hold words the shapes vocabulary lacks: the BAGEL-layout tokenizer reads anything
-    from unisparse.models.bagel import write_fake_checkpoint
-
-    write_fake_checkpoint(tmp_path / "src", sizes={"image_size": 32})
-    cli("import-bagel", "--src", tmp_path / "src", "--out", model, "--dtype", "float32", "--image-size", "32",
-        "--vit-image-size", "28")  # fmt: skip
-    settings = json.dumps(WEBDATASET)
-    argv = (
-        "prepare-tune-data",
-        model,
-        "--source-dir",
-        tmp_path / "raw",
-        "--settings",
-        settings,
-        "--out",
-        tmp_path / "p",
-    )
+    model = import_fake_bagel(tmp_path)
+    argv = prepare_argv(model, tmp_path / "raw", WEBDATASET, tmp_path / "p")
     line = refused(capsys, *argv, naming="the tuning data holds evaluation prompts: 3 exact")
     assert all(repr(p) in line for p in prompts), line
     assert not (tmp_path / "p").exists()
@@ -195,7 +178,7 @@ def test_a_tar_of_geneval_prompts_is_refused_naming_them(tmp_path, capsys):
 # --- prepare and read ------------------------------------------------------------------------------
 
 
-def test_the_manifest_counts_shards_and_pins_the_codec(prepared, dense):
+def test_the_manifest_counts_shards_and_pins_the_codec(prepared, dense, raw):
     m = json.loads((prepared / "manifest.json").read_text())
     assert m["count"] == 8 and [s["count"] for s in m["shards"]] == [3, 3, 2]
     family = load_family(dense)
@@ -203,6 +186,9 @@ def test_the_manifest_counts_shards_and_pins_the_codec(prepared, dense):
     assert m["contamination"]["checked"] == 8 and m["contamination"]["exact"] == 0
     assert m["contamination"]["benchmarks"] == {"geneval_short": 553, "geneval_long": 553}
     assert [i["file"] for i in m["inputs"]] == ["part-0.tar", "part-1.tar"]
+    from unisparse.io import sha256_file
+
+    assert m["inputs"][0]["sha256"] == sha256_file(raw / "wds" / "part-0.tar")
     assert m["posterior"] is False  # the identity codec is deterministic
 
 

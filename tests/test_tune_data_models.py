@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers.cli import cli
-from helpers.tune_data import CAPTIONS, SHAPES_CAPTIONS, write_parquet, write_tar
+from helpers.tune_data import CAPTIONS, SHAPES_CAPTIONS, import_fake_bagel, write_parquet, write_tar
 from unisparse.families import load_family
 from unisparse.models.flux_autoencoder import patchify_latent
 from unisparse.moe.tune import tune_moe
@@ -25,19 +25,10 @@ WEBDATASET = {"source": "webdataset", "shard_size": 3, "batch_size": 4}
 TUNE = {"steps": 3, "batch_gen": 2, "checkpoint_every": 3, "threads": 1}
 
 
-def import_bagel(root, seed=0):
-    from unisparse.models.bagel import write_fake_checkpoint
-
-    write_fake_checkpoint(root / f"src{seed}", sizes={"image_size": 32}, seed=seed)
-    cli("import-bagel", "--src", root / f"src{seed}", "--out", root / f"dense{seed}", "--dtype", "float32",
-        "--image-size", "32", "--vit-image-size", "28")  # fmt: skip
-    return root / f"dense{seed}"
-
-
 @pytest.fixture(scope="module")
 def bagel(tmp_path_factory):
     root = tmp_path_factory.mktemp("bagel")
-    dense = import_bagel(root)
+    dense = import_fake_bagel(root)
     write_tar(root / "raw" / "a.tar", CAPTIONS[:6], size=(56, 40))
     write_parquet(root / "parquet" / "a.parquet", CAPTIONS[:4], size=(40, 40))
     cli("prepare-tune-data", dense, "--source-dir", root / "raw", "--settings", json.dumps(WEBDATASET),
@@ -94,7 +85,7 @@ def test_sampled_and_mean_targets_tune_differently(bagel):
 
 def test_a_model_with_another_codec_is_refused(bagel, tmp_path):
     root, _ = bagel
-    other = load_family(import_bagel(tmp_path, seed=1))  # another FLUX AE (and LLM) initialisation
+    other = load_family(import_fake_bagel(tmp_path, seed=1))  # another FLUX AE (and LLM) initialisation
     with pytest.raises(ValueError, match="encoded by another codec"):
         tune_moe(other, "gen", "full", TUNE, progress=False, data=LatentSet(root / "prepared"))
 

@@ -486,6 +486,7 @@ def _tuning_data(args):
 def cmd_prepare_tune_data(args) -> None:
     from collections import Counter
 
+    from .io import sha256_file
     from .tunedata.prepare import check_settings, prepare_tune_data
     from .tunedata.sources import read_records, source_files
 
@@ -497,7 +498,7 @@ def cmd_prepare_tune_data(args) -> None:
         raise UsageError("--settings: source shapes has no prepare stage (tuning draws the shapes world)")
     prompts = _evaluation_prompts(args.benchmark, args.check_against, args.prompts_file)
     files = source_files(args.source_dir, settings["source"])
-    inputs = [{"file": f.name, "bytes": f.stat().st_size} for f in files]
+    inputs = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
     family, _ = _load(args)
     skipped = Counter()
     manifest = prepare_tune_data(

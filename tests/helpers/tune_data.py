@@ -87,3 +87,20 @@ def write_parquet(path: Path, captions=CAPTIONS, size=(48, 40), seed: int = 0, v
     caps = [json.dumps({"short": c, **{k: f(c) for k, f in variants.items()}}) for c in captions]
     pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "captions": pa.array(caps, pa.string())}), path)
     return path
+
+
+def prepare_argv(model, raw, settings: dict, out) -> tuple:
+    """The ``prepare-tune-data`` command line of ``model`` on the raw files ``raw``."""
+    return ("prepare-tune-data", model, "--source-dir", raw, "--settings", json.dumps(settings), "--out", out)
+
+
+def import_fake_bagel(root: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A BAGEL-layout checkpoint (FLUX AE, byte-level Qwen2-style tokenizer) imported strictly into
+    ``root/dense<seed>`` at ``image_size`` pixels; the model directory."""
+    from helpers.cli import cli
+    from unisparse.models.bagel import write_fake_checkpoint
+
+    write_fake_checkpoint(root / f"src{seed}", sizes={"image_size": image_size}, seed=seed)
+    cli("import-bagel", "--src", root / f"src{seed}", "--out", root / f"dense{seed}", "--dtype", "float32",
+        "--image-size", str(image_size), "--vit-image-size", "28")  # fmt: skip
+    return root / f"dense{seed}"

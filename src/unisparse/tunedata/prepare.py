@@ -144,7 +144,7 @@ def prepare_tune_data(
 
     ``prompts``: ``{benchmark: [prompt, ...]}`` the captions are checked against; ``skipped``: the
     reader's counter of unpaired members (merged into the manifest); ``inputs``: what the raw files
-    were (name, size, digest), recorded as provenance. Refuses (nothing written) on an image below the
+    were (name, bytes, sha256), recorded as provenance. Refuses (nothing written) on an image below the
     training resolution under ``small_images: refuse``, and on contamination past the limits."""
     s = check_settings(settings)
     if s["source"] == "shapes":
