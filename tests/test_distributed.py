@@ -94,6 +94,33 @@ def test_two_process_tuning_equals_one_process(moe_dir, tmp_path):
     assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(two["history"], summary["history"]))
 
 
+@pytest.mark.parametrize("objective", ["flow", "distill"])
+def test_two_process_tuning_on_prepared_latents_equals_one_process(moe_dir, tmp_path, objective):
+    """Each process reads its slice of the same global batch of prepared latents (``tune-moe --data``);
+    with ``distill``, each compares with the same (unsharded) teacher."""
+    from helpers.cli import cli
+    from helpers.tune_data import SHAPES_CAPTIONS, prepare_argv, write_tar
+    from unisparse.families import load_family
+    from unisparse.tunedata.latents import LatentSet
+
+    write_tar(tmp_path / "raw" / "a.tar", SHAPES_CAPTIONS)
+    cli(*prepare_argv(moe_dir, tmp_path / "raw", {"source": "webdataset", "shard_size": 3}, tmp_path / "data"))
+    save_model(make_model(), tmp_path / "dense")  # the MoE's dense parent (moe_dir's source)
+    spec = {**TUNE, "objective": objective}
+    teacher = {"teacher": load_family(tmp_path / "dense")} if objective == "distill" else {}
+    model = load_model(moe_dir)
+    summary = tune_moe(model, "gen", "full", spec, progress=False, data=LatentSet(tmp_path / "data"), **teacher)
+    extra = ["--teacher", tmp_path / "dense"] if teacher else []
+    torchrun("-m", "unisparse", "--no-progress", "tune-moe", moe_dir, "--mode", "full", "--spec", json.dumps(spec),
+             "--data", tmp_path / "data", "--summary", tmp_path / "summary.json", "--out", tmp_path / "out",
+             "--device", "cpu", *extra, cwd=tmp_path)  # fmt: skip
+    got = load_file(str(tmp_path / "out/model.safetensors"))
+    assert max_relative_difference(got, model.state_dict()) < 1e-4
+    two = json.loads((tmp_path / "summary.json").read_text())
+    assert two["processes"] == 2 and two["data"] == summary["data"]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(two["history"], summary["history"]))
+
+
 STOP = """import json, sys
 from unisparse.models.loading import load_model
 from unisparse.moe.tune import tune_moe

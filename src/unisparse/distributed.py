@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 #: model methods that run a forward pass without calling ``forward`` (FSDP2 must unshard for them)
-FORWARD_METHODS = ("flow_loss", "understanding_logits", "generate_images")
+FORWARD_METHODS = ("flow_loss", "velocity_at", "understanding_logits", "generate_images")
 
 
 @dataclass(frozen=True)
