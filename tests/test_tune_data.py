@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.cli import cli, refused
+from helpers.cli import cli, refused, run_cli
 from helpers.models import make_model, save_dense
 from helpers.tune_data import (
     SHAPES_CAPTIONS,
@@ -434,3 +434,29 @@ def test_the_paper_and_qwen_image_configs_tune_on_the_locked_dataset():
         assert data["source"] == "webdataset" and data["lock"] == "data/text-to-image-2m.lock.json", name
     lock = read_lock(REPO / "data/text-to-image-2m.lock.json", complete=False)
     assert lock["repo_id"] == "jackyhate/text-to-image-2M" and lock["repo_type"] == "dataset"
+
+
+def test_a_locked_hub_dataset_is_fetched_and_verified_offline(tmp_path, monkeypatch, offline):
+    """`download_tune_data`'s verb on a dataset repository (``repo_type: dataset``) in the Hugging Face
+    cache: every file checked against the lock; a tar whose bytes differ from its sum is refused."""
+    import hashlib
+
+    from helpers.benchmarks import write_dataset
+
+    commit = "e4ece89e640210e9fc3fd0966f5a45291bdb665c"
+    tar = write_tar(tmp_path / "a.tar", SHAPES_CAPTIONS[:2]).read_bytes()
+    write_dataset(tmp_path / "hub", "jackyhate/text-to-image-2M", commit, {"data_1024_10K/data_000000.tar": tar})
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at import
+    entry = {"sha256": hashlib.sha256(tar).hexdigest(), "size": len(tar)}
+    lock = {"repo_id": "jackyhate/text-to-image-2M", "repo_type": "dataset", "revision": commit,
+            "files": {"data_1024_10K/data_000000.tar": entry}}  # fmt: skip
+    (tmp_path / "lock.json").write_text(json.dumps(lock))
+    cli("fetch-checkpoint", "--lock", tmp_path / "lock.json", "--out", tmp_path / "raw")
+    assert (tmp_path / "raw" / "data_1024_10K" / "data_000000.tar").read_bytes() == tar
+    lock["files"]["data_1024_10K/data_000000.tar"] = {**entry, "sha256": "0" * 64}
+    (tmp_path / "lock.json").write_text(json.dumps(lock))
+    assert run_cli("fetch-checkpoint", "--lock", tmp_path / "lock.json", "--out", tmp_path / "raw2") == 2
+    assert not (tmp_path / "raw2").exists()
