@@ -6,7 +6,7 @@ The model is BAGEL's: the published FLUX AE and one decoder layer at BAGEL-7B-Mo
 change it), a small vocabulary and a one-layer SigLIP (neither is used by generation), random weights.
 Full tuning of the generation tower's MLPs, ``--batch`` images of ``--image-size`` pixels per step.
 
-    python benchmarks/tune_data.py --device cpu --dtype float32 --image-size 128 --images 8 --steps 3
+    python benchmarks/tune_data.py --device cpu --dtype float32 --image-size 128 --images 8 --steps 5
     python benchmarks/tune_data.py --device cuda --dtype bfloat16 --image-size 512 --images 64 --steps 10
 """
 
@@ -85,16 +85,18 @@ def write_tar(path: Path, n: int, size: int) -> None:
 
 
 def step_seconds(family, args, **data) -> float:
-    """Median seconds per step of full tuning over ``--repeats`` runs of ``--steps`` steps (state reset)."""
+    """Seconds per step of full tuning: the time of ``--steps`` steps minus that of one step, over
+    ``--steps - 1`` (the first step's allocations, AdamW's state included, cancel), the median of
+    ``--repeats`` such pairs (weights reset before each run)."""
     state = {k: v.clone() for k, v in family.model.state_dict().items()}
-    spec = {"steps": args.steps, "batch_gen": args.batch, "lr": 1e-5, "threads": torch.get_num_threads()}
-    times = []
-    for _ in range(args.repeats):
+
+    def run(steps: int) -> float:
         family.model.load_state_dict(state)
+        spec = {"steps": steps, "batch_gen": args.batch, "lr": 1e-5, "threads": torch.get_num_threads()}
         synchronize(family.device)
-        summary = tune_moe(family, "gen", "full", spec, progress=False, **data)
-        times.append(summary["seconds"] / args.steps)
-    return statistics.median(times)
+        return tune_moe(family, "gen", "full", spec, progress=False, **data)["seconds"]
+
+    return statistics.median((run(args.steps) - run(1)) / (args.steps - 1) for _ in range(args.repeats))
 
 
 def main() -> None:
@@ -107,10 +109,12 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=128, help="training resolution (a multiple of 16)")
     p.add_argument("--images", type=int, default=8, help="images prepared")
     p.add_argument("--batch", type=int, default=2, help="images per tuning step")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="steps of the longer run (at least 2)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    if args.steps < 2:
+        p.error("--steps must be at least 2 (the step time is the difference to a one-step run)")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     family = build(args, device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
