@@ -317,7 +317,7 @@ def _check_moe(config: dict, sizes: dict) -> None:
 
 
 def _check_tune_data(config: dict) -> None:
-    """A real checkpoint never tunes on the shapes world (64-pixel toy shapes through a real tokenizer
+    """A real checkpoint never tunes on the shapes world (16-pixel toy shapes through a real tokenizer
     would "tune" it into nonsense), and a prepared source says where its raw files are."""
     moe = config.get("moe") or {}
     tunes = any(t != "none" for t in moe.get("tunings", [])) or bool(moe.get("controls"))
