@@ -66,7 +66,7 @@ rule tune_moe:
         "../environment.yml"
     shell:
         "{params.launch:q} --no-progress tune-moe {input.model:q} {params.runtime:q} --component {wildcards.component:q} --mode {wildcards.tuning:q}"
-        " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q} {params.data}"
+        " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q} {params.data:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
 
 
@@ -103,5 +103,5 @@ rule tune_control:
         "../environment.yml"
     shell:
         "{params.launch:q} --no-progress tune {input.model:q} {params.runtime:q} --component {params.component:q} --mode full"
-        " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q} {params.data}"
+        " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q} {params.data:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

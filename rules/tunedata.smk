@@ -26,14 +26,13 @@ def tuning_data_inputs():
 
 
 def tuning_data_args(wildcards, input):
-    """`--data DIR --teacher DIR` for the tuning verbs, as the rule's inputs name them (shell-quoted)."""
-    import shlex
-
+    """`--data DIR --teacher DIR` for the tuning verbs, as the rule's inputs name them (a list: the
+    shell's `:q` quotes each word, and an empty list adds none)."""
     args = []
     for name in ("data", "teacher"):
         if name in input.keys():
             args += [f"--{name}", getattr(input, name)]
-    return " ".join(shlex.quote(a) for a in args)
+    return args
 
 
 if TUNE_DATA.get("lock"):

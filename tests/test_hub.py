@@ -97,6 +97,8 @@ def test_snakemake_rule_downloads_the_locked_checkpoint(tmp_path, offline, monke
     write_lock(workdir / "data" / "test.lock.json")
     config = yaml.safe_load((workdir / MICRO).read_text())
     config["checkpoint"] = {"source": "huggingface", "lock": "data/test.lock.json"}
+    # a real checkpoint tunes only on real data: this study stops before tuning
+    config["moe"].update(tunings=["none"], controls=[])
     (workdir / "hf.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setenv("HF_HOME", str(root))  # the cache is HF_HOME/hub
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)

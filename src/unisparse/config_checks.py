@@ -326,7 +326,7 @@ def _check_tune_data(config: dict) -> None:
     if tunes and source != "train" and data.get("source", "shapes") == "shapes":
         raise ConfigError(
             f"moe.tune.data.source: 'shapes' (the embedded toy world) cannot tune a {source} checkpoint; "
-            "name real data: webdataset, bagel_parquet or teacher (docs/tuning-data.md)"
+            f"name real data: {', '.join(choices.TUNE_DATA_SOURCES[1:])} (docs/tuning-data.md)"
         )
     if data.get("source", "shapes") != "shapes" and not any(data.get(k) for k in ("path", "lock")):
         raise ConfigError(f"moe.tune.data: source {data['source']!r} needs a path or a lock of its raw files")
