@@ -47,3 +47,17 @@ def micro_run(tmp_path_factory) -> Path:
     copy_workflow(workdir)
     snakemake(workdir, "--cores", "2")
     return workdir
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """A local Hub on 127.0.0.1 (tests/helpers/local_hub.py) that this process's huggingface_hub and
+    its children talk to, online, with a fresh cache under ``tmp_path``; stopped after the test."""
+    from helpers.local_hub import LocalHub, point_client_at
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    with LocalHub() as hub:
+        point_client_at(monkeypatch, hub.endpoint)
+        yield hub

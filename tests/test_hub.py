@@ -1,6 +1,7 @@
-"""The pinned checkpoint download (unisparse.hub, verbs fetch-checkpoint / lock-checkpoint, rule
-download_checkpoint), offline: a local Hugging Face cache in huggingface_hub's own layout stands in for
-the Hub, so every test runs without a network and with HF_HUB_OFFLINE=1."""
+"""The pinned checkpoint download (unisparse.hub, verb fetch-checkpoint, rule download_checkpoint),
+offline: a local Hugging Face cache in huggingface_hub's own layout stands in for the Hub, so every
+test runs without a network and with HF_HUB_OFFLINE=1 (the online side, lock-checkpoint and the
+completion of a lock from the Hub's tree, is tests/test_local_hub.py)."""
 
 import json
 import os
@@ -17,7 +18,6 @@ from helpers.hub import (
     FILES,
     NAME,
     REPO_ID,
-    FakeInfo,
     blob_of,
     leftovers,
     run_verb,
@@ -174,7 +174,7 @@ def test_commit_not_in_cache_fails_offline(tmp_path, cache):
 
 def test_interrupted_verification_leaves_nothing(tmp_path, cache, lock, monkeypatch):
     calls = []
-    real = hub.sha256_file
+    real = hub.file_digests
 
     def interrupted(path, on_block=None):
         calls.append(path.name)
@@ -182,7 +182,7 @@ def test_interrupted_verification_leaves_nothing(tmp_path, cache, lock, monkeypa
             raise KeyboardInterrupt
         return real(path, on_block)
 
-    monkeypatch.setattr(hub, "sha256_file", interrupted)
+    monkeypatch.setattr(hub, "file_digests", interrupted)
     out = tmp_path / "ckpt" / NAME
     with pytest.raises(KeyboardInterrupt):
         hub.fetch_checkpoint(lock, out, cache_dir=cache, progress=False)
@@ -202,7 +202,7 @@ def test_killed_fetch_leaves_nothing_and_its_leftover_is_discarded(tmp_path, cac
         "def stuck(path, on_block=None):\n"
         "    Path(sys.argv[4]).touch()\n"
         "    time.sleep(120)\n"
-        "hub.sha256_file = stuck\n"
+        "hub.file_digests = stuck\n"
         "hub.fetch_checkpoint(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3], progress=False)\n"
     )
     proc = subprocess.Popen(
@@ -242,10 +242,28 @@ def test_unfilled_lock_is_refused_naming_the_command(tmp_path, cache):
     assert proc.returncode == 2 and "unisparse lock-checkpoint" in proc.stderr
     assert not out.exists()
 
-    unfilled["revision"] = COMMIT  # a commit alone is not enough either
+
+def test_a_commit_alone_is_completed_offline_only_from_the_cached_tree(tmp_path, offline):
+    """Offline, a lock with a commit but no digests is completed from the tree listing huggingface_hub
+    cached with that commit's download; a cache without one (an older huggingface_hub) cannot, and the
+    refusal names the command that writes the lock."""
+    unfilled = {"repo_id": REPO_ID, "revision": COMMIT, "files": {n: {"sha256": None, "size": None} for n in FILES}}
+    path = tmp_path / "bagel.lock.json"
     path.write_text(json.dumps(unfilled))
+    bare = tmp_path / "bare" / "hub"
+    write_hf_cache(bare, tree=False)
     with pytest.raises(hub.LockError, match=f"--revision {COMMIT}"):
-        hub.fetch_checkpoint(path, out, cache_dir=cache, progress=False)
+        hub.fetch_checkpoint(path, tmp_path / NAME, cache_dir=bare, progress=False)
+    assert not (tmp_path / NAME).exists()
+
+    listed = tmp_path / "listed" / "hub"
+    write_hf_cache(listed)
+    hub.fetch_checkpoint(path, tmp_path / NAME, cache_dir=listed, progress=False)
+    check_fetched(tmp_path / NAME)
+    manifest = json.loads((tmp_path / NAME / hub.MANIFEST).read_text())
+    assert manifest["verified"]["ema.safetensors"] == ["sha256"] and manifest["verified"]["vocab.json"] == ["git_sha1"]
+    kinds = {n: "sha256" if n.endswith(".safetensors") else "git_sha1" for n in FILES}  # LFS files: sha256
+    assert set(manifest["completed_from_hub"]) == {f"{n}.{k}" for n in FILES for k in ("size", kinds[n])}
 
 
 @pytest.mark.parametrize(
@@ -269,16 +287,13 @@ def test_malformed_lock_is_refused(tmp_path, lock, edit, key):
 
 
 def test_shipped_bagel_lock():
-    """data/bagel-7b-mot.lock.json pins BAGEL-7B-MoT's files; until someone fills it from a download,
-    the fetch refuses it with the command that does."""
+    """data/bagel-7b-mot.lock.json pins BAGEL-7B-MoT's files at one commit; the digests it lacks are
+    completed at fetch time from the Hub's tree at that commit (tests/test_local_hub.py)."""
     path = REPO / "data" / "bagel-7b-mot.lock.json"
     lock = hub.read_lock(path, complete=False)
     assert lock["repo_id"] == REPO_ID and hub.checkpoint_name(lock["repo_id"]) == NAME
     assert set(FILES) - {"preprocessor_config.json"} <= set(lock["files"])
-    try:
-        hub.read_lock(path)
-    except hub.LockError as e:
-        assert "unisparse lock-checkpoint" in str(e) and str(path) in str(e)
+    assert lock["revision"] is not None and not hub.is_complete(lock)
 
 
 def test_schema_states_the_checkpoint_sources():
@@ -286,51 +301,3 @@ def test_schema_states_the_checkpoint_sources():
     section = schema["properties"]["checkpoint"]
     assert tuple(section["properties"]["source"]["enum"]) == CHECKPOINT_SOURCES
     assert section["additionalProperties"] is False
-
-
-def test_lock_checkpoint_writes_the_lock_the_fetch_accepts(tmp_path, cache, monkeypatch):
-    asked = []
-    monkeypatch.setattr(hub, "_model_info", lambda repo_id, revision: asked.append(revision) or FakeInfo())
-    out_lock = tmp_path / "data" / "new.lock.json"
-    lock = hub.lock_checkpoint(REPO_ID, "main", sorted(FILES), out_lock, cache_dir=cache, progress=False)
-    assert asked == ["main"]
-    assert lock == json.loads(out_lock.read_text()) == json.loads(write_lock(tmp_path / "expected.json").read_text())
-    hub.fetch_checkpoint(out_lock, tmp_path / NAME, cache_dir=cache, progress=False)
-    check_fetched(tmp_path / NAME)
-
-    # the verb: files and repository default to the existing lock's
-    monkeypatch.setattr(hub, "_model_info", lambda repo_id, revision: FakeInfo())
-    from unisparse.cli import main
-
-    main(["--no-progress", "lock-checkpoint", "--revision", COMMIT, "--out", str(out_lock), "--cache-dir", str(cache)])
-    assert json.loads(out_lock.read_text()) == lock
-
-
-def test_lock_checkpoint_refuses_a_download_the_hub_contradicts(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(
-        hub, "_model_info", lambda repo_id, revision: FakeInfo(lfs_override={"ema.safetensors": "a" * 64})
-    )
-    out_lock = tmp_path / "new.lock.json"
-    with pytest.raises(IntegrityError, match="ema.safetensors: the Hub states LFS sha256 a{64}"):
-        hub.lock_checkpoint(REPO_ID, "main", sorted(FILES), out_lock, cache_dir=cache, progress=False)
-    assert not out_lock.exists()
-
-
-def test_lock_checkpoint_refuses_to_change_a_recorded_sum(tmp_path, cache, monkeypatch):
-    """A lock that already records a sum for the same commit (e.g. one taken from a published source)
-    is checked, not overwritten."""
-    monkeypatch.setattr(hub, "_model_info", lambda repo_id, revision: FakeInfo())
-    out_lock = write_lock(tmp_path / "recorded.lock.json")
-    recorded = json.loads(out_lock.read_text())
-    recorded["files"]["ae.safetensors"]["sha256"] = "b" * 64
-    for name in ("vocab.json", "merges.txt"):
-        recorded["files"][name] = {"sha256": None, "size": None}
-    out_lock.write_text(json.dumps(recorded))
-    with pytest.raises(IntegrityError, match="ae.safetensors: .* records sha256 b{64} for this commit"):
-        hub.lock_checkpoint(REPO_ID, COMMIT, sorted(FILES), out_lock, cache_dir=cache, progress=False)
-    assert json.loads(out_lock.read_text()) == recorded
-
-
-def test_lock_checkpoint_needs_the_hub(tmp_path, cache):
-    with pytest.raises(hub.LockError, match="HF_HUB_OFFLINE"):
-        hub.lock_checkpoint(REPO_ID, "main", sorted(FILES), tmp_path / "x.lock.json", cache_dir=cache, progress=False)

@@ -19,7 +19,6 @@ from helpers.hub import (
     FILES,
     NAME,
     REPO_ID,
-    FakeInfo,
     blob_of,
     leftovers,
     run_verb,
@@ -170,16 +169,6 @@ def test_wrong_blob_advice_names_only_cache_files(tmp_path, cache, lock):
     assert f"delete that blob and its link {entry(cache)}" in str(err.value) and str(blob) in str(err.value)
 
 
-def test_lock_checkpoint_hashes_only_cache_files(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(hub, "_model_info", lambda repo_id, revision: FakeInfo())
-    outside = outside_file(tmp_path, FILES[VICTIM])
-    relink(entry(cache), outside)
-    out_lock = tmp_path / "new.lock.json"
-    with pytest.raises(IntegrityError, match="nothing was linked or copied"):
-        hub.lock_checkpoint(REPO_ID, "main", sorted(FILES), out_lock, cache_dir=cache, progress=False)
-    assert not out_lock.exists()
-
-
 def lock_with(tmp_path, names_and_data) -> Path:
     """A lock (text, so that duplicate keys survive) of ``(name, data)`` pairs, in order."""
     body = ", ".join(f'{json.dumps(n)}: {{"sha256": "{sha256(d)}", "size": {len(d)}}}' for n, d in names_and_data)
@@ -209,7 +198,7 @@ def test_reserved_name_in_a_lock_is_refused_before_fetching(tmp_path, cache, no_
     assert proc.returncode == 2 and reserved in one_line(proc.stderr)
     assert not out.exists()
     with pytest.raises(hub.LockError, match="is reserved"):
-        hub.lock_checkpoint(REPO_ID, COMMIT, [*FILES, reserved], tmp_path / "x.lock.json", cache_dir=cache)
+        hub.lock_checkpoint(REPO_ID, COMMIT, [*FILES, reserved], tmp_path / "x.lock.json")
 
 
 @pytest.mark.parametrize(

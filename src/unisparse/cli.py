@@ -630,13 +630,14 @@ def cmd_lock_checkpoint(args) -> None:
     repo_id = args.repo_id or (read_lock(args.out, complete=False)["repo_id"] if existing else None)
     if not files or not repo_id:
         raise UsageError(f"{args.out} does not exist: name the repository (--repo-id) and every file to lock (--file)")
-    lock = lock_checkpoint(
-        repo_id, args.revision, files, args.out, cache_dir=args.cache_dir, progress=not args.no_progress
-    )
+    repo_type = args.repo_type or (read_lock(args.out, complete=False)["repo_type"] if existing else "model")
+    lock = lock_checkpoint(repo_id, args.revision, files, args.out, repo_type=repo_type)
     print(f"{lock['repo_id']}@{lock['revision']}: {len(lock['files'])} files -> {args.out}")
 
 
 def _register_checkpoint(sub) -> None:
+    from .hub import REPO_TYPES
+
     s = sub.add_parser(
         "fetch-checkpoint",
         help="download a Hub checkpoint at its locked commit, every file checked "
@@ -649,14 +650,16 @@ def _register_checkpoint(sub) -> None:
 
     s = sub.add_parser(
         "lock-checkpoint",
-        help="(re)write a lock file from a trusted download: the commit a revision "
-        "resolves to, each file's sha256 and size",
+        help="(re)write a lock file from the Hub's tree listing, downloading nothing: the commit a "
+        "revision resolves to, each file's size and digest (sha256 for LFS files, git blob id for the rest)",
     )
     s.add_argument("--repo-id", help="e.g. ByteDance-Seed/BAGEL-7B-MoT (default: the existing lock's)")
     s.add_argument("--revision", default="main", help="branch, tag or commit to lock (default: main)")
     s.add_argument("--file", action="append", help="a file to lock, repeatable (default: the existing lock's files)")
     s.add_argument("--out", required=True, help="lock file to write, e.g. data/bagel-7b-mot.lock.json")
-    s.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE, else HF_HOME/hub)")
+    s.add_argument(
+        "--repo-type", choices=REPO_TYPES, help="model or dataset (default: the existing lock's, else model)"
+    )
     s.set_defaults(func=cmd_lock_checkpoint)
 
 

@@ -1,12 +1,17 @@
-"""A checkpoint from the Hugging Face Hub, pinned: one commit, every file's sha256 kept in git.
+"""An outside input from the Hugging Face Hub, pinned: one commit, every file's digest kept in git.
 
-A Hub branch moves and a 30 GB download can be cut short or altered on the way, so the pipeline never
-downloads "the latest" of anything: a lock file (``data/<name>.lock.json``) names the repository, the
-commit and, per file, its sha256 and size. That file list is also the download's allow-list (one
-source of truth: what is locked is what is fetched, nothing else). ``fetch_checkpoint`` downloads
-exactly those files at exactly that commit, checks every byte against the lock, and only then lets
-the directory appear under its final name; ``lock_checkpoint`` is the one documented way to (re)write
-a lock, from a download whose sums agree with the ones the Hub states for its LFS files.
+A Hub branch moves and a 30 GB download can be cut short or altered on the way (huggingface_hub checks
+only the size of what it fetched), so the pipeline never downloads "the latest" of anything: a lock
+file (``data/<name>.lock.json``) names the repository, its kind (model or dataset), the commit and, per
+file, its size and digest: the sha256 for an LFS file, the git blob id (``git_sha1``) for a plain git
+file, the only digest the Hub states for one (a small JSON config, a tokenizer). That file list is also
+the download's allow-list (one source of truth: what is locked is what is fetched, nothing else).
+
+``lock_checkpoint`` writes a lock from the Hub's tree listing at a commit, downloading nothing. A lock
+that pins a commit but lacks some digests is completed by ``fetch_checkpoint`` from the tree at that
+commit (a digest the lock states and the Hub contradicts is refused, naming the file); the fetch then
+hashes every downloaded file, checks each digest, and only then lets the directory appear under its
+final name, with a manifest recording every digest it verified and where each came from.
 
 The Hub client is imported inside the functions, so this module stays importable (by the workflow's
 DAG build) without it.
@@ -25,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .io import MANIFEST as MODEL_MANIFEST
-from .io import IntegrityError, atomic_path, sha256_file, write_json
+from .io import IntegrityError, atomic_path, file_digests, write_json
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,9 @@ LOCK_KEYS = ("repo_id", "repo_type", "revision", "files", "note")
 #: what a lock may pin: a model repository (the default) or a dataset repository
 REPO_TYPES = ("model", "dataset")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: the digests a lock entry may state, with their lengths in hex digits: sha256 (any file; the Hub
+#: states it for LFS files) and the git blob id (the Hub states it for plain git files)
+DIGESTS = {"sha256": 64, "git_sha1": 40}
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # file names reach allow_patterns (fnmatch) and the file system: no glob characters, no escape
 _FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
@@ -87,25 +94,48 @@ def read_lock(path, complete: bool = True) -> dict:
         raise LockError(f"{path}: repo_type must be one of {REPO_TYPES}, got {lock['repo_type']!r}")
     check_file_names(files, path)
     for name, entry in files.items():
-        if not isinstance(entry, dict) or set(entry) != {"sha256", "size"}:
-            raise LockError(f'{path}: files[{name!r}] must be {{"sha256": ..., "size": ...}}, got {entry!r}')
-        digest, size = entry["sha256"], entry["size"]
-        if digest is not None and (not isinstance(digest, str) or not _SHA256.fullmatch(digest)):
-            raise LockError(f"{path}: files[{name!r}].sha256 must be 64 lower-case hex digits, got {digest!r}")
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-            raise LockError(f"{path}: files[{name!r}].size must be a byte count, got {size!r}")
+        check_entry(entry, f"{path}: files[{name!r}]")
     if complete:
         unfilled = (["revision"] if revision is None else []) + [
-            f"{name} ({'/'.join(k for k in ('sha256', 'size') if files[name][k] is None)})"
-            for name in files
-            if files[name]["sha256"] is None or files[name]["size"] is None
+            f"{name} ({'/'.join(missing_values(files[name]))})" for name in files if missing_values(files[name])
         ]
         if unfilled:
             raise LockError(
                 f"{path} is not filled in: no value for {', '.join(unfilled)}. Nothing is downloaded "
-                f"without a pinned commit and a sha256 and size for every file; write them from a "
-                f"trusted download with: {lock_command(path, repo_id, revision)}"
+                f"without a pinned commit and a size and digest for every file; a lock that pins a commit "
+                f"is completed from the Hub's tree at that commit (fetch-checkpoint, online), or write it "
+                f"whole with: {lock_command(path, repo_id, revision)}"
             )
+    return lock
+
+
+def check_entry(entry, where: str) -> None:
+    """One file of a lock: ``{"size": n, "sha256": hex}`` or ``{"size": n, "git_sha1": hex}`` (or
+    both digests); a value may be ``null`` (not filled in yet), never of the wrong form."""
+    allowed = {"size", *DIGESTS}
+    if not isinstance(entry, dict) or "size" not in entry or not set(entry) & set(DIGESTS) or set(entry) - allowed:
+        raise LockError(
+            f'{where} must be {{"size": ..., "sha256": ...}} or {{"size": ..., "git_sha1": ...}}, got {entry!r}'
+        )
+    for key, length in DIGESTS.items():
+        digest = entry.get(key)
+        if digest is not None and (not isinstance(digest, str) or not re.fullmatch(f"[0-9a-f]{{{length}}}", digest)):
+            raise LockError(f"{where}.{key} must be {length} lower-case hex digits, got {digest!r}")
+    size = entry["size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise LockError(f"{where}.size must be a byte count, got {size!r}")
+
+
+def missing_values(entry: dict) -> list[str]:
+    """What a lock entry lacks before it can pin a file: its size, or any digest at all."""
+    missing = ["size"] if entry.get("size") is None else []
+    if not any(entry.get(k) for k in DIGESTS):
+        missing.append("/".join(k for k in DIGESTS if k in entry))
+    return missing
+
+
+def is_complete(lock: dict) -> bool:
+    return lock.get("revision") is not None and not any(missing_values(e) for e in lock["files"].values())
     return lock
 
 
@@ -213,15 +243,15 @@ def _bar(total: int, progress: bool, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress)
 
 
-def verify_files(directory, files: dict, progress: bool = True, where: dict | None = None, label=None) -> None:
-    """Every file of ``files`` ({name: {sha256, size}}) is in ``directory`` with that size and sha256
-    (streamed, one progress bar over all bytes); otherwise an ``IntegrityError`` naming each bad file,
-    with the expected and the found digest. ``where`` maps a name to its ``CacheEntry`` (bytes checked
-    to lie in the Hugging Face cache), so the message says which cache files to delete, and only those;
-    ``label`` names the files in it (default: the directory)."""
+def verify_files(directory, files: dict, progress: bool = True, where: dict | None = None, label=None) -> dict:
+    """Every file of ``files`` ({name: {size, sha256 and/or git_sha1}}) is in ``directory`` with that
+    size and every digest stated (streamed, one pass per file, one progress bar over all bytes);
+    otherwise an ``IntegrityError`` naming each bad file, with the expected and the found digest.
+    ``where`` maps a name to its ``CacheEntry`` (bytes checked to lie in the Hugging Face cache), so
+    the message says which cache files to delete, and only those; ``label`` names the files in it
+    (default: the directory). Returns ``{name: {size, sha256, git_sha1}}`` as found."""
     directory, where = Path(directory), where or {}
-    problems = []
-    present = {}
+    problems, present, found = [], {}, {}
 
     def blob(name):
         return f" ({where[name].advice()})" if name in where else ""
@@ -234,15 +264,18 @@ def verify_files(directory, files: dict, progress: bool = True, where: dict | No
             problems.append(f"{name}: size expected {entry['size']} bytes, found {path.stat().st_size}{blob(name)}")
         else:
             present[name] = path
-    with _bar(sum(files[n]["size"] for n in present), progress, "verifying sha256") as bar:
+    with _bar(sum(files[n]["size"] for n in present), progress, "verifying digests") as bar:
         for name, path in present.items():
-            found = sha256_file(path, bar.update)
-            if found != files[name]["sha256"]:
-                problems.append(f"{name}: sha256 expected {files[name]['sha256']}, found {found}{blob(name)}")
+            digests = file_digests(path, bar.update)
+            found[name] = {"size": path.stat().st_size, **digests}
+            for key in DIGESTS:
+                if files[name].get(key) is not None and files[name][key] != digests[key]:
+                    problems.append(f"{name}: {key} expected {files[name][key]}, found {digests[key]}{blob(name)}")
     if problems:
         raise IntegrityError(
             f"{label or directory}: {len(problems)} file(s) do not match the lock: " + "; ".join(problems)
         )
+    return found
 
 
 class CacheEntry:
@@ -336,27 +369,116 @@ def _discard_leftovers(out_dir: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def tree_listing(repo_id: str, commit: str, repo_type: str = "model", cache_dir=None) -> dict | None:
+    """``{path: {"size", "git_sha1", "lfs_sha256"}}`` of every file of ``repo_id`` at ``commit``, from the
+    Hub's tree listing (no download), or offline from the listing huggingface_hub cached beside an
+    earlier download of that commit (``trees/<commit>.json``); None offline without one."""
+    if _offline():
+        return _cached_tree(repo_id, commit, repo_type, cache_dir)
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    try:
+        listing = HfApi().list_repo_tree(repo_id, revision=commit, recursive=True, repo_type=repo_type)
+        return {
+            f.path: {
+                "size": f.size,
+                "git_sha1": f.blob_id,
+                "lfs_sha256": f.lfs.sha256 if f.lfs is not None else None,
+            }
+            for f in listing
+            if isinstance(f, RepoFile)
+        }
+    except OSError as e:  # huggingface_hub's HTTP errors are OSErrors
+        raise LockError(f"cannot list {repo_type} {repo_id}@{commit} on the Hub: {e}") from None
+
+
+def _cached_tree(repo_id: str, commit: str, repo_type: str, cache_dir) -> dict | None:
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub._tree_cache import read_tree_cache
+        from huggingface_hub.file_download import repo_folder_name
+    except ImportError:  # a huggingface_hub that caches no tree listing
+        return None
+    folder = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    entries = read_tree_cache(str(folder), commit)
+    if entries is None:
+        return None
+    return {name: {"size": e.size, "git_sha1": e.blob_id, "lfs_sha256": e.lfs_sha256} for name, e in entries.items()}
+
+
+def entry_from_tree(listed: dict) -> dict:
+    """A lock entry as the Hub states it: an LFS file by its sha256, a plain git file by its blob id."""
+    if listed.get("lfs_sha256"):
+        return {"size": listed["size"], "sha256": listed["lfs_sha256"]}
+    return {"size": listed["size"], "git_sha1": listed["git_sha1"]}
+
+
+def complete_lock(lock: dict, tree: dict | None, where) -> tuple[dict, list[str]]:
+    """The lock's files with every missing size and digest filled from ``tree`` (the Hub's listing at
+    the lock's commit), and the list of ``name.key`` values so filled. A value the lock states that the
+    tree contradicts is an ``IntegrityError`` naming the file and both values; a locked file the tree
+    lacks is a ``FileNotFoundError``; a lock still incomplete without a tree is a ``LockError``."""
+    files = {name: dict(entry) for name, entry in lock["files"].items()}
+    if tree is None:
+        if any(missing_values(e) for e in files.values()):
+            read_lock(where)  # raises, naming every missing value and the command that fills them
+        return files, []
+    absent = sorted(n for n in files if n not in tree)
+    if absent:
+        raise FileNotFoundError(f"{lock['repo_id']}@{lock['revision']} has no file(s) {', '.join(absent)} ({where})")
+    filled, problems = [], []
+    for name, entry in sorted(files.items()):
+        hub = entry_from_tree(tree[name])
+        for key, value in hub.items():
+            if entry.get(key) is None:  # the Hub's digest is checked after download beside the lock's own
+                entry[key] = value
+                filled.append(f"{name}.{key}")
+            elif entry[key] != value:
+                problems.append(f"{name}: {key} locked {entry[key]}, the Hub states {value}")
+        for key in [k for k in DIGESTS if k in entry and entry[k] is None]:
+            del entry[key]
+    if problems:
+        raise IntegrityError(
+            f"{where}: {len(problems)} value(s) disagree with the Hub's tree of {lock['repo_id']}@{lock['revision']} "
+            "(refused, nothing downloaded): " + "; ".join(problems)
+        )
+    return files, filled
+
+
 def fetch_checkpoint(lock_path, out_dir, cache_dir=None, progress: bool = True) -> Path:
     """Download the locked files at the locked commit (or take them from the Hugging Face cache;
-    offline with HF_HUB_OFFLINE=1), verify each against the lock, and write ``out_dir`` with a
-    ``checkpoint.json`` manifest. ``out_dir`` appears complete and verified, or not at all."""
-    lock = read_lock(lock_path)
+    offline with HF_HUB_OFFLINE=1), complete the lock's missing digests from the Hub's tree at that
+    commit, verify every file against every digest, and write ``out_dir`` with a ``checkpoint.json``
+    manifest of all it verified. ``out_dir`` appears complete and verified, or not at all."""
+    lock = read_lock(lock_path, complete=False)
     out_dir = Path(out_dir)
-    repo_id, revision, files = lock["repo_id"], lock["revision"], lock["files"]
+    repo_id, revision, repo_type = lock["repo_id"], lock["revision"], lock["repo_type"]
+    if revision is None:
+        read_lock(lock_path)  # raises: a lock without a commit pins nothing
+    tree = tree_listing(repo_id, revision, repo_type, cache_dir)
+    files, filled = complete_lock(lock, tree, lock_path)
     _discard_leftovers(out_dir)
-    snapshot = _snapshot(repo_id, revision, files, cache_dir=cache_dir, progress=progress, repo_type=lock["repo_type"])
+    snapshot = _snapshot(repo_id, revision, files, cache_dir=cache_dir, progress=progress, repo_type=repo_type)
     entries = _cache_entries(snapshot, files)  # before anything is written
     with atomic_path(out_dir, is_dir=True) as tmp:
         _materialise(entries, tmp)
-        verify_files(tmp, files, progress=progress, where=entries, label=f"{repo_id}@{revision} (for {out_dir})")
+        found = verify_files(
+            tmp, files, progress=progress, where=entries, label=f"{repo_id}@{revision} (for {out_dir})"
+        )
         manifest = {
             "source": "huggingface",
             "repo_id": repo_id,
+            "repo_type": repo_type,
             "revision": revision,
             "lock": Path(lock_path).name,
-            "files": files,
+            "files": found,
+            "verified": {name: sorted(k for k in entry if k in DIGESTS) for name, entry in files.items()},
+            "completed_from_hub": filled,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if filled:
+        log.info("%s: %d value(s) completed from the Hub's tree: %s", lock_path, len(filled), ", ".join(filled))
     log.info("%s@%s: %d files verified -> %s", repo_id, revision, len(files), out_dir)
     return out_dir
 
@@ -372,83 +494,74 @@ def verify_checkpoint(directory, progress: bool = False) -> dict:
     return manifest
 
 
-def _model_info(repo_id: str, revision: str):
-    """The Hub's record of ``repo_id`` at ``revision`` with per-file metadata (size, LFS sha256)."""
+def resolve_commit(repo_id: str, revision: str, repo_type: str = "model") -> str:
+    """The commit a branch, tag or commit names on the Hub (one request; none for a commit hash)."""
+    if _COMMIT.fullmatch(revision):
+        return revision
     from huggingface_hub import HfApi
-
-    return HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-
-
-def _lfs_field(lfs, key):
-    return lfs.get(key) if isinstance(lfs, dict) else getattr(lfs, key, None)
-
-
-def lock_checkpoint(repo_id: str, revision: str, files, out_lock, cache_dir=None, progress: bool = True) -> dict:
-    """Write the lock of ``files`` of ``repo_id`` at ``revision`` (a branch, tag or commit; the lock
-    records the commit it resolves to) from a download hashed here. Where the Hub states a file's LFS
-    sha256 or its size, the download must agree with it. Where ``out_lock`` already records a sum for
-    the same commit, the new one must agree with it too (a lock is regenerated, never silently changed);
-    at another commit, changed files are logged. The lock is written atomically."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
+    try:
+        commit = HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type).sha
+    except OfflineModeIsEnabled:
+        raise LockError(
+            "lock-checkpoint asks the Hub which commit and digests to trust: unset HF_HUB_OFFLINE"
+        ) from None
+    except OSError as e:
+        raise LockError(f"cannot resolve {repo_type} {repo_id}@{revision} on the Hub: {e}") from None
+    if not commit or not _COMMIT.fullmatch(commit):
+        raise LockError(f"the Hub gave no commit hash for {repo_id}@{revision} (got {commit!r})")
+    return commit
+
+
+def lock_checkpoint(repo_id: str, revision: str, files, out_lock, repo_type: str = "model") -> dict:
+    """Write the lock of ``files`` of ``repo_id`` at ``revision`` (a branch, tag or commit; the lock
+    records the commit it resolves to) from the Hub's tree listing at that commit, downloading
+    nothing: each file's size and the digest the Hub states for it. Where ``out_lock`` already records
+    a value for the same commit, the Hub must agree with it (a lock is regenerated, never silently
+    changed); at another commit, changed files are logged. The lock is written atomically."""
     files = sorted(dict.fromkeys(files))
     if not _REPO_ID.fullmatch(repo_id) or not files:
         raise LockError(f"cannot lock {repo_id!r}: " + ("no files" if files == [] else "repo id must be 'owner/name'"))
+    if repo_type not in REPO_TYPES:
+        raise LockError(f"cannot lock {repo_id}: repo_type must be one of {REPO_TYPES}, got {repo_type!r}")
     check_file_names(files, f"cannot lock {repo_id}")
-    try:
-        info = _model_info(repo_id, revision)
-    except OfflineModeIsEnabled:
-        raise LockError("lock-checkpoint asks the Hub which commit and sums to trust: unset HF_HUB_OFFLINE") from None
-    except OSError as e:
-        raise LockError(f"cannot resolve {repo_id}@{revision} on the Hub: {e}") from None
-    commit = info.sha
-    if not commit or not _COMMIT.fullmatch(commit):
-        raise LockError(f"the Hub gave no commit hash for {repo_id}@{revision} (got {commit!r})")
-    listed = {s.rfilename: s for s in (info.siblings or [])}
-    absent = [n for n in files if n not in listed]
+    if _offline():
+        raise LockError("lock-checkpoint asks the Hub which commit and digests to trust: unset HF_HUB_OFFLINE")
+    commit = resolve_commit(repo_id, revision, repo_type)
+    tree = tree_listing(repo_id, commit, repo_type)
+    absent = [n for n in files if n not in tree]
     if absent:
         raise FileNotFoundError(f"{repo_id}@{commit} has no file(s) {', '.join(absent)}")
-    snapshot = _snapshot(repo_id, commit, files, cache_dir=cache_dir, progress=progress)
-    cached = _cache_entries(snapshot, files)  # hash only bytes of the cache, never a file a link points to elsewhere
-    entries, problems = {}, []
-    with _bar(sum(cached[n].st.st_size for n in files), progress, "hashing") as bar:
-        for name in files:
-            path = cached[name].blob
-            digest, size = sha256_file(path, bar.update), path.stat().st_size
-            sibling = listed[name]
-            hub_sha, hub_size = _lfs_field(sibling.lfs, "sha256"), _lfs_field(sibling.lfs, "size")
-            hub_size = hub_size if hub_size is not None else sibling.size
-            if hub_sha is not None and hub_sha != digest:
-                problems.append(f"{name}: the Hub states LFS sha256 {hub_sha}, the download has {digest}")
-            if hub_size is not None and hub_size != size:
-                problems.append(f"{name}: the Hub states {hub_size} bytes, the download has {size}")
-            entries[name] = {"sha256": digest, "size": size}
-    problems += _disagreements(out_lock, repo_id, commit, entries)
+    entries = {name: entry_from_tree(tree[name]) for name in files}
+    problems, note = _disagreements(out_lock, repo_id, commit, entries)
     if problems:
-        raise IntegrityError(f"{repo_id}@{commit}: not locked, the download disagrees: " + "; ".join(problems))
-    lock = {"repo_id": repo_id, "revision": commit, "files": entries}
+        raise IntegrityError(f"{repo_id}@{commit}: not locked, the Hub disagrees with the lock: " + "; ".join(problems))
+    lock = {"repo_id": repo_id, "repo_type": repo_type, "revision": commit, "files": entries}
+    if note:
+        lock["note"] = note
     write_json(out_lock, lock)
-    log.info("locked %s@%s (%d files) -> %s", repo_id, commit, len(entries), out_lock)
+    log.info("locked %s@%s (%d files, from the Hub's tree) -> %s", repo_id, commit, len(entries), out_lock)
     return lock
 
 
-def _disagreements(out_lock, repo_id: str, commit: str, entries: dict) -> list[str]:
-    """Values an existing lock already records for the same repository and commit that the new
-    download contradicts (an error); at another commit, changes are only logged."""
+def _disagreements(out_lock, repo_id: str, commit: str, entries: dict) -> tuple[list[str], str | None]:
+    """Values an existing lock already records for the same repository and commit that the Hub
+    contradicts (an error), and the existing lock's note; at another commit, changes are only logged."""
     try:
         old = read_lock(out_lock, complete=False)
     except FileNotFoundError:
-        return []
+        return [], None
     if old["repo_id"] != repo_id:
-        return []
+        return [], None
     problems = []
     for name, entry in entries.items():
         before = old["files"].get(name) or {}
-        for key in ("sha256", "size"):
-            if before.get(key) is not None and before[key] != entry[key]:
+        for key in ("size", *DIGESTS):
+            if before.get(key) is not None and key in entry and before[key] != entry[key]:
                 if old["revision"] == commit:
                     problems.append(
-                        f"{name}: {out_lock} records {key} {before[key]} for this commit, the download has {entry[key]}"
+                        f"{name}: {out_lock} records {key} {before[key]} for this commit, the Hub {entry[key]}"
                     )
                 else:
                     log.warning(
@@ -460,7 +573,7 @@ def _disagreements(out_lock, repo_id: str, commit: str, entries: dict) -> list[s
                         entry[key],
                         commit,
                     )
-    return problems
+    return problems, old.get("note")
 
 
 def lock_files(lock_path) -> list[str]:

@@ -196,6 +196,21 @@ def sha256_file(path, on_block=None) -> str:
     return h.hexdigest()
 
 
+def file_digests(path, on_block=None) -> dict:
+    """``{"sha256", "git_sha1"}`` of a file in one streamed pass: sha256 is what an LFS file is known
+    by, the git blob id (``sha1(b"blob <size>\\0" + content)``) what a plain git file is known by on
+    the Hub; ``on_block(n)`` as in ``sha256_file``."""
+    size = os.path.getsize(path)
+    sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha256.update(block)
+            sha1.update(block)
+            if on_block is not None:
+                on_block(len(block))
+    return {"sha256": sha256.hexdigest(), "git_sha1": sha1.hexdigest()}
+
+
 def write_manifest(directory) -> None:
     """``SHA256SUMS`` of every file in ``directory`` (recursively), sorted by path."""
     directory = Path(directory)

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO_ID = "ByteDance-Seed/BAGEL-7B-MoT"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # fake: no real revision is needed offline
@@ -87,16 +86,3 @@ def leftovers(out: Path) -> list[Path]:
 def run_verb(*args, cache_root: Path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache_root)}
     return subprocess.run([UNISPARSE, "--no-progress", *args], capture_output=True, text=True, env=env)
-
-
-class FakeInfo:
-    """What HfApi.model_info(files_metadata=True) returns, for the fake repository."""
-
-    def __init__(self, files=FILES, commit=COMMIT, lfs_override=None):
-        self.sha = commit
-        self.siblings = []
-        for name, data in files.items():
-            lfs = None
-            if name.endswith(".safetensors"):
-                lfs = {"sha256": (lfs_override or {}).get(name, sha256(data)), "size": len(data), "pointer_size": 130}
-            self.siblings.append(SimpleNamespace(rfilename=name, size=len(data), blob_id="0" * 40, lfs=lfs))
