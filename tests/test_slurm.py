@@ -388,3 +388,26 @@ def test_the_profile_plans_the_papers_dag_by_default(tmp_path):
     print("jobs per rule:", counts, f"GPU-hours: {gpu_minutes / 60:.0f}")
     assert counts["download_tune_data"] == 1 and counts["prepare_tune_data"] == 1  # the tuning data, once
     assert gpu_minutes / 60 == 2 * 4 + 12 + 54 * 13 + 6 * 8 * 36 + 2  # + preparing the tuning latents
+
+
+def test_the_papers_dag_writes_nothing_into_a_finished_default_study(micro_run, tmp_path):
+    """On a checkout whose default study is complete (the micro study stands in: same `results/` and
+    `logs/`), `snakemake -n --profile slurm` plans only jobs whose outputs lie in the paper's own
+    subtree, and the default study still plans nothing."""
+    workdir = copy_worktree(tmp_path / "work")
+    for name in ("results", "logs", ".snakemake"):
+        shutil.copytree(micro_run / name, workdir / name, symlinks=True, ignore=shutil.ignore_patterns("locks"))
+    install_profile(workdir, tmp_path / "xdg")
+    paper = yaml.safe_load((workdir / "workflow/config/paper.yaml").read_text())
+    r = sh("snakemake", "-n", "--profile", "slurm", cwd=workdir, XDG_CONFIG_HOME=tmp_path / "xdg")
+    outputs = [
+        path
+        for line in re.findall(r"^\s+(?:output|log): (.*)$", r.stdout + r.stderr, flags=re.M)
+        for path in line.split(", ")
+    ]
+    assert len(outputs) > 100
+    own = (paper["results_dir"] + "/", paper["logs_dir"] + "/")
+    assert paper["results_dir"] != "results" and paper["logs_dir"] != "logs"
+    assert [p for p in outputs if not p.startswith(own)] == []
+    again = sh(str(BIN / "snakemake"), "-n", "--configfile", CONFIG, "--cores", "1", cwd=workdir)
+    assert "Nothing to be done" in again.stdout + again.stderr
