@@ -16,6 +16,7 @@ report: "workflow/report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/resources.smk"
+include: "rules/inputs.smk"
 include: "rules/checkpoint.smk"
 include: "rules/evaluate.smk"
 include: "rules/calibrate.smk"

@@ -3,6 +3,7 @@
 
 rule calibrate:
     input:
+        unpack(lambda w: calibration_inputs(w.task)),
         code=code("calibrate"),
         model=f"{R}/models/dense",
     output:
@@ -11,7 +12,7 @@ rule calibrate:
     wildcard_constraints:
         task=one_of(choices.TASKS),
     params:
-        spec=spec(config.get("calibrate", {})),
+        spec=spec(CALIB),
         runtime=runtime_args("calibrate"),
     threads: res("calibrate", "threads")
     resources:

@@ -35,10 +35,12 @@ if CHECKPOINT["source"] == "train":
 
 
 # The real checkpoint (config `checkpoint: {source: huggingface, lock: data/<name>.lock.json}`): the
-# Hub repository the lock names, at the lock's commit, every file checked against the lock's sha256.
+# Hub repository the lock names, at the lock's commit, every file checked against its digest (the
+# lock's, or the Hub's tree's at that commit where the lock leaves it null).
 # Only the lock is an input (its path and content decide the job; no params, which --lint would flag as a
-# hard-coded input path): a library edit must not re-download 30 GB. Offline with HF_HUB_OFFLINE=1
-# (the HF cache, HF_HUB_CACHE or HF_HOME, must then hold the locked commit).
+# hard-coded input path): a library edit must not re-download 30 GB. Offline with HF_HUB_OFFLINE=1 in
+# the user's environment (the HF cache, `hub.cache` or HF_HUB_CACHE or HF_HOME, must then hold the
+# locked commit).
 if CHECKPOINT["source"] == "huggingface":
     from unisparse.hub import checkpoint_name, read_lock
 
@@ -47,11 +49,16 @@ if CHECKPOINT["source"] == "huggingface":
     except (OSError, ValueError) as e:
         raise WorkflowError(f"invalid config: checkpoint.lock: {e}") from None
 
+    localrules:
+        download_checkpoint,
+
     rule download_checkpoint:
+        # a local rule (compute nodes are often offline), retried (downloads fail transiently)
         input:
             lock=CHECKPOINT["lock"],
         output:
             checkpoint=directory(f"{R}/checkpoints/{CHECKPOINT_NAME}"),
+        retries: 2
         threads: res("download", "threads")
         resources:
             **resources_for("download"),
@@ -62,7 +69,8 @@ if CHECKPOINT["source"] == "huggingface":
         conda:
             "../environment.yml"
         shell:
-            "unisparse --no-progress fetch-checkpoint --lock {input.lock:q} --out {output.checkpoint:q} 2> {log:q}"
+            # the user's own HF_HUB_OFFLINE (rules/inputs.smk), not the jobs' 1
+            'HF_HUB_OFFLINE="$UNISPARSE_HF_HUB_OFFLINE" unisparse --no-progress fetch-checkpoint --lock {input.lock:q} --out {output.checkpoint:q} 2> {log:q}'
 
     # The download as a unisparse model directory of its family (`model.family`): every tensor lands in
     # exactly one parameter (the loader names any missing, unexpected or mis-shaped key) and the tokenizer

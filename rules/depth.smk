@@ -4,9 +4,11 @@
 
 rule prune_depth:
     input:
+        unpack(lambda w: calibration_inputs(w.calib_task)),  # an iterative drop recalibrates
         code=code("prune-depth"),
         model=f"{R}/models/dense",
         stats=f"{R}/calibration/{{calib_task}}.safetensors",
+        **evaluation_inputs(),
     output:
         model=directory(f"{R}/models/{DEPTH_PATH}"),
         metrics=f"{R}/metrics/{DEPTH_PATH}.json",
@@ -19,8 +21,8 @@ rule prune_depth:
         mode=one_of(choices.DEPTH_MODES),
         drop=r"\d+",
     params:
-        eval=spec(config["evaluate"]),
-        calib=spec(config.get("calibrate", {})),
+        eval=spec(EVAL),
+        calib=spec(CALIB),
         meta=lambda w: spec({"stage": "depth", "variant_id": DEPTH_PATH.format(**w), **dict(w)}),
         iterative=lambda w: "--iterative" if w.mode == "iterative" else "",
         runtime=runtime_args("prune"),

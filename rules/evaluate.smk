@@ -5,12 +5,13 @@ rule evaluate:
     input:
         code=code("evaluate"),
         model=f"{R}/models/{{variant}}",
+        **evaluation_inputs(),
     output:
         f"{R}/metrics/{{variant}}.json",
     wildcard_constraints:
         variant="dense",
     params:
-        spec=spec(config["evaluate"]),
+        spec=spec(EVAL),
         meta=lambda w: spec({"stage": stage_of(w.variant), "variant_id": w.variant}),
         runtime=runtime_args("evaluate"),
     threads: res("evaluate", "threads")

@@ -7,13 +7,14 @@ rule partition:
         code=code("partition"),
         model=f"{R}/models/dense",
         stats=f"{R}/calibration/{MOE.get('calib_task', 'gen')}.safetensors",
+        **evaluation_inputs(),
     output:
         model=directory(f"{R}/models/{MOE_PATH}/none"),
         metrics=f"{R}/metrics/{MOE_PATH}/none.json",
     wildcard_constraints:
         **MOE_CONSTRAINTS,
     params:
-        eval=spec(config["evaluate"]),
+        eval=spec(EVAL),
         dense_layers=moe_dense_layers(),
         meta=lambda w: spec(moe_meta(w, "none")),
         seed=MOE.get("seed", 0),
@@ -40,6 +41,7 @@ rule tune_moe:
         code=code("tune-moe"),
         model=moe_tuning_input,
         **tuning_data_inputs(),
+        **evaluation_inputs(),
     output:
         model=directory(f"{R}/models/{MOE_PATH}/{{tuning}}"),
         metrics=f"{R}/metrics/{MOE_PATH}/{{tuning}}.json",
@@ -48,7 +50,7 @@ rule tune_moe:
         tuning=one_of(choices.TUNING_MODES),
         **MOE_CONSTRAINTS,
     params:
-        eval=spec(config["evaluate"]),
+        eval=spec(EVAL),
         tune=lambda w: spec(MOE["tune"][w.tuning]),
         meta=lambda w: spec(moe_meta(w, w.tuning)),
         checkpoints=lambda w: f"{R}/checkpoints/{MOE_PATH.format(**w)}/{w.tuning}",
@@ -77,6 +79,7 @@ rule tune_control:
         code=code("tune"),
         model=f"{R}/models/{{source}}",
         **tuning_data_inputs(),
+        **evaluation_inputs(),
     output:
         model=directory(f"{R}/models/tuned/{{source}}"),
         metrics=f"{R}/metrics/tuned/{{source}}.json",
@@ -84,7 +87,7 @@ rule tune_control:
     wildcard_constraints:
         source=CONTROL_SOURCE,
     params:
-        eval=spec(config["evaluate"]),
+        eval=spec(EVAL),
         tune=spec(MOE.get("tune", {}).get("full", {})),
         meta=lambda w: spec(control_meta(w.source)),
         component=MOE.get("component", "gen"),

@@ -63,7 +63,8 @@ if TUNE_DATA.get("lock"):
         conda:
             "../environment.yml"
         shell:
-            "unisparse --no-progress fetch-checkpoint --lock {input.lock:q} --out {output.raw:q} 2> {log:q}"
+            # the user's own HF_HUB_OFFLINE (rules/inputs.smk), not the jobs' 1
+            'HF_HUB_OFFLINE="$UNISPARSE_HF_HUB_OFFLINE" unisparse --no-progress fetch-checkpoint --lock {input.lock:q} --out {output.raw:q} 2> {log:q}'
 
 else:
     TUNE_DATA_RAW = TUNE_DATA.get("path")
@@ -82,7 +83,7 @@ if PREPARED:
             data=directory(PREPARED),
         params:
             settings=spec(PREPARE_SETTINGS),
-            benchmark=check_benchmarks(config["evaluate"].get("benchmarks"), implemented_only=False)["gen"],
+            benchmark=check_benchmarks(EVAL.get("benchmarks"), implemented_only=False)["gen"],
             runtime=runtime_args("prepare"),
         threads: res("prepare", "threads")
         resources:

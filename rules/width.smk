@@ -6,6 +6,7 @@ rule prune_width:
         code=code("prune-width"),
         model=f"{R}/models/dense",
         stats=width_calibration,
+        **evaluation_inputs(),
     output:
         model=directory(f"{R}/models/{WIDTH_PATH}"),
         metrics=f"{R}/metrics/{WIDTH_PATH}.json",
@@ -15,7 +16,7 @@ rule prune_width:
         score=one_of(choices.WIDTH_SCORES),
         keep_ratio=KEEP_RATIO_WILDCARD,
     params:
-        eval=spec(config["evaluate"]),
+        eval=spec(EVAL),
         meta=lambda w: spec({"stage": "width", "variant_id": WIDTH_PATH.format(**w), **dict(w), "keep_ratio": float(w.keep_ratio)}),
         calibration=lambda w, input: ["--calibration", *input.stats] if input.stats else [],
         seed=config.get("width", {}).get("seed", 0),

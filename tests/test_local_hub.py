@@ -6,6 +6,7 @@ naming the file, the expected and the found digest, and nothing lands under the 
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -157,13 +158,63 @@ def test_a_dataset_is_locked_and_fetched(tmp_path, local_hub):
 
 
 def test_shipped_locks_pass_the_structural_checks():
-    """Every lock under data/ pins one commit and a kind, and each file either states its size and a
-    digest or leaves them null for the fetch to complete from the tree at that commit: none refuses."""
+    """Every lock under data/ reads, names its kind, and each file states its size and a digest or
+    leaves them null for the fetch to complete from the tree at the lock's commit. The checkpoint's
+    and the tuning data's (the paper DAG's first jobs) pin a commit; a lock no public source gave a
+    commit for says so ("Unpinned:") and names the command that pins it, which its download asks for."""
     paths = sorted((REPO / "data").glob("*.lock.json"))
-    assert len(paths) >= 3
+    assert len(paths) >= 7
     for path in paths:
         lock = hub.read_lock(path, complete=False)
-        assert lock["revision"] is not None, path
         assert lock["repo_type"] in hub.REPO_TYPES
         for name, entry in lock["files"].items():
-            assert set(entry) >= {"size"} and set(entry) & set(hub.DIGESTS), (path, name)
+            assert "size" in entry and set(entry) & set(hub.DIGESTS), (path, name)
+        if lock["revision"] is None:
+            assert (
+                lock["note"].startswith("Unpinned:")
+                and f"lock-checkpoint --revision main --out data/{path.name}" in lock["note"]
+            )
+    for name in ("bagel-7b-mot", "qwen-image", "text-to-image-2m", "clip-vit-large-patch14", "mme"):
+        assert hub.read_lock(REPO / "data" / f"{name}.lock.json", complete=False)["revision"] is not None
+
+
+def test_an_input_is_fetched_into_the_cache_listed_by_pattern_and_read_offline(tmp_path, local_hub, monkeypatch):
+    """`fetch-input`: a dataset whose shards are listed by pattern is downloaded into the cache at
+    the locked commit, verified there, and described by a manifest; offline, the cache then serves
+    exactly that commit (what the evaluation jobs read)."""
+    files = {
+        "data/test-00000-of-00002.parquet": b"shard zero " * 50,
+        "data/test-00001-of-00002.parquet": b"shard one " * 50,
+        "data/val-00000-of-00001.parquet": b"not locked",
+        "README.md": b"# MME\n",
+    }
+    repo = local_hub.add("lmms-lab/MME", files, repo_type="dataset")
+    lock = {"repo_id": "lmms-lab/MME", "repo_type": "dataset", "revision": repo.commit}
+    path = write(tmp_path / "mme.lock.json", {**lock, "files": {}, "patterns": ["data/test-*.parquet"]})
+    manifest = hub.fetch_input(path, tmp_path / "inputs" / "mme.json", progress=False)
+    shards = sorted(n for n in files if n.startswith("data/test-"))
+    assert sorted(manifest["files"]) == shards and manifest["revision"] == repo.commit
+    assert json.loads((tmp_path / "inputs" / "mme.json").read_text()) == manifest
+    assert {f"{n} (matches data/test-*.parquet)" for n in shards} <= set(manifest["completed_from_hub"])
+    assert local_hub.count("val-00000") == 0
+
+    # the lock verb writes the matches out and keeps the pattern for the next lock
+    written = hub.lock_checkpoint(
+        "lmms-lab/MME", "main", [], tmp_path / "relocked.json", repo_type="dataset", patterns=["data/test-*"]
+    )
+    assert sorted(written["files"]) == shards and written["patterns"] == ["data/test-*"]
+
+    from unisparse.evaluate.mme import dataset_snapshot  # what the evaluation job reads through
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    before = local_hub.count()
+    folder = dataset_snapshot("lmms-lab/MME", manifest["revision"], ["data/test-*.parquet"])
+    assert (Path(folder) / shards[0]).read_bytes() == files[shards[0]] and local_hub.count() == before
+
+
+def test_a_lock_without_a_commit_is_refused_naming_the_command(tmp_path, local_hub, bagel):
+    path = write(tmp_path / "pope.lock.json", {"repo_id": REPO_ID, "revision": None, "files": {}, "patterns": ["*"]})
+    with pytest.raises(hub.LockError, match="unisparse lock-checkpoint") as err:
+        hub.fetch_input(path, tmp_path / "pope.json", progress=False)
+    assert "revision" in str(err.value) and local_hub.count() == 0 and not (tmp_path / "pope.json").exists()

@@ -67,6 +67,9 @@ MOE_CONTROLS = ("dense", "static")
 #: where tuning data comes from: the shapes world (the embedded default, drawn on the fly), WebDataset
 #: tars, BAGEL's T2I parquet, or captions only whose images the dense model samples (``teacher``)
 TUNE_DATA_SOURCES = ("shapes", "webdataset", "bagel_parquet", "teacher")
+#: the outside inputs a study reads from the Hugging Face cache, each pinned by a lock (``hub.inputs``):
+#: GenEval's detector and CLIP, MME, and the understanding calibration set (unisparse.hub_inputs)
+HUB_INPUT_ROLES = ("detector", "clip", "mme", "calib")
 #: what tuning minimises: the rectified-flow loss on the data, or the student's velocity against the
 #: frozen dense teacher's at the same x_t, t and prompt
 TUNE_OBJECTIVES = ("flow", "distill")

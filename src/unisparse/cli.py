@@ -622,16 +622,24 @@ def cmd_fetch_checkpoint(args) -> None:
     print(fetch_checkpoint(args.lock, args.out, cache_dir=args.cache_dir, progress=not args.no_progress))
 
 
+def cmd_fetch_input(args) -> None:
+    from .hub import fetch_input
+
+    manifest = fetch_input(args.lock, args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
+    print(f"{manifest['repo_id']}@{manifest['revision']}: {len(manifest['files'])} files verified -> {args.out}")
+
+
 def cmd_lock_checkpoint(args) -> None:
     from .hub import lock_checkpoint, lock_files, read_lock
 
-    existing = Path(args.out).is_file()
-    files = args.file or (lock_files(args.out) if existing else None)
-    repo_id = args.repo_id or (read_lock(args.out, complete=False)["repo_id"] if existing else None)
-    if not files or not repo_id:
+    old = read_lock(args.out, complete=False) if Path(args.out).is_file() else {}
+    files = args.file or (lock_files(args.out) if old else None)
+    patterns = [] if args.file else old.get("patterns", [])
+    repo_id = args.repo_id or old.get("repo_id")
+    if not (files or patterns) or not repo_id:
         raise UsageError(f"{args.out} does not exist: name the repository (--repo-id) and every file to lock (--file)")
-    repo_type = args.repo_type or (read_lock(args.out, complete=False)["repo_type"] if existing else "model")
-    lock = lock_checkpoint(repo_id, args.revision, files, args.out, repo_type=repo_type)
+    repo_type = args.repo_type or old.get("repo_type", "model")
+    lock = lock_checkpoint(repo_id, args.revision, files or [], args.out, repo_type=repo_type, patterns=patterns)
     print(f"{lock['repo_id']}@{lock['revision']}: {len(lock['files'])} files -> {args.out}")
 
 
@@ -647,6 +655,16 @@ def _register_checkpoint(sub) -> None:
     s.add_argument("--out", required=True, help="directory to write (appears complete and verified, or not at all)")
     s.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE, else HF_HOME/hub)")
     s.set_defaults(func=cmd_fetch_checkpoint)
+
+    s = sub.add_parser(
+        "fetch-input",
+        help="download a locked Hub input (detector, CLIP, benchmark dataset) into the Hugging Face cache "
+        "at its commit, verify it there and write a manifest; jobs then read it offline",
+    )
+    s.add_argument("--lock", required=True, help="lock file, e.g. data/mme.lock.json")
+    s.add_argument("--out", required=True, help="the manifest to write (JSON)")
+    s.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE, else HF_HOME/hub)")
+    s.set_defaults(func=cmd_fetch_input)
 
     s = sub.add_parser(
         "lock-checkpoint",

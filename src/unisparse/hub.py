@@ -19,6 +19,7 @@ DAG build) without it.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -41,7 +42,10 @@ MANIFEST = "checkpoint.json"
 RESERVED_TOP = (MANIFEST,)
 RESERVED_ANY_DEPTH = (MODEL_MANIFEST,)
 #: ``note`` is free text for people (where the values came from); the code ignores it
-LOCK_KEYS = ("repo_id", "repo_type", "revision", "files", "note")
+#: ``patterns`` (optional) lists files by glob where their names are not known ahead (a dataset's
+#: parquet shards): the fetch adds the files of the pinned commit's tree that match, each completed
+#: and verified as a listed one
+LOCK_KEYS = ("repo_id", "repo_type", "revision", "files", "patterns", "note")
 #: what a lock may pin: a model repository (the default) or a dataset repository
 REPO_TYPES = ("model", "dataset")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -51,6 +55,7 @@ DIGESTS = {"sha256": 64, "git_sha1": 40}
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # file names reach allow_patterns (fnmatch) and the file system: no glob characters, no escape
 _FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+_PATTERN = re.compile(r"[A-Za-z0-9_.*?-]+(/[A-Za-z0-9_.*?-]+)*")
 
 
 class LockError(ValueError):
@@ -88,17 +93,26 @@ def read_lock(path, complete: bool = True) -> dict:
         raise LockError(f"{path}: repo_id must be 'owner/name', got {repo_id!r}")
     if revision is not None and (not isinstance(revision, str) or not _COMMIT.fullmatch(revision)):
         raise LockError(f"{path}: revision must be a 40-hex commit hash (a branch or tag moves), got {revision!r}")
-    if not isinstance(files, dict) or not files:
-        raise LockError(f"{path}: files must be a non-empty mapping of file name -> {{sha256, size}}")
+    patterns = lock.setdefault("patterns", [])
+    if not isinstance(patterns, list) or not all(
+        isinstance(p, str) and _PATTERN.fullmatch(p) and ".." not in p.split("/") for p in patterns
+    ):
+        raise LockError(f"{path}: patterns must be a list of relative globs (letters, digits, '.', '_', '-', '*', '?')")
+    if not isinstance(files, dict) or not (files or patterns):
+        raise LockError(
+            f"{path}: files must be a non-empty mapping of file name -> {{size, digest}} (or give patterns)"
+        )
     if lock.setdefault("repo_type", "model") not in REPO_TYPES:
         raise LockError(f"{path}: repo_type must be one of {REPO_TYPES}, got {lock['repo_type']!r}")
     check_file_names(files, path)
     for name, entry in files.items():
         check_entry(entry, f"{path}: files[{name!r}]")
     if complete:
-        unfilled = (["revision"] if revision is None else []) + [
-            f"{name} ({'/'.join(missing_values(files[name]))})" for name in files if missing_values(files[name])
-        ]
+        unfilled = (
+            (["revision"] if revision is None else [])
+            + [f"the files matching {p}" for p in patterns]
+            + [f"{name} ({'/'.join(missing_values(files[name]))})" for name in files if missing_values(files[name])]
+        )
         if unfilled:
             raise LockError(
                 f"{path} is not filled in: no value for {', '.join(unfilled)}. Nothing is downloaded "
@@ -420,14 +434,24 @@ def complete_lock(lock: dict, tree: dict | None, where) -> tuple[dict, list[str]
     tree contradicts is an ``IntegrityError`` naming the file and both values; a locked file the tree
     lacks is a ``FileNotFoundError``; a lock still incomplete without a tree is a ``LockError``."""
     files = {name: dict(entry) for name, entry in lock["files"].items()}
+    patterns = lock.get("patterns") or []
     if tree is None:
-        if any(missing_values(e) for e in files.values()):
+        if patterns or any(missing_values(e) for e in files.values()):
             read_lock(where)  # raises, naming every missing value and the command that fills them
         return files, []
     absent = sorted(n for n in files if n not in tree)
     if absent:
         raise FileNotFoundError(f"{lock['repo_id']}@{lock['revision']} has no file(s) {', '.join(absent)} ({where})")
     filled, problems = [], []
+    for pattern in patterns:
+        matches = sorted(n for n in tree if fnmatch.fnmatchcase(n, pattern))
+        if not matches:
+            raise FileNotFoundError(f"{lock['repo_id']}@{lock['revision']} has no file matching {pattern} ({where})")
+        check_file_names(matches, f"{where} (files matching {pattern})")
+        for name in matches:
+            if name not in files:
+                files[name] = {"size": None, "sha256": None, "git_sha1": None}
+                filled.append(f"{name} (matches {pattern})")
     for name, entry in sorted(files.items()):
         hub = entry_from_tree(tree[name])
         for key, value in hub.items():
@@ -446,41 +470,72 @@ def complete_lock(lock: dict, tree: dict | None, where) -> tuple[dict, list[str]
     return files, filled
 
 
-def fetch_checkpoint(lock_path, out_dir, cache_dir=None, progress: bool = True) -> Path:
-    """Download the locked files at the locked commit (or take them from the Hugging Face cache;
-    offline with HF_HUB_OFFLINE=1), complete the lock's missing digests from the Hub's tree at that
-    commit, verify every file against every digest, and write ``out_dir`` with a ``checkpoint.json``
-    manifest of all it verified. ``out_dir`` appears complete and verified, or not at all."""
+def _locked_snapshot(lock_path, cache_dir, progress: bool, before_download=None):
+    """The lock, completed from the Hub's tree at its commit, and the checked cache entries of its
+    files (downloaded into the cache as needed): what both fetches start from."""
     lock = read_lock(lock_path, complete=False)
-    out_dir = Path(out_dir)
     repo_id, revision, repo_type = lock["repo_id"], lock["revision"], lock["repo_type"]
     if revision is None:
         read_lock(lock_path)  # raises: a lock without a commit pins nothing
     tree = tree_listing(repo_id, revision, repo_type, cache_dir)
     files, filled = complete_lock(lock, tree, lock_path)
-    _discard_leftovers(out_dir)
+    if before_download is not None:
+        before_download()
     snapshot = _snapshot(repo_id, revision, files, cache_dir=cache_dir, progress=progress, repo_type=repo_type)
-    entries = _cache_entries(snapshot, files)  # before anything is written
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        _materialise(entries, tmp)
-        found = verify_files(
-            tmp, files, progress=progress, where=entries, label=f"{repo_id}@{revision} (for {out_dir})"
-        )
-        manifest = {
-            "source": "huggingface",
-            "repo_id": repo_id,
-            "repo_type": repo_type,
-            "revision": revision,
-            "lock": Path(lock_path).name,
-            "files": found,
-            "verified": {name: sorted(k for k in entry if k in DIGESTS) for name, entry in files.items()},
-            "completed_from_hub": filled,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return lock, files, filled, snapshot, _cache_entries(snapshot, files)
+
+
+def _manifest(lock_path, lock: dict, files: dict, found: dict, filled: list) -> dict:
+    return {
+        "source": "huggingface",
+        "repo_id": lock["repo_id"],
+        "repo_type": lock["repo_type"],
+        "revision": lock["revision"],
+        "lock": Path(lock_path).name,
+        "files": found,
+        "verified": {name: sorted(k for k in entry if k in DIGESTS) for name, entry in files.items()},
+        "completed_from_hub": filled,
+    }
+
+
+def _log_fetch(lock_path, lock: dict, filled: list, n_files: int, where) -> None:
     if filled:
         log.info("%s: %d value(s) completed from the Hub's tree: %s", lock_path, len(filled), ", ".join(filled))
-    log.info("%s@%s: %d files verified -> %s", repo_id, revision, len(files), out_dir)
+    log.info("%s@%s: %d files verified -> %s", lock["repo_id"], lock["revision"], n_files, where)
+
+
+def fetch_checkpoint(lock_path, out_dir, cache_dir=None, progress: bool = True) -> Path:
+    """Download the locked files at the locked commit (or take them from the Hugging Face cache;
+    offline with HF_HUB_OFFLINE=1), complete the lock's missing digests from the Hub's tree at that
+    commit, verify every file against every digest, and write ``out_dir`` with a ``checkpoint.json``
+    manifest of all it verified. ``out_dir`` appears complete and verified, or not at all."""
+    out_dir = Path(out_dir)
+    lock, files, filled, _, entries = _locked_snapshot(
+        lock_path, cache_dir, progress, before_download=lambda: _discard_leftovers(out_dir)
+    )
+    label = f"{lock['repo_id']}@{lock['revision']} (for {out_dir})"
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        _materialise(entries, tmp)
+        found = verify_files(tmp, files, progress=progress, where=entries, label=label)
+        manifest = _manifest(lock_path, lock, files, found, filled)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    _log_fetch(lock_path, lock, filled, len(files), out_dir)
     return out_dir
+
+
+def fetch_input(lock_path, out_manifest, cache_dir=None, progress: bool = True) -> dict:
+    """An outside input read in place from the Hugging Face cache (a detector, a benchmark dataset):
+    download the locked files at the locked commit into the cache, complete and verify them as
+    ``fetch_checkpoint`` does, in the cache itself, and write ``out_manifest`` (atomically): the
+    repository, the commit the jobs read (``revision``) and every digest verified. Jobs
+    that take the manifest as input then read that commit offline."""
+    lock, files, filled, snapshot, entries = _locked_snapshot(lock_path, cache_dir, progress)
+    label = f"{lock['repo_id']}@{lock['revision']} (in {snapshot})"
+    found = verify_files(snapshot, files, progress=progress, where=entries, label=label)
+    manifest = _manifest(lock_path, lock, files, found, filled)  # no cache path: the same on every machine
+    write_json(out_manifest, manifest)
+    _log_fetch(lock_path, lock, filled, len(files), f"{snapshot} (manifest {out_manifest})")
+    return manifest
 
 
 def verify_checkpoint(directory, progress: bool = False) -> dict:
@@ -514,14 +569,16 @@ def resolve_commit(repo_id: str, revision: str, repo_type: str = "model") -> str
     return commit
 
 
-def lock_checkpoint(repo_id: str, revision: str, files, out_lock, repo_type: str = "model") -> dict:
+def lock_checkpoint(repo_id: str, revision: str, files, out_lock, repo_type: str = "model", patterns=()) -> dict:
     """Write the lock of ``files`` of ``repo_id`` at ``revision`` (a branch, tag or commit; the lock
     records the commit it resolves to) from the Hub's tree listing at that commit, downloading
     nothing: each file's size and the digest the Hub states for it. Where ``out_lock`` already records
     a value for the same commit, the Hub must agree with it (a lock is regenerated, never silently
-    changed); at another commit, changed files are logged. The lock is written atomically."""
-    files = sorted(dict.fromkeys(files))
-    if not _REPO_ID.fullmatch(repo_id) or not files:
+    changed); at another commit, changed files are logged. ``patterns``: files listed by glob, the
+    matches at that commit are written out (and the patterns kept, for the next lock). The lock is
+    written atomically."""
+    files, patterns = sorted(dict.fromkeys(files)), list(patterns)
+    if not _REPO_ID.fullmatch(repo_id) or not (files or patterns):
         raise LockError(f"cannot lock {repo_id!r}: " + ("no files" if files == [] else "repo id must be 'owner/name'"))
     if repo_type not in REPO_TYPES:
         raise LockError(f"cannot lock {repo_id}: repo_type must be one of {REPO_TYPES}, got {repo_type!r}")
@@ -533,11 +590,19 @@ def lock_checkpoint(repo_id: str, revision: str, files, out_lock, repo_type: str
     absent = [n for n in files if n not in tree]
     if absent:
         raise FileNotFoundError(f"{repo_id}@{commit} has no file(s) {', '.join(absent)}")
+    for pattern in patterns:
+        matches = sorted(n for n in tree if fnmatch.fnmatchcase(n, pattern))
+        if not matches:
+            raise FileNotFoundError(f"{repo_id}@{commit} has no file matching {pattern}")
+        check_file_names(matches, f"{repo_id}@{commit} (files matching {pattern})")
+        files = sorted({*files, *matches})
     entries = {name: entry_from_tree(tree[name]) for name in files}
     problems, note = _disagreements(out_lock, repo_id, commit, entries)
     if problems:
         raise IntegrityError(f"{repo_id}@{commit}: not locked, the Hub disagrees with the lock: " + "; ".join(problems))
     lock = {"repo_id": repo_id, "repo_type": repo_type, "revision": commit, "files": entries}
+    if patterns:
+        lock["patterns"] = patterns
     if note:
         lock["note"] = note
     write_json(out_lock, lock)

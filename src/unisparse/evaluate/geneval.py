@@ -68,7 +68,9 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 GENEVAL_DEFAULTS = dict(
     geneval_prompts="long",  # the paper's scripts (and BAGEL's run_geneval.sh) generate from the long prompts
     detector=DEFAULT_DETECTOR,
+    detector_revision=None,  # a commit (or branch) in the cache; None = the cache's refs/main
     clip=DEFAULT_CLIP,
+    clip_revision=None,
     samples_per_prompt=4,
     max_prompts_per_tag=None,  # None: all 553 prompts
     gen_seed=0,
@@ -351,14 +353,17 @@ def summarize(per_image: Iterable[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the models
-def _pretrained(cls, name: str, cache_dir=None, **kwargs):
-    """``cls.from_pretrained`` from the local Hugging Face cache only: evaluation never downloads."""
+def _pretrained(cls, name: str, cache_dir=None, revision=None, **kwargs):
+    """``cls.from_pretrained`` at ``revision`` (None: the cache's refs/main) from the local Hugging Face
+    cache only: evaluation never downloads."""
     try:
-        return cls.from_pretrained(name, local_files_only=True, cache_dir=cache_dir, **kwargs)
+        return cls.from_pretrained(name, local_files_only=True, cache_dir=cache_dir, revision=revision, **kwargs)
     except OSError as err:
+        at = f"@{revision}" if revision else ""
         raise OSError(
-            f"{name} is not in the local Hugging Face cache (HF_HUB_CACHE / HF_HOME); download it "
-            f"once where the network is reachable (`hf download {name}`): {err}"
+            f"{name}{at} is not in the local Hugging Face cache (HF_HUB_CACHE / HF_HOME); a study fetches "
+            f"it with its download rule (hub.inputs, a lock under data/), or fetch it once where the network "
+            f"is reachable (`unisparse fetch-input --lock LOCK --out MANIFEST`): {err}"
         ) from err
 
 
@@ -418,6 +423,7 @@ class Detector:
         device="cpu",
         dtype=torch.float32,
         cache_dir=None,
+        revision=None,
         batch_size: int = 4,
         test_scale: tuple = (800, 1333),
         size_divisor: int = 32,
@@ -426,8 +432,8 @@ class Detector:
     ):
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        processor = _pretrained(AutoImageProcessor, name, cache_dir)
-        self.model = _pretrained(Mask2FormerForUniversalSegmentation, name, cache_dir, dtype=dtype)
+        processor = _pretrained(AutoImageProcessor, name, cache_dir, revision)
+        self.model = _pretrained(Mask2FormerForUniversalSegmentation, name, cache_dir, revision, dtype=dtype)
         self.model.to(device).eval()
         self.device, self.dtype = torch.device(device), dtype
         self.classnames = object_names()
@@ -520,13 +526,19 @@ class ColourClassifier:
     classifiers are cached per class name, as GenEval caches them."""
 
     def __init__(
-        self, name: str = DEFAULT_CLIP, device="cpu", dtype=torch.float32, cache_dir=None, batch_size: int = 32
+        self,
+        name: str = DEFAULT_CLIP,
+        device="cpu",
+        dtype=torch.float32,
+        cache_dir=None,
+        batch_size: int = 32,
+        revision=None,
     ):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        self.tokenizer = _pretrained(AutoTokenizer, name, cache_dir)
-        processor = _pretrained(AutoImageProcessor, name, cache_dir)
-        self.model = _pretrained(CLIPModel, name, cache_dir, dtype=dtype)
+        self.tokenizer = _pretrained(AutoTokenizer, name, cache_dir, revision)
+        processor = _pretrained(AutoImageProcessor, name, cache_dir, revision)
+        self.model = _pretrained(CLIPModel, name, cache_dir, revision, dtype=dtype)
         self.model.to(device).eval()
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, int(batch_size)
         size = processor.size
@@ -700,8 +712,10 @@ def run_geneval(
     generate_folder(model, tokenizer, items, out_dir, spec, progress)
     t1 = time.perf_counter()
     device = getattr(model, "device", "cpu")
-    detector = detector or Detector(spec["detector"], device=device, batch_size=spec["batch_size"])
-    classifier = classifier or ColourClassifier(spec["clip"], device=device)
+    detector = detector or Detector(
+        spec["detector"], device=device, batch_size=spec["batch_size"], revision=spec["detector_revision"]
+    )
+    classifier = classifier or ColourClassifier(spec["clip"], device=device, revision=spec["clip_revision"])
     per_image = score_folder(out_dir, detector, classifier, [i for i, _ in items], spec["batch_size"], progress)
     t2 = time.perf_counter()
     for r in per_image:

@@ -35,7 +35,7 @@ EVAL_DEFAULTS = dict(
     threads=2,
     latency_repeats=3,
     # the real benchmarks' own settings (read only when `benchmarks` names them)
-    **{k: GENEVAL_DEFAULTS[k] for k in ("geneval_prompts", "detector", "clip")},
+    **{k: GENEVAL_DEFAULTS[k] for k in ("geneval_prompts", "detector", "detector_revision", "clip", "clip_revision")},
     **{k: v for k, v in MME_DEFAULTS.items() if k != "batch_size"},
 )
 
