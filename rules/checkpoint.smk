@@ -86,6 +86,8 @@ if CHECKPOINT["source"] == "huggingface":
                 model=directory(f"{R}/models/dense"),
             params:
                 expect=spec(MODEL_SIZES),
+                # the image sides the config plans with (BAGEL's own where it names none)
+                sides=[f"--{k.replace('_', '-')}={MODEL_SIZES[k]}" for k in ("image_size", "vit_image_size") if k in MODEL_SIZES],
                 runtime=runtime_args("import"),
             threads: res("import", "threads")
             resources:
@@ -97,7 +99,7 @@ if CHECKPOINT["source"] == "huggingface":
             conda:
                 "../environment.yml"
             shell:
-                "unisparse --no-progress import-bagel {params.runtime:q} --src {input.checkpoint:q} --expect {params.expect:q}"
+                "unisparse --no-progress import-bagel {params.runtime:q} --src {input.checkpoint:q} {params.sides:q} --expect {params.expect:q}"
                 " --out {output.model:q} 2> {log:q}"
 
     else:  # qwen_image: the diffusers snapshot, with the family's settings (image sizes, templates)
