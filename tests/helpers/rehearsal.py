@@ -16,6 +16,7 @@ from helpers.tune_data import CAPTIONS, write_tar
 #: lock file name (data/rehearsal/) -> (repository kind, repository id)
 LOCKS = {
     "bagel-7b-mot.lock.json": ("model", "ByteDance-Seed/BAGEL-7B-MoT"),
+    "qwen-image.lock.json": ("model", "Qwen/Qwen-Image"),
     "mask2former-swin-small-coco-instance.lock.json": ("model", "facebook/mask2former-swin-small-coco-instance"),
     "clip-vit-large-patch14.lock.json": ("model", "openai/clip-vit-large-patch14"),
     "mme.lock.json": ("dataset", "lmms-lab/MME"),
@@ -30,17 +31,14 @@ def files_of(directory: Path) -> dict:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def bagel_repositories(root: Path) -> dict:
-    """{(kind, repo id): {path: bytes}} of the BAGEL study's inputs at toy sizes."""
-    from unisparse.models.bagel import write_fake_checkpoint
-
-    write_fake_checkpoint(root / "bagel", sizes={"image_size": 32})
+def evaluation_repositories(root: Path) -> dict:
+    """{(kind, repo id): {path: bytes}} of the inputs every study reads besides its checkpoint: the
+    GenEval detector and CLIP, MME, POPE and the tuning data, at toy sizes."""
     tiny_detector(root / "detector", "cat")
     tiny_clip(root / "clip")
     pope = parquet_bytes(pope_rows(), POPE_COLUMNS)
     write_tar(root / "t2i" / "data_000000.tar", CAPTIONS[:6], size=(48, 40))
     return {
-        LOCKS["bagel-7b-mot.lock.json"]: files_of(root / "bagel"),
         LOCKS["mask2former-swin-small-coco-instance.lock.json"]: files_of(root / "detector"),
         LOCKS["clip-vit-large-patch14.lock.json"]: files_of(root / "clip"),
         LOCKS["mme.lock.json"]: mme_files(mme_rows()),
@@ -49,6 +47,22 @@ def bagel_repositories(root: Path) -> dict:
             "data_1024_10K/data_000000.tar": (root / "t2i/data_000000.tar").read_bytes()
         },
     }
+
+
+def bagel_repositories(root: Path) -> dict:
+    """The paper study's inputs: a BAGEL-7B-MoT checkpoint in BAGEL's layout at toy sizes, and the rest."""
+    from unisparse.models.bagel import write_fake_checkpoint
+
+    write_fake_checkpoint(root / "bagel", sizes={"image_size": 32})
+    return {LOCKS["bagel-7b-mot.lock.json"]: files_of(root / "bagel"), **evaluation_repositories(root)}
+
+
+def qwen_image_repositories(root: Path) -> dict:
+    """The Qwen-Image study's inputs: a tiny pipeline in the diffusers layout, and the rest."""
+    from helpers.qwen_image import write_tiny_pipeline
+
+    write_tiny_pipeline(root / "qwen-image")
+    return {LOCKS["qwen-image.lock.json"]: files_of(root / "qwen-image"), **evaluation_repositories(root)}
 
 
 def serve(hub: LocalHub, repositories: dict) -> dict:
