@@ -411,3 +411,44 @@ def test_the_papers_dag_writes_nothing_into_a_finished_default_study(micro_run, 
     assert [p for p in outputs if not p.startswith(own)] == []
     again = sh(str(BIN / "snakemake"), "-n", "--configfile", CONFIG, "--cores", "1", cwd=workdir)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_the_rehearsals_download_is_local_and_its_evaluation_a_slurm_job(cluster, tmp_path, local_hub):
+    """The paper rehearsal through the profile on the test cluster, up to the dense model's
+    evaluation: the locked downloads run as local rules on the submitting host (against the local
+    Hub), the import and the evaluation (a GPU kind in paper.yaml) as SLURM jobs, offline."""
+    from helpers.rehearsal import bagel_repositories, serve, write_locks
+
+    repositories = bagel_repositories(tmp_path / "repos")
+    commits = serve(local_hub, repositories)
+    remote = copy_worktree(tmp_path / "slurm")
+    write_locks(remote, repositories, commits)
+    install_profile(remote, tmp_path / "xdg")
+    config = "workflow/config/rehearsal_paper.yaml"
+    r = sh(
+        "snakemake",
+        "results/rehearsal_paper/metrics/dense.json",
+        "--profile",
+        "slurm",
+        "--configfile",
+        config,
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        cwd=remote,
+        check=False,
+        XDG_CONFIG_HOME=tmp_path / "xdg",
+    )
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, f"{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
+    submitted = {int(a): b for a, b in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log)}
+    jobs = {(rule, is_local, jobid) for is_local, rule, jobid, _, _ in jobs_in_log(log)}
+    records = controller_records(cluster)
+    ran = {}
+    for rule, is_local, jobid in jobs:
+        ran.setdefault(rule, set()).add(is_local)
+        if not is_local:
+            assert records[submitted[jobid]]["JobState"] == "COMPLETED", rule
+    assert ran["download_checkpoint"] == {True} and ran["download_input"] == {True}
+    assert ran["import_checkpoint"] == {False} and ran["evaluate"] == {False}
+    metrics = json.loads((remote / "results/rehearsal_paper/metrics/dense.json").read_text())
+    assert {"geneval", "mme"} <= set(metrics["eval"]["benchmarks"].values())
