@@ -68,8 +68,8 @@ if CHECKPOINT["source"] == "huggingface":
             f"{LOGS}/benchmarks/download_checkpoint.tsv"
         conda:
             "../environment.yml"
+        # the user's own HF_HUB_OFFLINE (rules/inputs.smk), not the jobs' 1
         shell:
-            # the user's own HF_HUB_OFFLINE (rules/inputs.smk), not the jobs' 1
             'HF_HUB_OFFLINE="$UNISPARSE_HF_HUB_OFFLINE" unisparse --no-progress fetch-checkpoint --lock {input.lock:q} --out {output.checkpoint:q} 2> {log:q}'
 
     # The download as a unisparse model directory of its family (`model.family`): every tensor lands in

@@ -62,6 +62,6 @@ if HUB_LOCKS:
             f"{LOGS}/download_input/{{role}}.log",
         conda:
             "../environment.yml"
+        # the user's own HF_HUB_OFFLINE, not the jobs' 1
         shell:
-            # the user's own HF_HUB_OFFLINE, not the jobs' 1
             'HF_HUB_OFFLINE="$UNISPARSE_HF_HUB_OFFLINE" unisparse --no-progress fetch-input --lock {input.lock:q} --out {output:q} 2> {log:q}'

@@ -62,8 +62,8 @@ if TUNE_DATA.get("lock"):
             f"{LOGS}/download_tune_data.log",
         conda:
             "../environment.yml"
+        # the user's own HF_HUB_OFFLINE (rules/inputs.smk), not the jobs' 1
         shell:
-            # the user's own HF_HUB_OFFLINE (rules/inputs.smk), not the jobs' 1
             'HF_HUB_OFFLINE="$UNISPARSE_HF_HUB_OFFLINE" unisparse --no-progress fetch-checkpoint --lock {input.lock:q} --out {output.raw:q} 2> {log:q}'
 
 else:

@@ -5,6 +5,7 @@ network cut, a rerun plans nothing and a forced evaluation runs from the cache a
 import csv
 
 import pytest
+import yaml
 
 from helpers.rehearsal import bagel_repositories, qwen_image_repositories, serve, write_locks
 from helpers.workflow import copy_workflow, failed_job_logs, planned_jobs, snakemake
@@ -58,6 +59,9 @@ def test_the_real_dag_rehearsed_against_the_local_hub(tmp_path, local_hub, monke
             assert {"GenEval", "MME"} <= benchmarks, (table, variant, benchmarks)
     served = local_hub.count("/resolve/")
     assert served > 0
+    cache = yaml.safe_load((workdir / config).read_text())["hub"]["cache"]
+    if cache:  # the config's cache, not the environment's, is the one every rule used
+        assert (workdir / cache / "datasets--lmms-lab--MME").is_dir()
 
     # the network cut: the Hub stopped and HF_HUB_OFFLINE=1 in the user's environment
     local_hub.stop()

@@ -342,6 +342,7 @@ def test_the_profile_plans_the_papers_dag_by_default(tmp_path):
     kind = {
         "download_checkpoint": "download",
         "download_tune_data": "download",
+        "download_input": "download",
         "import_checkpoint": "import",
         "prepare_tune_data": "prepare",
         "calibrate": "calibrate",
@@ -387,6 +388,7 @@ def test_the_profile_plans_the_papers_dag_by_default(tmp_path):
     assert counts["partition"] == 2 and counts["tune_moe"] == 4 and counts["tune_control"] == 2
     print("jobs per rule:", counts, f"GPU-hours: {gpu_minutes / 60:.0f}")
     assert counts["download_tune_data"] == 1 and counts["prepare_tune_data"] == 1  # the tuning data, once
+    assert counts["download_checkpoint"] == 1 and counts["download_input"] == 4  # detector, CLIP, MME, POPE
     assert gpu_minutes / 60 == 2 * 4 + 12 + 54 * 13 + 6 * 8 * 36 + 2  # + preparing the tuning latents
 
 
