@@ -4,23 +4,17 @@ digests (as the shipped BAGEL lock does) is completed from that tree at fetch ti
 records every digest verified; bytes that differ from a digest, the lock's or the tree's, are refused
 naming the file, the expected and the found digest, and nothing lands under the final path."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from helpers.hub import FILES, NAME, REPO_ID, leftovers
-from helpers.local_hub import git_blob_id
+from helpers.hub import FILES, NAME, REPO_ID, git_blob_id, leftovers, sha256
 from helpers.workflow import REPO
 from unisparse import hub
 from unisparse.io import IntegrityError
 
 LFS = ("ae.safetensors", "ema.safetensors")
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def expected_entry(name: str) -> dict:

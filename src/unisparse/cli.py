@@ -630,17 +630,24 @@ def cmd_fetch_input(args) -> None:
 
 
 def cmd_lock_checkpoint(args) -> None:
-    from .hub import lock_checkpoint, lock_files, read_lock
+    from .hub import lock_checkpoint, read_lock
 
     old = read_lock(args.out, complete=False) if Path(args.out).is_file() else {}
-    files = args.file or (lock_files(args.out) if old else None)
+    files = args.file or sorted(old.get("files", {}))
     patterns = [] if args.file else old.get("patterns", [])
     repo_id = args.repo_id or old.get("repo_id")
     if not (files or patterns) or not repo_id:
         raise UsageError(f"{args.out} does not exist: name the repository (--repo-id) and every file to lock (--file)")
     repo_type = args.repo_type or old.get("repo_type", "model")
-    lock = lock_checkpoint(repo_id, args.revision, files or [], args.out, repo_type=repo_type, patterns=patterns)
+    lock = lock_checkpoint(repo_id, args.revision, files, args.out, repo_type=repo_type, patterns=patterns)
     print(f"{lock['repo_id']}@{lock['revision']}: {len(lock['files'])} files -> {args.out}")
+
+
+def _fetch_arguments(s, lock_example: str, out_help: str) -> None:
+    """The arguments both fetch verbs take: the lock, what to write, the cache."""
+    s.add_argument("--lock", required=True, help=f"lock file, e.g. {lock_example}")
+    s.add_argument("--out", required=True, help=out_help)
+    s.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE, else HF_HOME/hub)")
 
 
 def _register_checkpoint(sub) -> None:
@@ -651,9 +658,9 @@ def _register_checkpoint(sub) -> None:
         help="download a Hub checkpoint at its locked commit, every file checked "
         "against the lock's sha256 (offline from the HF cache with HF_HUB_OFFLINE=1)",
     )
-    s.add_argument("--lock", required=True, help="lock file, e.g. data/bagel-7b-mot.lock.json")
-    s.add_argument("--out", required=True, help="directory to write (appears complete and verified, or not at all)")
-    s.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE, else HF_HOME/hub)")
+    _fetch_arguments(
+        s, "data/bagel-7b-mot.lock.json", "directory to write (appears complete and verified, or not at all)"
+    )
     s.set_defaults(func=cmd_fetch_checkpoint)
 
     s = sub.add_parser(
@@ -661,9 +668,7 @@ def _register_checkpoint(sub) -> None:
         help="download a locked Hub input (detector, CLIP, benchmark dataset) into the Hugging Face cache "
         "at its commit, verify it there and write a manifest; jobs then read it offline",
     )
-    s.add_argument("--lock", required=True, help="lock file, e.g. data/mme.lock.json")
-    s.add_argument("--out", required=True, help="the manifest to write (JSON)")
-    s.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE, else HF_HOME/hub)")
+    _fetch_arguments(s, "data/mme.lock.json", "the manifest to write (JSON)")
     s.set_defaults(func=cmd_fetch_input)
 
     s = sub.add_parser(

@@ -428,6 +428,16 @@ def entry_from_tree(listed: dict) -> dict:
     return {"size": listed["size"], "git_sha1": listed["git_sha1"]}
 
 
+def matching(tree: dict, pattern: str, where: str) -> list[str]:
+    """The files of ``tree`` a lock's ``pattern`` lists, each a name a lock may hold; none is a
+    ``FileNotFoundError`` (``where``: the repository at its commit, and the lock)."""
+    matches = sorted(n for n in tree if fnmatch.fnmatchcase(n, pattern))
+    if not matches:
+        raise FileNotFoundError(f"{where}: no file matches {pattern}")
+    check_file_names(matches, f"{where} (files matching {pattern})")
+    return matches
+
+
 def complete_lock(lock: dict, tree: dict | None, where) -> tuple[dict, list[str]]:
     """The lock's files with every missing size and digest filled from ``tree`` (the Hub's listing at
     the lock's commit), and the list of ``name.key`` values so filled. A value the lock states that the
@@ -444,11 +454,7 @@ def complete_lock(lock: dict, tree: dict | None, where) -> tuple[dict, list[str]
         raise FileNotFoundError(f"{lock['repo_id']}@{lock['revision']} has no file(s) {', '.join(absent)} ({where})")
     filled, problems = [], []
     for pattern in patterns:
-        matches = sorted(n for n in tree if fnmatch.fnmatchcase(n, pattern))
-        if not matches:
-            raise FileNotFoundError(f"{lock['repo_id']}@{lock['revision']} has no file matching {pattern} ({where})")
-        check_file_names(matches, f"{where} (files matching {pattern})")
-        for name in matches:
+        for name in matching(tree, pattern, f"{lock['repo_id']}@{lock['revision']} ({where})"):
             if name not in files:
                 files[name] = {"size": None, "sha256": None, "git_sha1": None}
                 filled.append(f"{name} (matches {pattern})")
@@ -554,15 +560,10 @@ def resolve_commit(repo_id: str, revision: str, repo_type: str = "model") -> str
     if _COMMIT.fullmatch(revision):
         return revision
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import OfflineModeIsEnabled
 
     try:
         commit = HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type).sha
-    except OfflineModeIsEnabled:
-        raise LockError(
-            "lock-checkpoint asks the Hub which commit and digests to trust: unset HF_HUB_OFFLINE"
-        ) from None
-    except OSError as e:
+    except OSError as e:  # offline is refused before (lock_checkpoint)
         raise LockError(f"cannot resolve {repo_type} {repo_id}@{revision} on the Hub: {e}") from None
     if not commit or not _COMMIT.fullmatch(commit):
         raise LockError(f"the Hub gave no commit hash for {repo_id}@{revision} (got {commit!r})")
@@ -591,11 +592,7 @@ def lock_checkpoint(repo_id: str, revision: str, files, out_lock, repo_type: str
     if absent:
         raise FileNotFoundError(f"{repo_id}@{commit} has no file(s) {', '.join(absent)}")
     for pattern in patterns:
-        matches = sorted(n for n in tree if fnmatch.fnmatchcase(n, pattern))
-        if not matches:
-            raise FileNotFoundError(f"{repo_id}@{commit} has no file matching {pattern}")
-        check_file_names(matches, f"{repo_id}@{commit} (files matching {pattern})")
-        files = sorted({*files, *matches})
+        files = sorted({*files, *matching(tree, pattern, f"{repo_id}@{commit}")})
     entries = {name: entry_from_tree(tree[name]) for name in files}
     problems, note = _disagreements(out_lock, repo_id, commit, entries)
     if problems:
@@ -639,8 +636,3 @@ def _disagreements(out_lock, repo_id: str, commit: str, entries: dict) -> tuple[
                         commit,
                     )
     return problems, old.get("note")
-
-
-def lock_files(lock_path) -> list[str]:
-    """The file list of an existing lock (filled in or not): the default of ``lock-checkpoint``."""
-    return sorted(read_lock(lock_path, complete=False)["files"])

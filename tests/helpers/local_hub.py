@@ -25,12 +25,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from helpers.hub import git_blob_id
+
 #: file names stored in LFS on the Hub (weights, archives, parquet), as ``.gitattributes`` usually says
 LFS_SUFFIXES = (".safetensors", ".bin", ".parquet", ".tar", ".pt", ".pth", ".png", ".jpg", ".zip", ".gz")
-
-
-def git_blob_id(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def lfs_pointer(data: bytes) -> bytes:
