@@ -48,6 +48,14 @@ def torchrun(*argv, cwd):
     return proc
 
 
+def weights(model_dir) -> dict:
+    """Every tensor of a model directory, whether in one file or in the sharded layout."""
+    found = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        found.update(load_file(str(path)))
+    return found
+
+
 def max_relative_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp(min=1e-12)) for k in a)
@@ -86,7 +94,7 @@ def test_two_process_tuning_equals_one_process(moe_dir, tmp_path):
         "cpu",
         cwd=tmp_path,
     )
-    got = load_file(str(tmp_path / "out/model.safetensors"))
+    got = weights(tmp_path / "out")
     assert max_relative_difference(got, want) < 1e-4
     two = json.loads((tmp_path / "summary.json").read_text())
     assert two["processes"] == 2
@@ -114,7 +122,7 @@ def test_two_process_tuning_on_prepared_latents_equals_one_process(moe_dir, tmp_
     torchrun("-m", "unisparse", "--no-progress", "tune-moe", moe_dir, "--mode", "full", "--spec", json.dumps(spec),
              "--data", tmp_path / "data", "--summary", tmp_path / "summary.json", "--out", tmp_path / "out",
              "--device", "cpu", *extra, cwd=tmp_path)  # fmt: skip
-    got = load_file(str(tmp_path / "out/model.safetensors"))
+    got = weights(tmp_path / "out")
     assert max_relative_difference(got, model.state_dict()) < 1e-4
     two = json.loads((tmp_path / "summary.json").read_text())
     assert two["processes"] == 2 and two["data"] == summary["data"]
@@ -169,8 +177,8 @@ def test_interrupted_two_process_tuning_resumes_to_the_same_weights(moe_dir, tmp
         cwd=tmp_path,
     )
     assert "resuming full tuning from step 2" in proc.stderr
-    straight = load_file(str(tmp_path / "straight/model.safetensors"))
-    resumed = load_file(str(tmp_path / "resumed/model.safetensors"))
+    straight = weights(tmp_path / "straight")
+    resumed = weights(tmp_path / "resumed")
     assert max_relative_difference(resumed, straight) < 1e-6
     assert not (tmp_path / "ck").exists(), "a finished run leaves no checkpoint"
 

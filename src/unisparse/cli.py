@@ -229,11 +229,17 @@ def _output_settings(args) -> tuple[dict, dict]:
 def _finish(family, args, settings: tuple[dict, dict]) -> None:
     """Save a derived model atomically and, if asked, evaluate it in the same process (saves the
     seconds of a second interpreter start per grid point)."""
-    from .io import write_json
     from .text import tokenizer_files
 
-    eval_spec, meta = settings
     family.save(args.out, extra_files=tokenizer_files(args.model_dir))  # the tokenizer travels along
+    _evaluate(family, args, settings)
+
+
+def _evaluate(family, args, settings: tuple[dict, dict]) -> None:
+    """Evaluate a model just written to ``args.out`` into ``args.metrics``, if asked."""
+    from .io import write_json
+
+    eval_spec, meta = settings
     if args.metrics:
         from .evaluate import evaluate_model
 
@@ -449,7 +455,8 @@ def cmd_tune_moe(args) -> None:
     if spec.get("objective", TUNE_DEFAULTS["objective"]) == "distill" and not args.teacher:
         raise UsageError("--spec: objective distill needs --teacher (the dense model the tuned one came from)")
     data = _tuning_data(args)
-    family, _ = _load(args)
+    sharded = _sharded_tuning(args, spec)
+    family, digest = sharded if sharded else _load(args)
     teacher = None
     if args.teacher:
         from .families import load_family
@@ -464,14 +471,68 @@ def cmd_tune_moe(args) -> None:
         progress=not args.no_progress,
         data=data,
         teacher=teacher,
+        input_digest=digest,
     )
+    if sharded:
+        _finish_sharded(family, args, settings)
+    elif world().is_main:
+        _finish(family, args, settings)
     if not world().is_main:
-        return  # under torchrun: rank 0 holds the gathered weights and writes everything
-    _finish(family, args, settings)
+        return  # under torchrun: rank 0 writes the summary and removes the checkpoints
     if args.summary:
         write_json(args.summary, summary)
     if args.checkpoint_dir:
         shutil.rmtree(args.checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
+
+
+def _sharded_tuning(args, spec: dict):
+    """``(family, input digest)`` of a tuning that runs sharded (several processes, fp32 master
+    weights for a lower-precision model, or activation checkpointing): the model built on the meta
+    device and each rank filled with its own rows from the files (``sharding``); None for a plain
+    single-process run, which loads the model whole as before."""
+    from .distributed import single_process_group, world
+    from .families import family_class, family_name_of
+    from .io import verify_model_dir
+    from .moe.tune import TUNE_DEFAULTS, trainable_names
+    from .sharding import WeightFiles, shard, streamed_state_digest
+    from .spec import merge_spec
+    from .trainloop import master_dtype_of
+
+    cfg = merge_spec(TUNE_DEFAULTS, spec, "tuning")
+    device, dtype = _runtime(args)
+    w = world(device)
+    cls = family_class(family_name_of(args.model_dir))
+    family = cls.load_empty(args.model_dir, dtype)
+    model_dtype = family.dtype
+    master = master_dtype_of(cfg, model_dtype)
+    if not (w.sharded or master != model_dtype or cfg["activation_checkpointing"]):
+        return None
+    if not w.sharded:
+        single_process_group(device)
+    if w.is_main:
+        verify_model_dir(args.model_dir)  # once, not by every rank
+    w.barrier()
+    names = trainable_names(family, args.component, args.mode)
+    source = WeightFiles(args.model_dir, family.weight_layout())
+    shard(family, names, device, model_dtype, master, cfg["activation_checkpointing"], source=source)
+    family.model.eval()
+    return family, streamed_state_digest(family.model, source, w, device, model_dtype)
+
+
+def _finish_sharded(family, args, settings) -> None:
+    """Write a sharded model unit by unit (every rank takes part), then evaluate the written
+    directory in the main process (one device holds the model for inference)."""
+    from .distributed import world
+    from .sharding import save_sharded
+    from .text import tokenizer_files
+
+    w = world()
+    save_sharded(family, args.out, w, dtype=family.dtype, extra_files=tokenizer_files(args.model_dir))
+    if w.is_main and args.metrics:
+        from .families import load_family
+
+        device, dtype = _runtime(args)
+        _evaluate(load_family(args.out, device=device, dtype=dtype), args, settings)
 
 
 def _tuning_data(args):

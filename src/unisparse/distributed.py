@@ -1,10 +1,10 @@
 """Several processes under ``torchrun``: FSDP2 sharding and the global batch split across ranks.
 
-With one process (no ``torchrun``, or ``--nproc-per-node 1``) nothing here does anything: the
-training loop runs on the model it was given. With ``WORLD_SIZE > 1`` the loop trains a sharded
-twin of the model (``fully_shard`` per decoder layer, then the root) built on the meta device and
-filled from the model's weights, and copies the trained weights back at the end, so callers keep
-working with an ordinary model and checkpoints stay ordinary files (gathered on rank 0).
+With one process in fp32 (no ``torchrun``, or ``--nproc-per-node 1``) nothing here does anything:
+the training loop runs on the model it was given. With ``WORLD_SIZE > 1``, or a bf16 model whose
+trainable parameters keep fp32 master weights, the loop trains a model sharded with FSDP2 over the
+units its family names (``sharding``): built from the files by the CLI (no rank holds the whole
+model), or a twin of a model in memory (library use) whose trained weights are copied back.
 Every rank draws the whole global batch from the same seeded generators and keeps its slice, so a
 run on N processes sees exactly the samples, noise and dropout of a run on one.
 """
@@ -16,9 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-#: model methods that run a forward pass without calling ``forward`` (FSDP2 must unshard for them)
-FORWARD_METHODS = ("flow_loss", "velocity_at", "understanding_logits", "generate_images")
 
 
 @dataclass(frozen=True)
@@ -67,29 +64,49 @@ def rank_device(device, w: World):
     return device
 
 
-def sharded_twin(model, trainable: set[str], device):
-    """A copy of ``model`` sharded with FSDP2 over the process group, holding its weights (the MoT
-    family: its decoder layers are the units sharded)."""
-    if not hasattr(model, "layers") or not hasattr(model, "config"):
-        raise ValueError(
-            f"sharded training under torchrun supports the MoT family only, not {type(model).__name__}: "
-            "run this family's tuning as one process"
-        )
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+def single_process_group(device) -> None:
+    """A process group of one (no torchrun): what FSDP2 needs to keep fp32 master weights of a
+    bf16 model in a single process, exactly as a sharded run does."""
+    if not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
 
-    with torch.device("meta"):
-        twin = type(model)(model.config).to(model.dtype)
-    for layer in twin.layers:
-        fully_shard(layer)
-    fully_shard(twin)
-    for name in FORWARD_METHODS:
-        register_fsdp_forward_method(twin, name)
-    twin.to_empty(device=device)
-    set_model_state_dict(twin, model.state_dict(), options=StateDictOptions(full_state_dict=True))
-    for name, p in twin.named_parameters():
-        p.requires_grad_(name in trainable)
-    return twin
+
+def is_sharded(model) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors) already."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def sharded_twin(family, trainable: set[str], device, master_dtype=torch.float32, activation_checkpointing=False):
+    """A copy of ``family.model`` sharded with FSDP2 over the process group, filled from the model
+    in memory (library use; the CLI builds the sharded model from the files, ``sharding``):
+    trainable parameters in ``master_dtype``, frozen ones in the model's dtype."""
+    import copy
+
+    from torch import nn
+
+    from .sharding import shard
+
+    model = family.model
+    memo = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+    twin = copy.deepcopy(model, memo)
+    model_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    return shard(family.with_model(twin), trainable, device, model_dtype, master_dtype, activation_checkpointing,
+                 state=state)  # fmt: skip
+
+
+def all_finite(params: dict, names, w: "World") -> list[str]:
+    """Names of the trained tensors holding a non-finite value on any rank (each rank checks its
+    own shard; the flags are summed over the group)."""
+    from .sharding import local_part
+
+    flags = torch.tensor([0.0 if bool(torch.isfinite(local_part(params[n].detach())).all()) else 1.0 for n in names])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags)
+    return [n for n, f in zip(names, flags.tolist()) if f > 0]
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

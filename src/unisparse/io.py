@@ -293,10 +293,17 @@ def _configs(model) -> dict:
 def state_digest(model) -> str:
     """sha256 of a model's config and every tensor (name, dtype, shape, bytes) as it is in memory:
     identifies the input of a run whose model never touched a file (library use)."""
+    return state_digest_of(model, sorted(model.state_dict().items()))
+
+
+def state_digest_of(model, tensors) -> str:
+    """``state_digest`` of ``model``'s config with ``tensors`` (``(name, tensor)`` in name order,
+    possibly read one at a time from files: a sharded run's input identity, equal to the digest of
+    the same model loaded whole)."""
     import torch
 
     h = hashlib.sha256(json.dumps(_configs(model), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in tensors:
         t = tensor.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -7,7 +7,8 @@ function that draws one global batch from the loop's generators and returns this
 clipping, the loss history, checkpoints, resumption and sharding.
 
 Checkpoints hold the trained parameters, the optimizer state and the generators' states in
-safetensors + JSON (no pickle), written atomically every ``checkpoint_every`` steps with the hash of
+safetensors + JSON (no pickle), each process writing its own shard (``Checkpoint``), atomically
+every ``checkpoint_every`` steps with the hash of
 the run's input model, of its data source and of its settings. A checkpoint is resumed only when all
 of them match (otherwise training starts over and the log says why); a resumed run ends with the
 weights and the loss history an uninterrupted run reaches.
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import distributed
@@ -71,21 +73,10 @@ def check_trainable_dtype(dtype, what: str) -> None:
         )
 
 
-def check_finite_weights(model, names, what: str) -> None:
-    """Every trained parameter finite, else ``NonFiniteError`` naming the first few."""
-    params = dict(model.named_parameters())
-    bad = [n for n in names if not bool(torch.isfinite(params[n].detach()).all())]
-    if bad:
-        raise NonFiniteError(
-            f"{what}: {len(bad)} trained tensor(s) hold non-finite values ({', '.join(bad[:4])}"
-            f"{', ...' if len(bad) > 4 else ''}); nothing was saved"
-        )
-
-
 def _step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, w) -> bool:
     """Whether this step's loss and gradient norm are finite on every process (one flag all-reduced
     under torchrun, so all ranks stop together instead of one waiting in a collective)."""
-    grad_norm = distributed.full_tensor(grad_norm) if w.sharded else grad_norm
+    grad_norm = distributed.full_tensor(grad_norm)  # a DTensor whenever the model is sharded
     bad = (~torch.isfinite(loss.detach().float())).float() + (~torch.isfinite(grad_norm.detach().float())).float()
     if w.sharded:
         bad = bad.reshape(1).clone()
@@ -94,32 +85,62 @@ def _step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, w) -> bool:
 
 
 class Checkpoint:
-    """``<dir>/last``: the state of a run at a step, and what the run was made from."""
+    """``<dir>/last``: the state of a run at a step, and what the run was made from.
+
+    Each process writes its own rows of the trained parameters and of their optimizer state
+    (``rank-0000r-of-0000n.safetensors``, with each tensor's global rows in the file's metadata),
+    so no process gathers anything; the main process adds ``meta.json`` (step, generators, data
+    position, history, provenance and every file's sha256). Loading reads, for each tensor, the rows
+    this process holds now from whichever files hold them: a checkpoint resumes on any number of
+    processes. Safetensors and JSON only (``torch.distributed.checkpoint``'s own format pickles its
+    metadata, which this project never unpickles)."""
 
     def __init__(self, directory, provenance: dict):
         self.path = Path(directory) / "last"
+        self.staging = Path(directory) / "last.staging"
         self.source = self.path  # where ``resumable`` found the checkpoint to resume
         self.provenance = provenance
 
+    @staticmethod
+    def _tensors(params: dict, names, opt) -> dict[str, torch.Tensor]:
+        """The trained state by name: ``param.<n>`` and ``opt.<n>.<state>`` (possibly sharded)."""
+        tensors = {f"param.{n}": params[n].detach() for n in names}
+        for n in names:
+            for k, v in opt.state.get(params[n], {}).items():
+                tensors[f"opt.{n}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach()
+        return tensors
+
     def save(self, step: int, params: dict, names, opt, rng, gen, history: list, world, data=None) -> None:
-        tensors = {f"param.{n}": distributed.full_tensor(params[n].detach()).cpu().contiguous() for n in names}
-        for i, p in enumerate(opt.param_groups[0]["params"]):
-            for k, v in opt.state.get(p, {}).items():
-                v = v if torch.is_tensor(v) else torch.tensor(v)
-                tensors[f"opt.{i}.{k}"] = distributed.full_tensor(v.detach()).cpu().clone().contiguous()
-        tensors["rng.torch"] = gen.get_state()
+        from .sharding import local_part, local_rows
+
+        tensors = self._tensors(params, names, opt)
+        local = {k: local_part(v).cpu().contiguous() for k, v in tensors.items()}
+        rows = {k: [*local_rows(v), v.shape[0] if v.dim() else 0] for k, v in tensors.items()}
+        if world.is_main:
+            local["rng.torch"] = gen.get_state()
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir(parents=True)
+        world.barrier()
+        name = f"rank-{world.rank:05d}-of-{world.size:05d}.safetensors"
+        save_file(local, str(self.staging / name), metadata={"rows": json.dumps(rows)})
+        world.barrier()
         if world.is_main:
             with atomic_path(self.path, is_dir=True) as tmp:
-                save_file(tensors, str(tmp / "state.safetensors"))
+                files = {}
+                for f in sorted(self.staging.iterdir()):
+                    files[f.name] = sha256_file(f)
+                    os.replace(f, tmp / f.name)
                 meta = {
                     "step": step,
                     "numpy_rng": rng.bit_generator.state,
                     "history": history,
-                    "state_sha256": sha256_file(tmp / "state.safetensors"),
+                    "processes": world.size,
+                    "files": files,
                     **({"data_position": data.state()} if data is not None else {}),
                     **self.provenance,
                 }
                 (tmp / "meta.json").write_text(json.dumps(meta))
+            shutil.rmtree(self.staging, ignore_errors=True)
         world.barrier()
 
     def resumable(self) -> tuple[dict | None, str]:
@@ -144,24 +165,74 @@ class Checkpoint:
         ):
             if meta.get(key) != self.provenance[key]:
                 return None, f"it was made from {what}"
-        state = self.source / "state.safetensors"
-        if not state.is_file() or sha256_file(state) != meta.get("state_sha256"):
-            return None, "its state.safetensors is missing or corrupted"
+        if not meta.get("files"):
+            return None, "it was written in an older format (one gathered state file)"
+        for name, digest in meta["files"].items():
+            path = self.source / name
+            if not path.is_file() or sha256_file(path) != digest:
+                return None, f"its {name} is missing or corrupted"
         return meta, ""
 
     def load(self, meta: dict, params: dict, names, opt, rng, gen, data=None) -> None:
-        tensors = load_file(str(self.source / "state.safetensors"))
+        from safetensors import safe_open
+
+        from .sharding import local_part, local_rows
+
+        handles = [safe_open(str(self.source / f), framework="pt") for f in sorted(meta["files"])]
+        pieces = [(h, json.loads(h.metadata()["rows"])) for h in handles]
+
+        def read(key: str, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
+            if like.dim() == 0:
+                return handles[0].get_tensor(key)  # a scalar (the optimizer's step): the same on every rank
+            parts = []
+            for handle, rows in pieces:
+                a, b, _ = rows[key]
+                lo, hi = max(a, start), min(b, stop)
+                if lo < hi:
+                    parts.append(handle.get_slice(key)[lo - a : hi - a])
+            got = torch.cat(parts) if parts else torch.empty((0, *like.shape[1:]), dtype=like.dtype)
+            if got.shape[0] != stop - start:
+                raise ValueError(f"checkpoint {self.source}: rows {start}:{stop} of {key} are not all stored")
+            return got
+
         with torch.no_grad():
             for n in names:
-                params[n].copy_(distributed.shard_like(tensors[f"param.{n}"], params[n]))
-        for i, p in enumerate(opt.param_groups[0]["params"]):
-            state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+                p = params[n]
+                local_part(p).copy_(read(f"param.{n}", *local_rows(p), p))
+        # the optimizer's state, built as AdamW would (same layout as its parameter), then filled
+        stored = {k for h in handles for k in h.keys()}
+        for n in names:
+            p = params[n]
+            state = {}
+            for key in sorted(k for k in stored if k.startswith(f"opt.{n}.")):
+                k = key[len(f"opt.{n}.") :]
+                if k == "step":
+                    state[k] = read(key, 0, 0, torch.zeros(()))
+                else:
+                    value = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    local_part(value).copy_(read(key, *local_rows(p), p))
+                    state[k] = value
             if state:
-                opt.state[p] = {k: (v if k == "step" else distributed.shard_like(v, p)) for k, v in state.items()}
-        gen.set_state(tensors["rng.torch"])
+                opt.state[p] = state
+        gen.set_state(handles[0].get_tensor("rng.torch"))
         rng.bit_generator.state = meta["numpy_rng"]
         if data is not None:
             data.restore(meta["data_position"])
+
+
+def master_dtype_of(cfg: dict, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype trainable parameters are kept and updated in: ``master_dtype`` of the settings
+    (``float32``, the default; ``model``: the model's own dtype, pure bf16 AdamW, which rounds away
+    updates smaller than half a bf16 ulp of the weight)."""
+    value = cfg.get("master_dtype", "float32")
+    if value == "model":
+        return model_dtype
+    from .runtime import resolve_dtype
+
+    dtype = resolve_dtype(value)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"master_dtype {value!r}: master weights must be float32 (or 'model')")
+    return dtype
 
 
 def run_training(
@@ -176,6 +247,8 @@ def run_training(
     stop_after: int | None = None,
     log_every: int = 50,
     data=None,
+    family=None,
+    input_digest: str | None = None,
 ) -> dict:
     """Train ``names`` of ``model`` in place for ``cfg["steps"]`` steps.
 
@@ -184,23 +257,45 @@ def run_training(
     draws) and returns the loss on ``world``'s slice. ``stop_after`` ends early (to test resumption).
     ``data``: a reader of prepared data with ``digest`` (its identity, recorded instead of the shapes
     world's) and ``state()`` / ``restore(state)`` (its reading position, kept in every checkpoint).
+    ``family``: the model's family adapter (which units shard; default ``families.family_for``);
+    ``input_digest``: the input's identity (default: the hash of the model's tensors, which a model
+    already sharded from its files cannot give: the CLI passes its directory's hash).
+    A model that is sharded already (``sharding.shard``) is trained as it is and stays sharded
+    (the caller writes it, ``sharding.save_sharded``); otherwise, under torchrun or with fp32 master
+    weights for a lower-precision model, a sharded twin trains and its weights are copied back.
     Returns the loss history (every ``log_every`` steps and the last), seconds and the resume step.
     """
     missing = [k for k in LOOP_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"{what} settings lack {missing}")
     device = next(model.parameters()).device
-    check_trainable_dtype(next(model.parameters()).dtype, what)
+    frozen_dtype = next(
+        (p.dtype for n, p in model.named_parameters() if n not in names and p.is_floating_point()),
+        next(model.parameters()).dtype,
+    )
+    check_trainable_dtype(frozen_dtype, what)
+    master = master_dtype_of(cfg, frozen_dtype)
     w = distributed.world(device)
     provenance = {
-        "input_model_sha256": state_digest(model),
+        "input_model_sha256": input_digest or state_digest(model),
         "data_sha256": data.digest if data is not None else data_digest(),
         "spec": json.loads(json.dumps(cfg)),
         "names": list(names),
     }
-    trained = distributed.sharded_twin(model, set(names), device) if w.sharded else model
+    frozen_by_design = {n for n, p in model.named_parameters() if not p.requires_grad and n not in names}
+    if distributed.is_sharded(model):
+        trained = model
+    elif w.sharded or master != frozen_dtype or cfg.get("activation_checkpointing"):
+        if not w.sharded:
+            distributed.single_process_group(device)
+        from .families import family_for
+
+        trained = distributed.sharded_twin(
+            family or family_for(model), set(names), device, master, bool(cfg.get("activation_checkpointing"))
+        )
+    else:
+        trained = model
     params = dict(trained.named_parameters())
-    frozen_by_design = {n for n, p in model.named_parameters() if not p.requires_grad}  # e.g. sin-cos tables
     for n, p in params.items():
         p.requires_grad_(n in names)
     opt = torch.optim.AdamW(
@@ -253,9 +348,14 @@ def run_training(
         if ckpt is not None and ((step + 1) % cfg.get("checkpoint_every", steps) == 0 or step + 1 == steps):
             ckpt.save(step + 1, params, names, opt, rng, gen, history, w, data)
     trained.eval()
-    if w.sharded:
+    bad = distributed.all_finite(params, names, w)
+    if bad:
+        raise NonFiniteError(
+            f"{what}: {len(bad)} trained tensor(s) hold non-finite values ({', '.join(bad[:4])}"
+            f"{', ...' if len(bad) > 4 else ''}); nothing was saved"
+        )
+    if trained is not model:
         distributed.copy_back(trained, model, w)
-    check_finite_weights(model, names, what)
     model.eval()
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen_by_design)

@@ -128,7 +128,38 @@ class Family:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The model's dtype: that of its frozen weights where some are (a sharded run keeps its
+        trainable ones as fp32 master weights), else of its first parameter."""
+        frozen = (p.dtype for p in self.model.parameters() if p.is_floating_point() and not p.requires_grad)
+        return next(frozen, None) or next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------------ sharding (FSDP2)
+    @classmethod
+    def load_empty(cls, model_dir, dtype=None) -> "Family":
+        """The family of ``model_dir`` with every parameter on the meta device (buffers real) and
+        the files' headers checked against it: what a rank of a sharded run starts from (it then
+        reads only its own rows, ``sharding.WeightFiles``)."""
+        raise NotImplementedError(f"the {cls.name} family cannot be loaded sharded")
+
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks FSDP2 shards one by one (decoder layers, transformer blocks): each is gathered
+        alone in forward, backward and when the model is written."""
+        raise NotImplementedError(f"the {self.name} family names no shardable blocks")
+
+    def shard_roots(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        """The modules sharded last, holding what no unit holds, with the methods other than
+        ``forward`` that run a pass through them (FSDP2 must unshard for those too)."""
+        return [(self.model, ())]
+
+    def weight_layout(self) -> list[tuple[str, str, str]]:
+        """``[(state-dict name prefix, sub-directory, file stem)]``: where a saved model directory
+        keeps each part's safetensors (the stem of ``<stem>-0000i-of-0000n.safetensors``)."""
+        return [("", ".", "model")]
+
+    def save_metadata(self, out_dir) -> None:
+        """Everything of a saved model directory except its weights and tokenizer files (configs,
+        index files): what ``sharding.save_sharded`` writes beside the weights it streams."""
+        raise NotImplementedError(f"the {self.name} family cannot be written sharded")
 
     def with_model(self, model: nn.Module) -> "Family":
         """The same adapter around another instance of the same model (the training loop's sharded

@@ -22,6 +22,8 @@ from ..models.modeling_mot import MoTForUnifiedModel
 from .base import Family, ImageGeometry
 
 LAYERS_PREFIX = "language_model.model.layers."
+#: the model's methods that run a pass without calling ``forward`` (a sharded run unshards for them)
+FORWARD_METHODS = ("flow_loss", "velocity_at", "understanding_logits", "generate_images")
 
 
 class MoTFamily(Family):
@@ -41,6 +43,22 @@ class MoTFamily(Family):
         from ..text import tokenizer_for
 
         return cls(load_model(model_dir, device=device, dtype=dtype), tokenizer or tokenizer_for(model_dir))
+
+    @classmethod
+    def load_empty(cls, model_dir, dtype=None) -> "MoTFamily":
+        from ..models.loading import empty_model
+        from ..text import tokenizer_for
+
+        return cls(empty_model(model_dir, dtype), tokenizer_for(model_dir))
+
+    def shard_units(self) -> list:
+        return list(self.model.layers)
+
+    def shard_roots(self) -> list:
+        return [(self.model, FORWARD_METHODS)]
+
+    def save_metadata(self, out_dir) -> None:
+        self.model.config.save_pretrained(out_dir)
 
     @property
     def config(self) -> MoTConfig:

@@ -46,3 +46,24 @@ def load_model(model_dir, device=None, dtype=None, **kwargs):
         model = model.to(device=device, dtype=dtype)
     model.eval()
     return model
+
+
+def empty_model(model_dir, dtype=None):
+    """The model of ``model_dir`` with its parameters on the meta device (buffers real), its files'
+    headers checked strictly against it, nothing read: a sharded run's starting point. The manifest
+    is verified by the caller once (``io.verify_model_dir``), not by every rank."""
+    from ..sharding import parameters_on_meta
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, TypeError, OSError, KeyError) as e:
+        raise IntegrityError(f"{model_dir}/config.json: {e}") from None
+    with parameters_on_meta():
+        model = model_class_for(config)(config)
+    check_weights_match(model_dir, model)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

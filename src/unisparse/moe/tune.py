@@ -40,6 +40,8 @@ TUNE_DEFAULTS = dict(
     threads=2,
     objective="flow",
     latent="sample",
+    master_dtype="float32",
+    activation_checkpointing=False,
 )
 
 
@@ -102,6 +104,7 @@ def tune_moe(
     examples=shapes_examples,
     data=None,
     teacher=None,
+    input_digest: str | None = None,
 ) -> dict:
     """Tune in place with the one training loop (resumable; sharded under torchrun). ``stop_after``
     ends the run early (used to test resumption). A checkpoint in ``checkpoint_dir`` is resumed only
@@ -125,7 +128,13 @@ def tune_moe(
         reader = LatentReader(data, cfg["seed"])
     if teacher is not None:
         teacher = require_family(teacher, "tune_moe")
-        log.info("distillation teacher shares %d frozen tensors with the student", share_frozen(teacher, family, names))
+        from ..distributed import is_sharded
+
+        if is_sharded(family.model):  # the teacher stays whole on each rank beside the sharded student
+            log.info("distillation teacher held whole beside the sharded student (its tensors are not shared)")
+        else:
+            shared = share_frozen(teacher, family, names)
+            log.info("distillation teacher shares %d frozen tensors with the student", shared)
 
     def batch_loss(m, rng, gen, world):
         collector = RouterCollector() if cfg["balance_coef"] and router_spec else None
@@ -162,6 +171,8 @@ def tune_moe(
         stop_after=stop_after,
         log_every=50,
         data=reader,
+        family=family,
+        input_digest=input_digest,
     )
     return {
         "mode": mode,
