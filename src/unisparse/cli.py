@@ -445,7 +445,7 @@ def cmd_partition(args) -> None:
 
 
 def cmd_tune_moe(args) -> None:
-    from .distributed import world
+    from .distributed import peak_rss_mb, world
     from .io import write_json
     from .moe.tune import TUNE_DEFAULTS, tune_moe
 
@@ -456,7 +456,8 @@ def cmd_tune_moe(args) -> None:
         raise UsageError("--spec: objective distill needs --teacher (the dense model the tuned one came from)")
     data = _tuning_data(args)
     sharded = _sharded_tuning(args, spec)
-    family, digest = sharded if sharded else _load(args)
+    # the input's identity: the tensors' hash (io.state_digest), streamed from the files when sharded
+    family, digest = sharded if sharded else (_load(args)[0], None)
     teacher = None
     if args.teacher:
         from .families import load_family
@@ -477,7 +478,10 @@ def cmd_tune_moe(args) -> None:
         _finish_sharded(family, args, settings)
     elif world().is_main:
         _finish(family, args, settings)
-    if not world().is_main:
+    w = world()
+    summary["peak_rss_mb"] = peak_rss_mb()
+    logging.getLogger("unisparse.tune").info("rank %d peak resident memory %.0f MB", w.rank, summary["peak_rss_mb"])
+    if not w.is_main:
         return  # under torchrun: rank 0 writes the summary and removes the checkpoints
     if args.summary:
         write_json(args.summary, summary)

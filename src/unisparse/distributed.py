@@ -56,6 +56,15 @@ def world(device=None) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (the host memory a job's limit counts)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
 def rank_device(device, w: World):
     """Under torchrun each rank takes the CUDA device of its local rank."""
     device = torch.device(device)

@@ -31,7 +31,15 @@ ALLOW_UNVERIFIED_ENV = "UNISPARSE_ALLOW_UNVERIFIED"
 #: a temporary directory of another host is discarded once this old (its writer's pid cannot be checked)
 STALE_AFTER_S = 24 * 3600
 #: config entries that say where or with what a model was loaded, not what it is
-VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_commit_hash")
+#: (``_use_default_values``: diffusers lists those keys in set order, which changes between processes)
+VOLATILE_CONFIG_KEYS = (
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_commit_hash",
+    "_use_default_values",
+)
 
 
 class IntegrityError(ValueError):

@@ -54,16 +54,16 @@ def parameters_on_meta():
 class WeightFiles:
     """The tensors of a model directory by state-dict name, read lazily, a row range at a time.
 
-    ``layout``: ``[(name prefix, sub-directory)]`` (``Family.weight_layout``): a tensor named
-    ``prefix + key`` is ``key`` of a ``*.safetensors`` file in that sub-directory."""
+    ``layout``: ``Family.weight_layout``: a tensor named ``prefix + key`` is ``key`` (renamed as
+    the part says) of a ``*.safetensors`` file in that part's sub-directory."""
 
     def __init__(self, model_dir, layout):
         self.model_dir = Path(model_dir)
         self.entries: dict[str, tuple[Path, str, tuple, str]] = {}
-        for prefix, sub, _ in layout:
+        for prefix, sub, _, renames in layout:
             for path in sorted((self.model_dir / sub).glob("*.safetensors")):
                 for key, (shape, dtype) in safetensors_header(path).items():
-                    name = prefix + key
+                    name = prefix + renamed(key, [(b, a) for a, b in renames])
                     if name in self.entries:
                         raise IntegrityError(f"{self.model_dir}: tensor {name} is stored twice")
                     self.entries[name] = (path, key, tuple(shape), dtype)
@@ -102,8 +102,9 @@ class WeightFiles:
 
 def streamed_state_digest(model, source: WeightFiles, world, device, dtype) -> str:
     """``io.state_digest`` of the model the files hold, in the dtypes of ``model`` (a sharded or
-    meta model; floating tensors in ``dtype``, as a model loaded whole in it), computed by the main rank one tensor at a time and sent to the others: the same
-    identity as the model loaded whole, so checkpoints resume across both paths."""
+    meta model; floating tensors in ``dtype``, as a model loaded whole in it), computed by the main
+    rank one tensor at a time and sent to the others: the same identity as the model loaded whole,
+    so checkpoints resume across both paths."""
     import torch.distributed as dist
 
     from .io import state_digest_of
@@ -119,6 +120,14 @@ def streamed_state_digest(model, source: WeightFiles, world, device, dtype) -> s
         dist.broadcast(buffer, 0)
         digest = bytes(buffer.cpu().tolist())
     return digest.decode()
+
+
+def renamed(key: str, renames) -> str:
+    """``key`` with the first matching ``(from prefix, to prefix)`` of ``renames`` applied."""
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
 def local_rows(tensor: torch.Tensor) -> tuple[int, int]:
@@ -261,11 +270,8 @@ def save_sharded(family, out_dir, world, dtype=None, extra_files=()) -> dict:
     result = {"files": 0, "peak_group_bytes": 0}
     context = atomic_path(out_dir, is_dir=True) if world.is_main else contextlib.nullcontext(None)
     with context as tmp:
-        plan = {}
-        for prefix, sub, stem in layout:
+        for prefix, sub, stem, renames in layout:
             mine = [g for g in groups if g and g[0].startswith(prefix)]
-            plan[prefix] = (sub, stem, mine)
-        for prefix, (sub, stem, mine) in plan.items():
             weight_map, total = {}, 0
             for i, names in enumerate(mine, 1):
                 file = f"{stem}-{i:05d}-of-{len(mine):05d}.safetensors"
@@ -274,7 +280,7 @@ def save_sharded(family, out_dir, world, dtype=None, extra_files=()) -> dict:
                     t = full_tensor(state[name].detach())
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)
-                    tensors[name[len(prefix) :]] = t.cpu().contiguous()
+                    tensors[renamed(name[len(prefix) :], renames)] = t.cpu().contiguous()
                 size = sum(t.numel() * t.element_size() for t in tensors.values())
                 result["peak_group_bytes"] = max(result["peak_group_bytes"], size)
                 if world.is_main:
@@ -311,7 +317,7 @@ def unit_groups(family, state: dict) -> list[list[str]]:
         group = [n for n in state if n.startswith(prefix)]
         groups.append(group)
         seen.update(group)
-    for prefix, _, _ in family.weight_layout():
+    for prefix, *_ in family.weight_layout():
         rest = [n for n in state if n not in seen and n.startswith(prefix)]
         seen.update(rest)
         if rest:

@@ -151,10 +151,12 @@ class Family:
         ``forward`` that run a pass through them (FSDP2 must unshard for those too)."""
         return [(self.model, ())]
 
-    def weight_layout(self) -> list[tuple[str, str, str]]:
-        """``[(state-dict name prefix, sub-directory, file stem)]``: where a saved model directory
-        keeps each part's safetensors (the stem of ``<stem>-0000i-of-0000n.safetensors``)."""
-        return [("", ".", "model")]
+    def weight_layout(self) -> list[tuple[str, str, str, tuple]]:
+        """``[(state-dict name prefix, sub-directory, file stem, renames)]``: where a saved model
+        directory keeps each part's safetensors (the stem of ``<stem>-0000i-of-0000n.safetensors``)
+        and ``renames``, ``(in-memory prefix, stored prefix)`` pairs where the files name a tensor
+        otherwise than the module does."""
+        return [("", ".", "model", ())]
 
     def save_metadata(self, out_dir) -> None:
         """Everything of a saved model directory except its weights and tokenizer files (configs,

@@ -84,6 +84,37 @@ class QwenImageFamily(Family):
         model, tokenizer, scheduler_config, stored = load_pipeline(model_dir, device, dtype, require_manifest)
         return cls(model, tokenizer, scheduler_config, {**stored, **(settings or {})})
 
+    @classmethod
+    def load_empty(cls, model_dir, dtype=None) -> "QwenImageFamily":
+        from ..models.qwen_image_pipeline import empty_pipeline
+
+        model, tokenizer, scheduler_config, stored = empty_pipeline(model_dir, dtype)
+        return cls(model, tokenizer, scheduler_config, stored)
+
+    def shard_units(self) -> list:
+        """The MMDiT's blocks (under its root) and the text encoder's decoder layers (each its own
+        root: the frozen text path calls its embedding and decoder stack separately, so its
+        embedding, vision tower and head stay whole on every rank)."""
+        return list(self.text_encoder.decoder_layers) + list(self.transformer.transformer_blocks)
+
+    def shard_roots(self) -> list:
+        return [(self.transformer, ())]
+
+    def weight_layout(self) -> list:
+        # the text encoder's files keep Qwen2.5-VL's names (``model.layers``, ``visual``), which
+        # transformers maps to ``model.language_model`` / ``model.visual`` when loading
+        text = (("model.language_model.", "model."), ("model.visual.", "visual."))
+        return [
+            ("text_encoder.", "text_encoder", "model", text),
+            ("transformer.", "transformer", "diffusion_pytorch_model", ()),
+            ("vae.", "vae", "diffusion_pytorch_model", ()),
+        ]
+
+    def save_metadata(self, out_dir) -> None:
+        from ..models.qwen_image_pipeline import save_pipeline_metadata
+
+        save_pipeline_metadata(out_dir, self.model, self.tokenizer.hf, self.scheduler_config, self.settings, self.name)
+
     def save(self, out_dir, extra_files=()) -> None:
         save_pipeline(
             out_dir, self.model, self.tokenizer.hf, self.scheduler_config, self.settings, self.name, extra_files

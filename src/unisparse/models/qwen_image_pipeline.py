@@ -252,32 +252,74 @@ def save_pipeline(
 ) -> None:
     """Write a model directory that ``load_pipeline`` reads back (atomically, with ``SHA256SUMS``;
     non-finite weights refused); ``family`` is recorded in ``model_index.json``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, __version__
-
     check_finite_state(model, f"model for {out_dir}")
     with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         model.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         model.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
-        hf_tokenizer.save_pretrained(tmp / "tokenizer")
-        ours = {"text_encoder": QwenImageTextEncoder, "transformer": QwenImageMMDiT}
-        index = {
-            "_class_name": PIPELINE_CLASS,
-            "_diffusers_version": __version__,
-            **UPSTREAM_CLASSES,
-            "tokenizer": ["transformers", type(hf_tokenizer).__name__],
-            SETTINGS_KEY: {
-                "family": family,
-                "settings": settings,
-                "classes": {k: f"{c.__module__}.{c.__name__}" for k, c in ours.items()},
-            },
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        save_pipeline_metadata(tmp, model, hf_tokenizer, scheduler_config, settings, family, weights=False)
         for path in extra_files:
             shutil.copyfile(path, tmp / Path(path).name)
         write_manifest(tmp)
+
+
+def save_pipeline_metadata(
+    tmp: Path, model: QwenImageModel, hf_tokenizer, scheduler_config: dict, settings: dict, family: str, weights=True
+) -> None:
+    """Everything of a pipeline directory but its weights: the scheduler, the tokenizer,
+    ``model_index.json`` and (``weights`` True: the components' weights are written apart, as a
+    sharded run does) each component's config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, __version__
+
+    if weights:
+        model.text_encoder.config.save_pretrained(tmp / "text_encoder")
+        if getattr(model.text_encoder, "generation_config", None) is not None:
+            model.text_encoder.generation_config.save_pretrained(tmp / "text_encoder")
+        model.transformer.save_config(tmp / "transformer")
+        model.vae.save_config(tmp / "vae")
+    FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
+    hf_tokenizer.save_pretrained(tmp / "tokenizer")
+    ours = {"text_encoder": QwenImageTextEncoder, "transformer": QwenImageMMDiT}
+    index = {
+        "_class_name": PIPELINE_CLASS,
+        "_diffusers_version": __version__,
+        **UPSTREAM_CLASSES,
+        "tokenizer": ["transformers", type(hf_tokenizer).__name__],
+        SETTINGS_KEY: {
+            "family": family,
+            "settings": settings,
+            "classes": {k: f"{c.__module__}.{c.__name__}" for k, c in ours.items()},
+        },
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def empty_pipeline(model_dir, dtype=None):
+    """``load_pipeline``'s result with every parameter on the meta device (buffers real), nothing
+    read but configs: a sharded run's starting point (``sharding.WeightFiles`` checks the headers)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+
+    from ..sharding import parameters_on_meta
+
+    model_dir = Path(model_dir)
+    if not is_pipeline_dir(model_dir):
+        raise FileNotFoundError(f"{model_dir} is not a {PIPELINE_CLASS} directory (model_index.json)")
+    parts = {}
+    classes = {"text_encoder": QwenImageTextEncoder, "transformer": QwenImageMMDiT, "vae": AutoencoderKLQwenImage}
+    for name, cls in classes.items():
+        directory = model_dir / name
+        part_dtype = dtype or _stored_dtype(directory)
+        with parameters_on_meta(), default_dtype(part_dtype):
+            if name == "text_encoder":
+                parts[name] = cls(cls.config_class.from_pretrained(directory))
+            else:
+                parts[name] = cls.from_config(cls.load_config(directory))
+        parts[name].to(part_dtype)
+    model = QwenImageModel(parts["text_encoder"], parts["transformer"], parts["vae"]).eval()
+    scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir / "scheduler"))
+    stored = read_json(model_dir / "model_index.json").get(SETTINGS_KEY, {}).get("settings", {})
+    return model, _load_tokenizer(model_dir / "tokenizer"), scheduler_config, stored
 
 
 # --------------------------------------------------------------------------- tasks
