@@ -159,7 +159,7 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(model_dir
     ck = tmp_path / "ck"
     argv = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2",
             *tune_argv(model_dirs[family], tmp_path / "killed", spec, "--checkpoint-dir", ck)]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step, deadline = 0, time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
