@@ -5,10 +5,18 @@ import os
 import re
 
 
+#: resources a kind may leave out even in resources.default (their defaults)
+OPTIONAL_RESOURCES = {"nodes": 1, "gpu_mem_gb": None}
+
+
 def res(kind, key):
     """Resource `key` of job kind `kind`, falling back to resources.default."""
     resources = config["resources"]
-    return resources.get(kind, {}).get(key, resources["default"][key])
+    if key in OPTIONAL_RESOURCES:
+        fallback = resources["default"].get(key, OPTIONAL_RESOURCES[key])
+    else:
+        fallback = resources["default"][key]
+    return resources.get(kind, {}).get(key, fallback)
 
 
 def site_setting(name, default=None):
@@ -55,11 +63,13 @@ def resources_for(kind):
     """The resources block of a job kind (threads are set separately with `threads:`).
     `gpus` is the count (local runs can cap it with --resources gpus=N; the SLURM job step
     passes it to srun); gpu_request adds what sbatch needs to allocate them."""
+    nodes = res(kind, "nodes")
     return {
         "mem_mb": res(kind, "mem_mb"),
         "runtime": res(kind, "runtime"),
         "gpus": res(kind, "gpus"),
         **gpu_request(res(kind, "gpus")),
+        **({"nodes": nodes} if nodes > 1 else {}),  # sbatch --nodes; the GPUs (and mem_mb) are per node
     }
 
 
@@ -91,11 +101,14 @@ def launcher(kind, verb):
     one process per GPU under torchrun for a multi-process verb whose kind asks for N > 1 GPUs,
     else plain `unisparse`. torchrun's standalone rendezvous picks a free port, so several such
     jobs on one node do not collide."""
-    gpus = res(kind, "gpus")
-    if verb not in MULTI_PROCESS_VERBS or gpus <= 1:
+    gpus, nodes = res(kind, "gpus"), res(kind, "nodes")
+    if verb not in MULTI_PROCESS_VERBS or gpus * nodes <= 1:
         return ["unisparse"]
     if re.fullmatch(r"cuda:\d+", RUNTIME["device"]):
         raise WorkflowError(f"invalid config: runtime.device: {RUNTIME['device']!r} names one GPU, but resources of "
                             f"job kind {kind!r} ask for {gpus} GPUs and {verb} runs one process per GPU; "
                             f"use cuda or auto")
+    if nodes > 1:  # srun starts one torchrun per node of the allocation, meeting on its first node
+        script = os.path.join(workflow.basedir, "workflow", "scripts", "torchrun_nodes.sh")
+        return ["sh", script, str(gpus), "-m", "unisparse"]
     return ["torchrun", "--standalone", "--nproc-per-node", str(gpus), "-m", "unisparse"]

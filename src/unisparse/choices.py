@@ -90,3 +90,8 @@ FAMILIES = ("mot", "qwen_image")
 CHECKPOINT_SOURCES = ("train", "huggingface")
 #: the models' parameter dtype (statistics, losses and scores stay float32)
 DTYPES = ("float32", "bfloat16", "float16")
+
+#: what tuned parameters are kept and updated in: fp32 master weights, or the model's own dtype
+MASTER_DTYPES = ("float32", "model")
+#: the job kinds whose verbs run one process per GPU (torchrun), the only ones that may span nodes
+MULTI_PROCESS_KINDS = ("train", "tune")

@@ -668,6 +668,53 @@ def _register_moe(sub) -> None:
     s.set_defaults(func=cmd_prepare_tune_data)
 
 
+def cmd_memory_plan(args) -> None:
+    """Print the per-GPU memory plan of a config's tuning jobs, or of one tuning of a model directory."""
+    from . import memplan
+
+    if bool(args.config) == bool(args.model_dir):
+        raise UsageError("give either --config (every tuning job of a DAG) or --model-dir (one tuning of a model)")
+    if args.config:
+        from .config_checks import check_config_file
+
+        rows = memplan.config_plans(check_config_file(args.config), gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb)
+        if not rows:
+            raise UsageError(f"{args.config}: no MoT tuning jobs to plan (a Qwen-Image plan needs --model-dir)")
+        for row in rows:
+            fewest = f"; fewest GPUs that fit: {row['smallest_fit']}" if row["smallest_fit"] else ""
+            verdict = "" if row["fits"] is None else (" fits" if row["fits"] else " DOES NOT FIT")
+            print(f"{row['job']}: {memplan.describe(row['plan'], row['gpus'], row['gpu_mem_gb'])}{verdict}{fewest}")
+        if args.json:
+            from .io import write_json
+
+            write_json(args.json, rows)
+        return
+    from .families import family_class, family_name_of
+    from .moe.tune import TUNE_DEFAULTS
+    from .spec import merge_spec
+
+    cfg = merge_spec(TUNE_DEFAULTS, parse_spec(args.spec, "--spec") if args.spec else {}, "tuning")
+    family = family_class(family_name_of(args.model_dir)).load_empty(args.model_dir)
+    sizes = memplan.sizes_from_family(family, args.component, args.mode, args.tokens)
+    gpus = args.gpus or 1
+    result = memplan.plan(
+        sizes,
+        gpus=gpus,
+        batch=cfg["batch_gen"],
+        dtype=args.dtype or str(family.dtype).replace("torch.", ""),
+        master_dtype=cfg["master_dtype"],
+        activation_checkpointing=bool(cfg["activation_checkpointing"]),
+        device=args.device,
+    )
+    print(memplan.describe(result, gpus, args.gpu_mem_gb))
+    if args.json:
+        from dataclasses import asdict
+
+        from .io import write_json
+
+        write_json(args.json, {"sizes": asdict(sizes), "plan": result, "gpus": gpus})
+
+
 def cmd_export_benchmarks(args) -> None:
     from .worlds.export import export_benchmarks
 
@@ -679,6 +726,28 @@ def _register_data(sub) -> None:
     s = sub.add_parser("export-benchmarks", help="write ShapesGenEval prompts, checks and splits as metadata files")
     s.add_argument("--out", default="data", help="directory (default: data)")
     s.set_defaults(func=cmd_export_benchmarks)
+
+    from .choices import COMPONENTS, TUNING_MODES
+
+    s = sub.add_parser(
+        "memory-plan",
+        help="per-GPU memory of tuning jobs (weights, gradients, optimizer, activations, overhead): every "
+        "tuning of a config (what the DAG checks), or one tuning of a model directory",
+    )
+    s.add_argument("--config", help="a workflow config (its moe: tunings and resources.tune)")
+    s.add_argument("--model-dir", help="a MoT model directory (exact sizes; nothing is read but headers)")
+    s.add_argument("--component", default="gen", choices=COMPONENTS)
+    s.add_argument("--mode", default="full", choices=TUNING_MODES)
+    s.add_argument(
+        "--spec", help="tuning settings (JSON/YAML or @file): batch_gen, master_dtype, activation_checkpointing"
+    )
+    s.add_argument("--tokens", type=_positive, help="generation tokens per example (default: latent tokens + 128)")
+    s.add_argument("--gpus", type=_positive, help="GPUs (processes) to plan for (default: resources.tune's, or 1)")
+    s.add_argument("--gpu-mem-gb", type=float, help="memory of one GPU, GB: says whether the plan fits")
+    s.add_argument("--dtype", help="the model's dtype (default: the stored one)")
+    s.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="whose runtime overhead to count")
+    s.add_argument("--json", help="also write the plan as JSON")
+    s.set_defaults(func=cmd_memory_plan)
 
 
 def cmd_fetch_checkpoint(args) -> None:

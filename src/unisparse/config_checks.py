@@ -376,6 +376,29 @@ def _check_runtime(config: dict) -> None:
         )
 
 
+def _check_tuning_memory(config: dict) -> None:
+    """The tuning jobs' memory plan against the GPUs ``resources.tune`` asks for (``memplan``)."""
+    if not (config.get("moe") or {}).get("partitions") and not (config.get("moe") or {}).get("controls"):
+        return
+    from .memplan import check_config as check_memory
+
+    try:
+        check_memory(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_nodes(config: dict) -> None:
+    """``nodes`` > 1 only on the kinds that run one process per GPU (``choices.MULTI_PROCESS_KINDS``)."""
+    for kind, values in (config.get("resources") or {}).items():
+        nodes = (values or {}).get("nodes", 1)
+        if nodes > 1 and kind not in choices.MULTI_PROCESS_KINDS:
+            raise ConfigError(
+                f"resources.{kind}.nodes: {nodes} nodes, but only the {' and '.join(choices.MULTI_PROCESS_KINDS)} "
+                "kinds run over several processes (the others run one process on one GPU)"
+            )
+
+
 def check_config(config: dict) -> None:
     """Raise ``ConfigError`` naming the key for anything that would fail only inside a job."""
     for key in PATH_ROOTS:
@@ -395,3 +418,5 @@ def check_config(config: dict) -> None:
     _check_depth(config, sizes)
     _check_sweep_paths(config)
     _check_moe(config, sizes)
+    _check_nodes(config)
+    _check_tuning_memory(config)

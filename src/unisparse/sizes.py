@@ -9,6 +9,8 @@ from __future__ import annotations
 #: BAGEL's image sides at inference: generated 1024 x 1024 (64 x 64 latent tokens), understood at most
 #: 980 (70 x 70); here, not in models/bagel.py, so the CLI's --help needs no torch
 BAGEL_IMAGE_SIZE, BAGEL_VIT_IMAGE_SIZE = 1024, 980
+#: BAGEL's latent geometry: the FLUX autoencoder downsamples 8x, the MoT packs 2 x 2 latent patches
+BAGEL_LATENT_PATCH_SIZE, BAGEL_LATENT_DOWNSAMPLE = 2, 8
 #: geometry defaults of the MoT config (MoTConfig's signature uses these)
 GEOMETRY_DEFAULTS = dict(vit_patch_size=4, latent_patch_size=4, latent_downsample=1)
 

@@ -224,15 +224,12 @@ def master_dtype_of(cfg: dict, model_dtype: torch.dtype) -> torch.dtype:
     """The dtype trainable parameters are kept and updated in: ``master_dtype`` of the settings
     (``float32``, the default; ``model``: the model's own dtype, pure bf16 AdamW, which rounds away
     updates smaller than half a bf16 ulp of the weight)."""
-    value = cfg.get("master_dtype", "float32")
-    if value == "model":
-        return model_dtype
-    from .runtime import resolve_dtype
+    from .choices import MASTER_DTYPES
 
-    dtype = resolve_dtype(value)
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"master_dtype {value!r}: master weights must be float32 (or 'model')")
-    return dtype
+    value = cfg.get("master_dtype", "float32")
+    if value not in MASTER_DTYPES:
+        raise ValueError(f"master_dtype {value!r}: expected one of {MASTER_DTYPES}")
+    return model_dtype if value == "model" else torch.float32
 
 
 def run_training(

@@ -25,6 +25,7 @@ import torch
 
 from ..io import IntegrityError, atomic_path, dtype_mismatches, safetensors_header, weight_mismatches
 from ..sizes import BAGEL_IMAGE_SIZE as IMAGE_SIZE
+from ..sizes import BAGEL_LATENT_DOWNSAMPLE, BAGEL_LATENT_PATCH_SIZE
 from ..sizes import BAGEL_VIT_IMAGE_SIZE as VIT_IMAGE_SIZE
 from .configuration_mot import MoTConfig
 from .modeling_mot import MoTForUnifiedModel
@@ -46,8 +47,8 @@ BAGEL_LAYOUT = dict(
     vision="siglip_navit",
     codec="flux",
     prompt_format="bagel",
-    latent_patch_size=2,
-    latent_downsample=8,
+    latent_patch_size=BAGEL_LATENT_PATCH_SIZE,
+    latent_downsample=BAGEL_LATENT_DOWNSAMPLE,
     max_latent_size=64,
     vit_max_num_patch_per_side=70,
     time_embed_dim=256,

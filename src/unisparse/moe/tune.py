@@ -20,29 +20,11 @@ from ..families import family_for, require_family
 from ..models.moe_block import load_balancing_loss
 from ..spec import merge_spec
 from ..trainloop import run_training
+from ..tune_settings import TUNE_DEFAULTS
 from ..worlds import shapes
 from .objectives import latent_batch_loss, share_frozen
 
 log = logging.getLogger(__name__)
-
-TUNE_DEFAULTS = dict(
-    steps=400,
-    batch_gen=32,
-    lr=1e-3,
-    weight_decay=0.0,
-    warmup_frac=0.05,
-    min_lr_frac=0.1,
-    cond_dropout=0.1,
-    grad_clip=1.0,
-    balance_coef=0.0,
-    checkpoint_every=100,
-    seed=0,
-    threads=2,
-    objective="flow",
-    latent="sample",
-    master_dtype="float32",
-    activation_checkpointing=False,
-)
 
 
 def trainable_names(family, component: str, mode: str) -> list[str]:
