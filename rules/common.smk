@@ -59,6 +59,8 @@ def runtime_settings(section):
 
 
 RUNTIME = runtime_settings(config.get("runtime"))
+# how derived models are written: full copies, or deltas of their parent (unisparse.deltas)
+MODEL_STORE = config.get("model_store", "full")
 
 
 def spec(value):

@@ -22,6 +22,7 @@ rule prune_depth:
         drop=r"\d+",
     params:
         eval=spec(EVAL),
+        store=MODEL_STORE,
         calib=spec(CALIB),
         meta=lambda w: spec({"stage": "depth", "variant_id": DEPTH_PATH.format(**w), **dict(w)}),
         iterative=lambda w: "--iterative" if w.mode == "iterative" else "",
@@ -39,4 +40,4 @@ rule prune_depth:
         "unisparse --no-progress prune-depth {input.model:q} {params.runtime:q} --calibration {input.stats:q}"
         " --component {wildcards.component:q} --granularity {wildcards.granularity:q} --drop {wildcards.drop:q}"
         " --score {wildcards.score:q} --kv {wildcards.kv:q} {params.iterative:q} --calib-spec {params.calib:q}"
-        " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
+        " --out {output.model:q} --store {params.store:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

@@ -15,6 +15,7 @@ rule partition:
         **MOE_CONSTRAINTS,
     params:
         eval=spec(EVAL),
+        store=MODEL_STORE,
         dense_layers=moe_dense_layers(),
         meta=lambda w: spec(moe_meta(w, "none")),
         seed=MOE.get("seed", 0),
@@ -33,7 +34,7 @@ rule partition:
         " --num-experts {wildcards.num_experts:q} --top-k {wildcards.top_k:q} --method {wildcards.method:q}"
         " --router {wildcards.router:q} --shared-size {wildcards.shared_size:q} --dense-layers {params.dense_layers:q}"
         " --calibration {input.stats:q} --seed {params.seed:q}"
-        " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
+        " --out {output.model:q} --store {params.store:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
 
 
 rule tune_moe:
@@ -51,6 +52,7 @@ rule tune_moe:
         **MOE_CONSTRAINTS,
     params:
         eval=spec(EVAL),
+        store=MODEL_STORE,
         tune=lambda w: spec(MOE["tune"][w.tuning]),
         meta=lambda w: spec(moe_meta(w, w.tuning)),
         checkpoints=lambda w: f"{R}/checkpoints/{MOE_PATH.format(**w)}/{w.tuning}",
@@ -69,7 +71,7 @@ rule tune_moe:
     shell:
         "{params.launch:q} --no-progress tune-moe {input.model:q} {params.runtime:q} --component {wildcards.component:q} --mode {wildcards.tuning:q}"
         " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q} {params.data:q}"
-        " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
+        " --out {output.model:q} --store {params.store:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
 
 
 rule tune_control:
@@ -88,6 +90,7 @@ rule tune_control:
         source=CONTROL_SOURCE,
     params:
         eval=spec(EVAL),
+        store=MODEL_STORE,
         tune=spec(MOE.get("tune", {}).get("full", {})),
         meta=lambda w: spec(control_meta(w.source)),
         component=MOE.get("component", "gen"),
@@ -107,4 +110,4 @@ rule tune_control:
     shell:
         "{params.launch:q} --no-progress tune {input.model:q} {params.runtime:q} --component {params.component:q} --mode full"
         " --spec {params.tune:q} --checkpoint-dir {params.checkpoints:q} --summary {output.summary:q} {params.data:q}"
-        " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
+        " --out {output.model:q} --store {params.store:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

@@ -17,6 +17,7 @@ rule prune_width:
         keep_ratio=KEEP_RATIO_WILDCARD,
     params:
         eval=spec(EVAL),
+        store=MODEL_STORE,
         meta=lambda w: spec({"stage": "width", "variant_id": WIDTH_PATH.format(**w), **dict(w), "keep_ratio": float(w.keep_ratio)}),
         calibration=lambda w, input: ["--calibration", *input.stats] if input.stats else [],
         seed=config.get("width", {}).get("seed", 0),
@@ -33,4 +34,4 @@ rule prune_width:
     shell:
         "unisparse --no-progress prune-width {input.model:q} {params.runtime:q} --component {wildcards.component:q}"
         " --keep-ratio {wildcards.keep_ratio:q} --score {wildcards.score:q} {params.calibration:q} --seed {params.seed:q}"
-        " --out {output.model:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"
+        " --out {output.model:q} --store {params.store:q} --metrics {output.metrics:q} --eval-spec {params.eval:q} --meta {params.meta:q} 2> {log:q}"

@@ -95,3 +95,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 MASTER_DTYPES = ("float32", "model")
 #: the job kinds whose verbs run one process per GPU (torchrun), the only ones that may span nodes
 MULTI_PROCESS_KINDS = ("train", "tune")
+
+#: how derived models are written: standalone copies, or deltas of their parent (``deltas``)
+MODEL_STORES = ("full", "delta")

@@ -7,6 +7,7 @@ JSON/YAML file (``--spec @file.yaml``), so a Snakemake rule hands over exactly i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -231,8 +232,28 @@ def _finish(family, args, settings: tuple[dict, dict]) -> None:
     seconds of a second interpreter start per grid point)."""
     from .text import tokenizer_files
 
-    family.save(args.out, extra_files=tokenizer_files(args.model_dir))  # the tokenizer travels along
+    with _stored(args) as out:
+        family.save(out, extra_files=tokenizer_files(args.model_dir))  # the tokenizer travels along
     _evaluate(family, args, settings)
+
+
+@contextlib.contextmanager
+def _stored(args):
+    """Where a verb writes its model: ``--out`` itself (``--store full``), or a scratch directory
+    beside it whose content then becomes ``--out`` as a delta of the input model (``--store delta``)."""
+    if getattr(args, "store", "full") != "delta":
+        yield args.out
+        return
+    import tempfile
+
+    from .deltas import write_delta
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".full-", dir=Path(args.out).parent) as scratch:
+        full = Path(scratch) / "model"
+        yield full
+        if full.exists():
+            write_delta(full, args.model_dir, args.out)
 
 
 def _evaluate(family, args, settings: tuple[dict, dict]) -> None:
@@ -346,7 +367,15 @@ def cmd_aggregate(args) -> None:
 
 
 def _add_output_args(s) -> None:
+    from .choices import MODEL_STORES
+
     s.add_argument("--out", required=True, help="model directory to write")
+    s.add_argument(
+        "--store",
+        default="full",
+        choices=MODEL_STORES,
+        help="write a standalone copy (full) or a delta of the input model (its content hash plus what differs)",
+    )
     s.add_argument("--metrics", help="also evaluate the result and write its metrics JSON here")
     s.add_argument("--eval-spec", help="evaluation settings (JSON/YAML or @file)")
     s.add_argument("--meta", help="grid coordinates of this variant, stored with the metrics")
@@ -494,6 +523,7 @@ def _sharded_tuning(args, spec: dict):
     weights for a lower-precision model, or activation checkpointing): the model built on the meta
     device and each rank filled with its own rows from the files (``sharding``); None for a plain
     single-process run, which loads the model whole as before."""
+    from .deltas import is_delta_dir, materialise
     from .distributed import single_process_group, world
     from .families import family_class, family_name_of
     from .io import verify_model_dir
@@ -506,21 +536,39 @@ def _sharded_tuning(args, spec: dict):
     device, dtype = _runtime(args)
     w = world(device)
     cls = family_class(family_name_of(args.model_dir))
-    family = cls.load_empty(args.model_dir, dtype)
-    model_dtype = family.dtype
+    model_dtype = dtype or _stored_dtype(args.model_dir)
     master = master_dtype_of(cfg, model_dtype)
     if not (w.sharded or master != model_dtype or cfg["activation_checkpointing"]):
         return None
     if not w.sharded:
         single_process_group(device)
-    if w.is_main:
-        verify_model_dir(args.model_dir)  # once, not by every rank
+    source_dir = Path(args.model_dir)
+    if is_delta_dir(source_dir):  # every rank reads its rows from one standalone copy beside the output
+        source_dir = Path(args.out).parent / f".{Path(args.out).name}.input"
+        if w.is_main:
+            materialise(args.model_dir, source_dir)
+    elif w.is_main:
+        verify_model_dir(source_dir)  # once, not by every rank
     w.barrier()
+    family = cls.load_empty(source_dir, model_dtype)
     names = trainable_names(family, args.component, args.mode)
-    source = WeightFiles(args.model_dir, family.weight_layout())
+    source = WeightFiles(source_dir, family.weight_layout())
     shard(family, names, device, model_dtype, master, cfg["activation_checkpointing"], source=source)
     family.model.eval()
     return family, streamed_state_digest(family.model, source, w, device, model_dtype)
+
+
+def _stored_dtype(model_dir):
+    """The dtype of the first floating tensor a model directory (or a delta's tensors) stores."""
+    from safetensors.torch import _getdtype
+
+    from .io import FLOAT_DTYPES, safetensors_header
+
+    for path in sorted(Path(model_dir).rglob("*.safetensors")):
+        for name, (_, stored) in safetensors_header(path).items():
+            if stored in FLOAT_DTYPES and not name.startswith("index."):
+                return _getdtype(stored)
+    raise UsageError(f"{model_dir} stores no floating-point weights")
 
 
 def _finish_sharded(family, args, settings) -> None:
@@ -531,7 +579,14 @@ def _finish_sharded(family, args, settings) -> None:
     from .text import tokenizer_files
 
     w = world()
-    save_sharded(family, args.out, w, dtype=family.dtype, extra_files=tokenizer_files(args.model_dir))
+    with _stored(args) if w.is_main else contextlib.nullcontext(args.out) as out:
+        saved = save_sharded(family, out, w, dtype=family.dtype, extra_files=tokenizer_files(args.model_dir))
+    logging.getLogger("unisparse.tune").info(
+        "rank %d wrote %s unit by unit: largest unit %.0f MB, resident %.0f MB before, at most %.0f MB while saving",
+        w.rank, args.out, saved["peak_group_bytes"] / 2**20, saved["rss_before_mb"], saved["rss_peak_mb"],
+    )  # fmt: skip
+    if w.is_main:
+        shutil.rmtree(Path(args.out).parent / f".{Path(args.out).name}.input", ignore_errors=True)
     if w.is_main and args.metrics:
         from .families import load_family
 
@@ -715,6 +770,14 @@ def cmd_memory_plan(args) -> None:
         write_json(args.json, {"sizes": asdict(sizes), "plan": result, "gpus": gpus})
 
 
+def cmd_materialise(args) -> None:
+    from .deltas import is_delta_dir, materialise
+
+    if not is_delta_dir(args.model_dir):
+        raise UsageError(f"{args.model_dir} is not a delta directory (no delta.json): it is standalone already")
+    print(materialise(args.model_dir, args.out))
+
+
 def cmd_export_benchmarks(args) -> None:
     from .worlds.export import export_benchmarks
 
@@ -748,6 +811,15 @@ def _register_data(sub) -> None:
     s.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="whose runtime overhead to count")
     s.add_argument("--json", help="also write the plan as JSON")
     s.set_defaults(func=cmd_memory_plan)
+
+    s = sub.add_parser(
+        "materialise",
+        help="write the standalone model directory of a delta (to share or serve it); its parent must be "
+        "where the delta says, with the content it recorded",
+    )
+    s.add_argument("model_dir", help="a delta directory (written with --store delta)")
+    s.add_argument("--out", required=True, help="the standalone directory to write")
+    s.set_defaults(func=cmd_materialise)
 
 
 def cmd_fetch_checkpoint(args) -> None:

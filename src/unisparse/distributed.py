@@ -57,10 +57,19 @@ def world(device=None) -> World:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (the host memory a job's limit counts)."""
+    """This process's peak resident memory so far, in MB (the host memory a job's limit counts):
+    Linux's ``VmHWM``, which starts afresh at exec (``ru_maxrss`` would carry over the peak of the
+    process that started this one), else ``ru_maxrss``."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 

@@ -258,7 +258,8 @@ def save_sharded(family, out_dir, world, dtype=None, extra_files=()) -> dict:
     (``shard_units``) at a time, then what the roots hold directly, each one file of the standard
     sharded layout per sub-directory of ``Family.weight_layout``, in ``dtype`` (None: each
     parameter's own; fp32 masters are written in the model dtype by the caller's choice). Every rank
-    takes part in the gathers; the main rank writes. Returns ``{"files", "peak_group_bytes"}``."""
+    takes part in the gathers; the main rank writes. Returns the files written, the largest group's
+    bytes and this rank's resident memory before and at most while saving (MB)."""
     from safetensors.torch import save_file
 
     from .distributed import full_tensor
@@ -267,7 +268,7 @@ def save_sharded(family, out_dir, world, dtype=None, extra_files=()) -> dict:
     state = model.state_dict()
     layout = family.weight_layout()
     groups = unit_groups(family, state)
-    result = {"files": 0, "peak_group_bytes": 0}
+    result = {"files": 0, "peak_group_bytes": 0, "rss_before_mb": resident_mb(), "rss_peak_mb": resident_mb()}
     context = atomic_path(out_dir, is_dir=True) if world.is_main else contextlib.nullcontext(None)
     with context as tmp:
         for prefix, sub, stem, renames in layout:
@@ -283,6 +284,7 @@ def save_sharded(family, out_dir, world, dtype=None, extra_files=()) -> dict:
                     tensors[renamed(name[len(prefix) :], renames)] = t.cpu().contiguous()
                 size = sum(t.numel() * t.element_size() for t in tensors.values())
                 result["peak_group_bytes"] = max(result["peak_group_bytes"], size)
+                result["rss_peak_mb"] = max(result["rss_peak_mb"], resident_mb())  # the group gathered: its peak
                 if world.is_main:
                     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
                     if bad:
@@ -305,6 +307,17 @@ def save_sharded(family, out_dir, world, dtype=None, extra_files=()) -> dict:
             write_manifest(tmp)
     world.barrier()
     return result
+
+
+def resident_mb() -> float:
+    """This process's resident memory now, MB (Linux ``/proc``; 0 elsewhere)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def unit_groups(family, state: dict) -> list[list[str]]:

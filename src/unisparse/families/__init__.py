@@ -45,6 +45,18 @@ def family_name_of(model_dir) -> str:
 def load_family(model_dir, device=None, dtype=None) -> Family:
     """The model in ``model_dir`` on ``device`` in ``dtype``, wrapped in its family's adapter, with the
     tokenizer that travels with it."""
+    from ..deltas import is_delta_dir
+
+    if is_delta_dir(model_dir):  # a derived model stored as its parent plus what differs
+        import tempfile
+        from pathlib import Path
+
+        from ..deltas import materialise
+
+        with tempfile.TemporaryDirectory(prefix="unisparse-delta-") as tmp:
+            full = materialise(model_dir, Path(tmp) / "model")
+            family = family_class(family_name_of(full)).load(full, device=device, dtype=dtype)
+            return family
     return family_class(family_name_of(model_dir)).load(model_dir, device=device, dtype=dtype)
 
 

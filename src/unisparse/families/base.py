@@ -151,7 +151,8 @@ class Family:
         ``forward`` that run a pass through them (FSDP2 must unshard for those too)."""
         return [(self.model, ())]
 
-    def weight_layout(self) -> list[tuple[str, str, str, tuple]]:
+    @classmethod
+    def weight_layout(cls) -> list[tuple[str, str, str, tuple]]:
         """``[(state-dict name prefix, sub-directory, file stem, renames)]``: where a saved model
         directory keeps each part's safetensors (the stem of ``<stem>-0000i-of-0000n.safetensors``)
         and ``renames``, ``(in-memory prefix, stored prefix)`` pairs where the files name a tensor

@@ -100,7 +100,8 @@ class QwenImageFamily(Family):
     def shard_roots(self) -> list:
         return [(self.transformer, ())]
 
-    def weight_layout(self) -> list:
+    @classmethod
+    def weight_layout(cls) -> list:
         # the text encoder's files keep Qwen2.5-VL's names (``model.layers``, ``visual``), which
         # transformers maps to ``model.language_model`` / ``model.visual`` when loading
         text = (("model.language_model.", "model."), ("model.visual.", "visual."))
