@@ -477,7 +477,9 @@ def cmd_tune_moe(args) -> None:
     from .distributed import peak_rss_mb, world
     from .io import write_json
     from .moe.tune import TUNE_DEFAULTS, tune_moe
+    from .runtime import return_freed_memory
 
+    return_freed_memory()
     _check_trainable(args)
     settings = _output_settings(args)
     spec = _settings(args, args.spec, "--spec", TUNE_DEFAULTS, "tuning")

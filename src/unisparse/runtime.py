@@ -78,3 +78,22 @@ def describe(device, dtype) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
+
+
+def return_freed_memory() -> None:
+    """Make the C allocator hand large freed blocks back to the system at once (glibc: allocations
+    of 1 MiB and more are memory-mapped, and its threshold no longer rises as blocks are freed). A
+    training process frees and reallocates tensors of every size each step; glibc otherwise keeps
+    them in its heap, and a rank's resident memory grows to the sum of every size it ever held
+    (measured: a two-process run on the CPU at 3.0 GB where its tensors took 1.3 GB)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also stops its dynamic rise)
+    except (OSError, AttributeError):
+        pass

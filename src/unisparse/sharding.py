@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -51,23 +52,35 @@ def parameters_on_meta():
 
 
 # ---------------------------------------------------------------------------------------------- files
+#: safetensors' dtype names
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
 class WeightFiles:
     """The tensors of a model directory by state-dict name, read lazily, a row range at a time.
 
     ``layout``: ``Family.weight_layout``: a tensor named ``prefix + key`` is ``key`` (renamed as
-    the part says) of a ``*.safetensors`` file in that part's sub-directory."""
+    the part says) of a ``*.safetensors`` file in that part's sub-directory. Rows are read with
+    plain file reads into a tensor of their size, not through a memory map, so a rank's resident
+    memory holds what it keeps and nothing of the files (the page cache is not its memory)."""
 
     def __init__(self, model_dir, layout):
         self.model_dir = Path(model_dir)
         self.entries: dict[str, tuple[Path, str, tuple, str]] = {}
+        self._where: dict[str, tuple[int, torch.dtype]] = {}
         for prefix, sub, _, renames in layout:
             for path in sorted((self.model_dir / sub).glob("*.safetensors")):
-                for key, (shape, dtype) in safetensors_header(path).items():
+                safetensors_header(path)  # validated (shapes, dtypes, offsets) before any read
+                for key, (shape, dtype_name, offset) in _tensor_places(path).items():
                     name = prefix + renamed(key, [(b, a) for a, b in renames])
                     if name in self.entries:
                         raise IntegrityError(f"{self.model_dir}: tensor {name} is stored twice")
-                    self.entries[name] = (path, key, tuple(shape), dtype)
-        self._open: dict[Path, object] = {}
+                    self.entries[name] = (path, key, shape, dtype_name)
+                    self._where[name] = (offset, SAFETENSORS_DTYPES[dtype_name])
 
     def check(self, expected: dict[str, tuple]) -> None:
         """Every expected tensor stored once with its shape, nothing else stored (the strictness of
@@ -81,23 +94,39 @@ class WeightFiles:
     def rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Rows ``start:stop`` (dim 0) of tensor ``name``, read from disk alone (the whole tensor when
         both are None, or when it has no dimensions)."""
-        from safetensors import safe_open
-
-        path, key, shape, _ = self.entries[name]
-        if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt")
-        handle = self._open[path]
+        path, _, shape, _ = self.entries[name]
+        offset, dtype = self._where[name]
         if not shape or start is None:
-            return handle.get_tensor(key)
-        return handle.get_slice(key)[start:stop]
+            start, stop = 0, shape[0] if shape else 1
+        row = math.prod(shape[1:]) if shape else 1
+        out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=dtype)
+        if out.numel():
+            size = torch.tensor([], dtype=dtype).element_size()
+            with open(path, "rb") as f:
+                f.seek(offset + start * row * size)
+                if f.readinto(memoryview(out.view(torch.uint8).numpy()).cast("B")) != out.numel() * size:
+                    raise IntegrityError(f"{path}: tensor {name} is truncated")
+        return out
 
     def stored_dtype(self, name: str) -> torch.dtype:
-        from safetensors.torch import _getdtype
-
-        return _getdtype(self.entries[name][3])
+        return self._where[name][1]
 
     def close(self) -> None:
-        self._open.clear()
+        pass
+
+
+def _tensor_places(path: Path) -> dict[str, tuple[tuple, str, int]]:
+    """Each tensor's shape, dtype name and byte offset in a safetensors file (from its header)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    out = {}
+    for key, entry in header.items():
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise IntegrityError(f"{path}: tensor {key} has dtype {entry['dtype']}, which cannot be read")
+        out[key] = (tuple(entry["shape"]), entry["dtype"], 8 + n + int(entry["data_offsets"][0]))
+    return out
 
 
 def streamed_state_digest(model, source: WeightFiles, world, device, dtype) -> str:
