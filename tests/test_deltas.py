@@ -11,7 +11,7 @@ import torch
 from helpers.cli import cli
 from helpers.models import save_calibration, save_dense
 from unisparse.deltas import DELTA_FILE, DELTA_TENSORS, is_delta_dir, materialise
-from unisparse.families import load_family
+from unisparse.families import layout_of, load_family
 from unisparse.io import IntegrityError, save_model
 
 TUNE = {"steps": 3, "batch_gen": 4, "threads": 1}
@@ -84,7 +84,7 @@ def test_a_delta_loads_bit_identical_to_the_full_copy(parents, kind):
         assert share < 0.25  # references, gather indices and (routers) a few small tensors
     else:
         assert how["stored"] > 0 and share < 0.9  # the tuned MLPs only
-    standalone = materialise(delta, parents / f"{kind}-standalone")
+    standalone = materialise(delta, parents / f"{kind}-standalone", layout_of(delta))
     assert not is_delta_dir(standalone)
     c = load_family(standalone).model.state_dict()
     assert all(torch.equal(a[n], c[n]) for n in a)

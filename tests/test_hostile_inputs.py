@@ -359,7 +359,7 @@ def test_checkpoint_with_corrupted_state_is_not_resumed(moe_pair, tmp_path, capl
     clean = fresh(a)
     tune_moe(clean, "gen", "full", TUNE, progress=False)
     tune_moe(fresh(a), "gen", "full", TUNE, checkpoint_dir=tmp_path / "ck", progress=False, stop_after=3)
-    flip_tensor_byte(tmp_path / "ck/last/state.safetensors")
+    flip_tensor_byte(tmp_path / "ck/last/rank-00000-of-00001.safetensors")
     resumed = fresh(a)
     with caplog.at_level("WARNING"):
         tune_moe(resumed, "gen", "full", TUNE, checkpoint_dir=tmp_path / "ck", progress=False)

@@ -253,7 +253,9 @@ def _stored(args):
         full = Path(scratch) / "model"
         yield full
         if full.exists():
-            write_delta(full, args.model_dir, args.out)
+            from .families import layout_of
+
+            write_delta(full, args.model_dir, args.out, layout_of(full))
 
 
 def _evaluate(family, args, settings: tuple[dict, dict]) -> None:
@@ -548,7 +550,7 @@ def _sharded_tuning(args, spec: dict):
     if is_delta_dir(source_dir):  # every rank reads its rows from one standalone copy beside the output
         source_dir = Path(args.out).parent / f".{Path(args.out).name}.input"
         if w.is_main:
-            materialise(args.model_dir, source_dir)
+            materialise(args.model_dir, source_dir, cls.weight_layout())
     elif w.is_main:
         verify_model_dir(source_dir)  # once, not by every rank
     w.barrier()
@@ -777,7 +779,9 @@ def cmd_materialise(args) -> None:
 
     if not is_delta_dir(args.model_dir):
         raise UsageError(f"{args.model_dir} is not a delta directory (no delta.json): it is standalone already")
-    print(materialise(args.model_dir, args.out))
+    from .families import layout_of
+
+    print(materialise(args.model_dir, args.out, layout_of(args.model_dir)))
 
 
 def cmd_export_benchmarks(args) -> None:

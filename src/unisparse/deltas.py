@@ -41,16 +41,10 @@ def is_delta_dir(path) -> bool:
     return (Path(path) / DELTA_FILE).is_file()
 
 
-def _layout(model_dir) -> list:
-    from .families import family_class, family_name_of
-
-    return family_class(family_name_of(model_dir)).weight_layout()
-
-
-def _files(model_dir):
+def _files(model_dir, layout):
     from .sharding import WeightFiles
 
-    return WeightFiles(model_dir, _layout(model_dir))
+    return WeightFiles(model_dir, layout)
 
 
 def tensors_digest(tensors) -> str:
@@ -100,16 +94,17 @@ class ParentIndex:
         return None
 
 
-def write_delta(full_dir, parent_dir, out_dir) -> dict:
+def write_delta(full_dir, parent_dir, out_dir, layout) -> dict:
     """The delta form of the model in ``full_dir`` (every file but its weights, ``delta.json``,
-    ``delta.safetensors``, a manifest) written atomically to ``out_dir``; returns the counts."""
+    ``delta.safetensors``, a manifest) written atomically to ``out_dir``; ``layout``: the family's
+    ``weight_layout`` (where its files keep which tensors). Returns the counts of each kind."""
     from safetensors.torch import save_file
 
     full_dir, parent_dir, out_dir = Path(full_dir), Path(parent_dir), Path(out_dir)
     parent_digest = directory_digest(parent_dir)
     if parent_digest is None:
         raise IntegrityError(f"{parent_dir} has no {MANIFEST}: a delta needs a parent identified by its content")
-    derived, parent = _files(full_dir), _files(parent_dir)
+    derived, parent = _files(full_dir, layout), _files(parent_dir, layout)
     index = ParentIndex(parent)
     plan, stored, kinds = {}, {}, {"ref": 0, "slices": 0, "stored": 0}
     weight_files = set()
@@ -181,10 +176,10 @@ def parent_of(delta_dir) -> Path:
     return (Path(delta_dir) / meta["parent"]["path"]).resolve()
 
 
-def materialise(delta_dir, out_dir) -> Path:
+def materialise(delta_dir, out_dir, layout) -> Path:
     """The standalone model directory of a delta (recursively, where its parent is a delta too):
     every tensor made from the parent and checked against the recorded digest; a parent whose
-    manifest differs from the one recorded is refused."""
+    manifest differs from the one recorded is refused. ``layout``: as for ``write_delta``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -207,8 +202,8 @@ def materialise(delta_dir, out_dir) -> Path:
     with tempfile.TemporaryDirectory(prefix="unisparse-parent-") as scratch:
         source = parent_dir
         if is_delta_dir(parent_dir):
-            source = materialise(parent_dir, Path(scratch) / "parent")
-        parent = _files(source)
+            source = materialise(parent_dir, Path(scratch) / "parent", layout)
+        parent = _files(source, layout)
         extra = safe_open(str(delta_dir / DELTA_TENSORS), framework="pt")
         tensors = {}
         for name, how in meta["tensors"].items():
@@ -226,7 +221,7 @@ def materialise(delta_dir, out_dir) -> Path:
                 if path.is_file() and rel.name not in (DELTA_FILE, DELTA_TENSORS, MANIFEST):
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path, tmp / rel)
-            for prefix, sub, stem, renames in _layout(delta_dir):
+            for prefix, sub, stem, renames in layout:
                 part = {
                     renamed(n[len(prefix) :], renames): t.contiguous()
                     for n, t in tensors.items()

@@ -97,36 +97,6 @@ def is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def sharded_twin(family, trainable: set[str], device, master_dtype=torch.float32, activation_checkpointing=False):
-    """A copy of ``family.model`` sharded with FSDP2 over the process group, filled from the model
-    in memory (library use; the CLI builds the sharded model from the files, ``sharding``):
-    trainable parameters in ``master_dtype``, frozen ones in the model's dtype."""
-    import copy
-
-    from torch import nn
-
-    from .sharding import shard
-
-    model = family.model
-    memo = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in model.parameters()}
-    twin = copy.deepcopy(model, memo)
-    model_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    return shard(family.with_model(twin), trainable, device, model_dtype, master_dtype, activation_checkpointing,
-                 state=state)  # fmt: skip
-
-
-def all_finite(params: dict, names, w: "World") -> list[str]:
-    """Names of the trained tensors holding a non-finite value on any rank (each rank checks its
-    own shard; the flags are summed over the group)."""
-    from .sharding import local_part
-
-    flags = torch.tensor([0.0 if bool(torch.isfinite(local_part(params[n].detach())).all()) else 1.0 for n in names])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags)
-    return [n for n, f in zip(names, flags.tolist()) if f > 0]
-
-
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a possibly sharded one (a collective: every rank must call it)."""
     from torch.distributed.tensor import DTensor

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, sharding
 from .codemap import module_sources
 from .io import NonFiniteError, aside_copies, atomic_path, sha256_file, state_digest
 from .worlds import shapes
@@ -287,7 +287,7 @@ def run_training(
             distributed.single_process_group(device)
         from .families import family_for
 
-        trained = distributed.sharded_twin(
+        trained = sharding.sharded_twin(
             family or family_for(model), set(names), device, master, bool(cfg.get("activation_checkpointing"))
         )
     else:
@@ -345,7 +345,7 @@ def run_training(
         if ckpt is not None and ((step + 1) % cfg.get("checkpoint_every", steps) == 0 or step + 1 == steps):
             ckpt.save(step + 1, params, names, opt, rng, gen, history, w, data)
     trained.eval()
-    bad = distributed.all_finite(params, names, w)
+    bad = sharding.all_finite(params, names)
     if bad:
         raise NonFiniteError(
             f"{what}: {len(bad)} trained tensor(s) hold non-finite values ({', '.join(bad[:4])}"

@@ -54,10 +54,15 @@ def load_family(model_dir, device=None, dtype=None) -> Family:
         from ..deltas import materialise
 
         with tempfile.TemporaryDirectory(prefix="unisparse-delta-") as tmp:
-            full = materialise(model_dir, Path(tmp) / "model")
+            full = materialise(model_dir, Path(tmp) / "model", layout_of(model_dir))
             family = family_class(family_name_of(full)).load(full, device=device, dtype=dtype)
             return family
     return family_class(family_name_of(model_dir)).load(model_dir, device=device, dtype=dtype)
+
+
+def layout_of(model_dir) -> list:
+    """Where the family of ``model_dir`` keeps which tensors (``Family.weight_layout``)."""
+    return family_class(family_name_of(model_dir)).weight_layout()
 
 
 def family_for(model, tokenizer=None) -> Family:
