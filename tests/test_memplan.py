@@ -110,3 +110,16 @@ def test_snakemake_refuses_an_undersized_tune_resource_before_any_job(tmp_path):
     assert "resources.tune: the tuning jobs do not fit the GPUs they ask for" in text
     assert "fewest GPUs that fit: 4" in text and not Path(workdir, "results").exists()
     shutil.rmtree(workdir)
+
+
+def test_a_qwen_image_directory_is_planned_from_its_sizes(tmp_path):
+    from helpers.qwen_image import write_tiny_pipeline
+    from unisparse.families.qwen_image import QwenImageFamily
+
+    write_tiny_pipeline(tmp_path / "raw")
+    QwenImageFamily.load(tmp_path / "raw", require_manifest=False).save(tmp_path / "qi")
+    family = QwenImageFamily.load_empty(tmp_path / "qi")
+    sizes = memplan.sizes_from_family(family, "gen", "full", tokens=64)
+    assert sizes.total == sum(p.numel() for p in family.model.parameters())
+    assert sizes.layers == family.num_layers("gen") and sizes.hidden == sizes.kv_width == family.transformer.inner_dim
+    assert memplan.plan(sizes, gpus=2, batch=4)["total"] > 0

@@ -251,3 +251,14 @@ def test_fp32_master_weights_keep_the_updates_pure_bf16_loses(model_dirs, tmp_pa
     # loss curves: bf16 compute against fp32 within 2% at every logged step
     for a, b in zip(master["history"], fp32["history"]):
         assert abs(a["loss"] - b["loss"]) < 0.02 * abs(b["loss"]), (a, b)
+
+
+def test_activation_checkpointing_recomputes_to_the_same_weights(model_dirs, tmp_path):
+    """``activation_checkpointing``: each decoder layer recomputed in backward (one process, the
+    sharded path from the files) ends where the plain one-process run ends."""
+    spec = {**TUNE, "activation_checkpointing": True}
+    run(tune_argv(model_dirs["mot"], tmp_path / "plain", TUNE), 1, tmp_path)
+    run(tune_argv(model_dirs["mot"], tmp_path / "recomputed", spec), 1, tmp_path)
+    difference = max_relative_difference(weights(tmp_path / "recomputed"), weights(tmp_path / "plain"))
+    print(f"activation checkpointing vs plain: largest relative difference {difference:.2e}")
+    assert difference < 1e-6

@@ -328,6 +328,27 @@ def test_multi_gpu_tuning_is_one_job_running_one_process_per_gpu(tmp_path):
     assert argv[argv.index("--device") + 1] == "cuda"
 
 
+def test_a_two_node_tuning_asks_sbatch_for_the_nodes_and_runs_torchrun_on_each(tmp_path):
+    """resources.tune: {gpus: 2, nodes: 2} -> sbatch --nodes 2 with 2 GPUs (per node), and the job's
+    command is the multi-node launcher (srun torchrun --nnodes, tests/test_multinode.py)."""
+    workdir = workdir_with_gpus(tmp_path, "tune", 2, "nodes.yaml")
+    config = yaml.safe_load((workdir / "nodes.yaml").read_text())
+    config["resources"]["tune"]["nodes"] = 2
+    (workdir / "nodes.yaml").write_text(yaml.safe_dump(config))
+    stand_in = stand_in_cli(tmp_path / "stand-in")
+    sh("snakemake", "--cores", "1", "--configfile", "nodes.yaml", "--until", "partition", cwd=workdir,
+       PATH=f"{stand_in}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+    (call,), log = submit(workdir, tmp_path, "nodes.yaml", "--until", "tune_moe")
+    assert "rule_tune_moe" in call and re.search(r"--nodes[= ]2\b", call) and re.search(r"--gpus[= ]2\b", call)
+    (block,) = re.findall(r"^rule tune_moe:\n(.*?)^Shell command: (.*)$", log, re.M | re.S)
+    argv = shlex.split(block[1])
+    assert (
+        argv[0] == "sh"
+        and argv[1].endswith("workflow/scripts/torchrun_nodes.sh")
+        and argv[2:5] == ["2", "-m", "unisparse"]
+    )
+
+
 def test_the_profile_plans_the_papers_dag_by_default(tmp_path):
     """`snakemake -n --profile slurm` (no --configfile) lists the reproduction on BAGEL-7B-MoT from the
     download to the figures; each job's GPUs and runtime are the config's, and the GPU-hours add up."""

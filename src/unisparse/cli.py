@@ -511,9 +511,8 @@ def cmd_tune_moe(args) -> None:
         _finish_sharded(family, args, settings)
     elif world().is_main:
         _finish(family, args, settings)
-    w = world()
-    summary["peak_rss_mb"] = peak_rss_mb()
-    logging.getLogger("unisparse.tune").info("rank %d peak resident memory %.0f MB", w.rank, summary["peak_rss_mb"])
+    w = world()  # the peak goes to the log, not the summary: artifacts hold no measurement but times
+    logging.getLogger("unisparse.tune").info("rank %d peak resident memory %.0f MB", w.rank, peak_rss_mb())
     if not w.is_main:
         return  # under torchrun: rank 0 writes the summary and removes the checkpoints
     if args.summary:
@@ -804,7 +803,7 @@ def _register_data(sub) -> None:
         "tuning of a config (what the DAG checks), or one tuning of a model directory",
     )
     s.add_argument("--config", help="a workflow config (its moe: tunings and resources.tune)")
-    s.add_argument("--model-dir", help="a MoT model directory (exact sizes; nothing is read but headers)")
+    s.add_argument("--model-dir", help="a model directory (exact sizes; nothing is read but headers)")
     s.add_argument("--component", default="gen", choices=COMPONENTS)
     s.add_argument("--mode", default="full", choices=TUNING_MODES)
     s.add_argument(

@@ -123,17 +123,18 @@ def sizes_from_family(family, component: str, mode: str, tokens: int | None = No
     ids = {id(p): n for n, p in params.items()}
     units = [[ids[id(p)] for p in unit.parameters()] for unit in family.shard_units()]
     largest = max(units, key=lambda u: sum(params[n].numel() for n in u))
+    dense = [family.mlp_weights(component, layer, slot) for layer, slot in family.mlp_places(component)]
+    dense = [w for w in dense if w is not None]
     config = getattr(family.model, "config", None)
-    if config is None or not hasattr(config, "hidden_size"):
-        raise ValueError(f"a memory plan from a model directory supports the MoT family, not {family.name}")
-    h = config.hidden_size
-    kv = h * config.num_key_value_heads // config.num_attention_heads
-    widths, spec = [], family.moe_spec(component)
-    for layer, slot in family.mlp_places(component):
-        weights = family.mlp_weights(component, layer, slot)
-        if weights is not None:
-            widths.append(weights.up.shape[0])
-    width = max(widths) if widths else 0
+    if config is not None and hasattr(config, "hidden_size"):  # a MoT: grouped-query attention
+        h = config.hidden_size
+        kv = h * config.num_key_value_heads // config.num_attention_heads
+    elif dense:  # e.g. an MMDiT: full attention at its MLPs' input width
+        h = kv = dense[0].up.shape[1]
+    else:
+        raise ValueError(f"the {family.name} family's {component} states no hidden size and has no dense MLP")
+    spec = family.moe_spec(component)
+    width = max((w.up.shape[0] for w in dense), default=0)
     if spec:
         width = max(width, spec["expert_size"] * spec["top_k"] if "expert_size" in spec else 0)
     if tokens is None:
