@@ -113,7 +113,13 @@ def main() -> None:
               f"(ratio {max(p2.values()) / p1:.2f})")  # fmt: skip
         a, b = weights(tmp / "two"), weights(tmp / "one")
         diff = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in b)
-        print(f"tuned weights, two processes vs one: largest relative difference {diff:.2e}")
+        beyond = sum(int(((a[k] - b[k]).abs() > 1e-5 * b[k].abs().max()).sum()) for k in b)
+        share = beyond / sum(b[k].numel() for k in b)
+        print(f"tuned weights, two processes vs one: largest relative difference {diff:.2e}; "
+              f"{beyond} of {sum(b[k].numel() for k in b)} values ({share:.1e}) differ by more than 1e-5 x their "
+              "tensor's largest")  # fmt: skip
+        losses = [re.findall(r"step (\d+) loss (\S+)", log) for log in (one, two)]
+        print(f"loss per logged step, one process: {losses[0]}; two: {sorted(set(losses[1]))}")
         for gpus, measured in ((1, p1), (2, max(p2.values()))):
             overhead_mb = overhead[gpus]
             memplan.OVERHEAD["cpu"] = int(overhead_mb * 2**20)

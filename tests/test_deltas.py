@@ -96,6 +96,11 @@ def test_a_delta_of_a_delta_materialises_through_both(parents):
     want = load_family(derive(parents, "tuned-router", "full")).model.state_dict()
     got = load_family(parents / "chain").model.state_dict()
     assert all(torch.equal(want[n], got[n]) for n in want)
+    # indexed against the materialised parent: only the tuned routers are stored
+    plan = json.loads((parents / "chain" / DELTA_FILE).read_text())["tensors"]
+    assert sum("stored" in v for v in plan.values()) == 3 and sizes(parents / "chain") < 0.05 * sizes(
+        parents / "tuned-router-full"
+    )
 
 
 def test_a_parent_whose_content_changed_is_refused(parents, tmp_path):

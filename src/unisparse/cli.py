@@ -562,14 +562,17 @@ def _sharded_tuning(args, spec: dict):
 
 
 def _stored_dtype(model_dir):
-    """The dtype of the first floating tensor a model directory (or a delta's tensors) stores."""
+    """The dtype of the first floating tensor a model directory stores (a delta's parent's)."""
     from safetensors.torch import _getdtype
 
+    from .deltas import is_delta_dir, parent_of
     from .io import FLOAT_DTYPES, safetensors_header
 
+    while is_delta_dir(model_dir):
+        model_dir = parent_of(model_dir)
     for path in sorted(Path(model_dir).rglob("*.safetensors")):
         for name, (_, stored) in safetensors_header(path).items():
-            if stored in FLOAT_DTYPES and not name.startswith("index."):
+            if stored in FLOAT_DTYPES:
                 return _getdtype(stored)
     raise UsageError(f"{model_dir} stores no floating-point weights")
 

@@ -98,13 +98,21 @@ def write_delta(full_dir, parent_dir, out_dir, layout) -> dict:
     """The delta form of the model in ``full_dir`` (every file but its weights, ``delta.json``,
     ``delta.safetensors``, a manifest) written atomically to ``out_dir``; ``layout``: the family's
     ``weight_layout`` (where its files keep which tensors). Returns the counts of each kind."""
-    from safetensors.torch import save_file
-
     full_dir, parent_dir, out_dir = Path(full_dir), Path(parent_dir), Path(out_dir)
     parent_digest = directory_digest(parent_dir)
     if parent_digest is None:
         raise IntegrityError(f"{parent_dir} has no {MANIFEST}: a delta needs a parent identified by its content")
-    derived, parent = _files(full_dir, layout), _files(parent_dir, layout)
+    with tempfile.TemporaryDirectory(prefix="unisparse-parent-") as scratch:
+        source = materialise(parent_dir, Path(scratch) / "parent", layout) if is_delta_dir(parent_dir) else parent_dir
+        return _write_delta(full_dir, parent_dir, source, parent_digest, out_dir, layout)
+
+
+def _write_delta(full_dir: Path, parent_dir: Path, source: Path, parent_digest: str, out_dir: Path, layout) -> dict:
+    """``write_delta`` with the parent's tensors read from ``source`` (the parent, or its standalone
+    copy where the parent is a delta itself)."""
+    from safetensors.torch import save_file
+
+    derived, parent = _files(full_dir, layout), _files(source, layout)
     index = ParentIndex(parent)
     plan, stored, kinds = {}, {}, {"ref": 0, "slices": 0, "stored": 0}
     weight_files = set()
