@@ -562,19 +562,16 @@ def _sharded_tuning(args, spec: dict):
 
 
 def _stored_dtype(model_dir):
-    """The dtype of the first floating tensor a model directory stores (a delta's parent's)."""
-    from safetensors.torch import _getdtype
-
+    """The dtype a model directory (a delta: its parent) stores its weights in."""
     from .deltas import is_delta_dir, parent_of
-    from .io import FLOAT_DTYPES, safetensors_header
+    from .sharding import stored_float_dtype
 
     while is_delta_dir(model_dir):
         model_dir = parent_of(model_dir)
-    for path in sorted(Path(model_dir).rglob("*.safetensors")):
-        for name, (_, stored) in safetensors_header(path).items():
-            if stored in FLOAT_DTYPES:
-                return _getdtype(stored)
-    raise UsageError(f"{model_dir} stores no floating-point weights")
+    try:
+        return stored_float_dtype(model_dir, "**/*.safetensors")
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
 
 
 def _finish_sharded(family, args, settings) -> None:

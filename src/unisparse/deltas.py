@@ -143,8 +143,6 @@ def _write_delta(full_dir: Path, parent_dir: Path, source: Path, parent_digest: 
             stored[f"tensor.{name}"] = t.contiguous()
             plan[name], kinds["stored"] = {"stored": f"tensor.{name}"}, kinds["stored"] + 1
     digest = tensors_digest((n, derived.rows(n)) for n in sorted(derived.entries))
-    derived.close()
-    parent.close()
     with atomic_path(out_dir, is_dir=True) as tmp:
         for path in sorted(full_dir.rglob("*")):
             rel = path.relative_to(full_dir)

@@ -108,11 +108,17 @@ class WeightFiles:
                     raise IntegrityError(f"{path}: tensor {name} is truncated")
         return out
 
-    def stored_dtype(self, name: str) -> torch.dtype:
-        return self._where[name][1]
 
-    def close(self) -> None:
-        pass
+def stored_float_dtype(directory, pattern: str = "*.safetensors") -> torch.dtype:
+    """The dtype of the first floating tensor in the ``pattern`` files of ``directory`` (the dtype a
+    model directory was saved in); ``FileNotFoundError`` if there is none."""
+    from .io import FLOAT_DTYPES
+
+    for path in sorted(Path(directory).glob(pattern)):
+        for _, stored in safetensors_header(path).values():
+            if stored in FLOAT_DTYPES and stored in SAFETENSORS_DTYPES:
+                return SAFETENSORS_DTYPES[stored]
+    raise FileNotFoundError(f"{directory} holds no floating-point .safetensors weights")
 
 
 def _tensor_places(path: Path) -> dict[str, tuple[tuple, str, int]]:
@@ -143,7 +149,6 @@ def streamed_state_digest(model, source: WeightFiles, world, device, dtype) -> s
         dtypes = {n: dtype if t.is_floating_point() else t.dtype for n, t in model.state_dict().items()}
         rows = ((n, source.rows(n).to(dtypes[n])) for n in sorted(dtypes))
         digest = state_digest_of(model, rows).encode()
-        source.close()
     if world.sharded:
         buffer = torch.tensor(list(digest), dtype=torch.uint8, device=device)
         dist.broadcast(buffer, 0)
@@ -277,8 +282,6 @@ def _fill(model: nn.Module, source: WeightFiles | None, state: dict | None, devi
         else:
             rows = state[name][start:stop] if tensor.dim() else state[name]
         local_part(tensor).copy_(rows.to(device=device, dtype=tensor.dtype))
-    if source is not None:
-        source.close()
 
 
 def sharded_twin(family, trainable: set[str], device, master_dtype=torch.float32, activation_checkpointing=False):

@@ -36,10 +36,10 @@ from ..io import (
     check_finite_state,
     check_stored_dtypes,
     read_json,
-    safetensors_header,
     verify_model_dir,
     write_manifest,
 )
+from ..sharding import stored_float_dtype
 from ..worlds import shapes
 from .qwen_image import QwenImageMMDiT, QwenImageTextEncoder, default_dtype, pack_latents, resize_images, unpack_latents
 from .sampling import check_renorm, guided_velocity
@@ -175,16 +175,6 @@ def is_pipeline_dir(path) -> bool:
         return False
 
 
-def _stored_dtype(directory: Path) -> torch.dtype:
-    """The dtype of the first floating tensor stored in a component directory."""
-    for path in sorted(directory.glob("*.safetensors")):
-        for _, stored in safetensors_header(path).values():
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored)
-            if dtype is not None:
-                return dtype
-    raise FileNotFoundError(f"{directory} holds no floating-point .safetensors weights")
-
-
 def _check_loading(directory: Path, info: dict) -> None:
     """Strict loading: every stored tensor lands in a parameter of the right shape and every parameter
     is filled (the libraries only warn)."""
@@ -200,7 +190,7 @@ def _check_loading(directory: Path, info: dict) -> None:
 def _load_component(cls, directory: Path, dtype, library: str):
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is missing")
-    dtype = dtype or _stored_dtype(directory)
+    dtype = dtype or stored_float_dtype(directory)
     if library == "transformers":
         kwargs = {"dtype": dtype}
     else:  # without accelerate diffusers builds the model first, then loads (it only warns about it)
@@ -309,7 +299,7 @@ def empty_pipeline(model_dir, dtype=None):
     classes = {"text_encoder": QwenImageTextEncoder, "transformer": QwenImageMMDiT, "vae": AutoencoderKLQwenImage}
     for name, cls in classes.items():
         directory = model_dir / name
-        part_dtype = dtype or _stored_dtype(directory)
+        part_dtype = dtype or stored_float_dtype(directory)
         with parameters_on_meta(), default_dtype(part_dtype):
             if name == "text_encoder":
                 parts[name] = cls(cls.config_class.from_pretrained(directory))
