@@ -547,7 +547,7 @@ def _sharded_tuning(args, spec: dict):
         single_process_group(device)
     source_dir = Path(args.model_dir)
     if is_delta_dir(source_dir):  # every rank reads its rows from one standalone copy beside the output
-        source_dir = Path(args.out).parent / f".{Path(args.out).name}.input"
+        source_dir = _input_copy(args)
         if w.is_main:
             materialise(args.model_dir, source_dir, cls.weight_layout())
     elif w.is_main:
@@ -559,6 +559,12 @@ def _sharded_tuning(args, spec: dict):
     shard(family, names, device, model_dtype, master, cfg["activation_checkpointing"], source=source)
     family.model.eval()
     return family, streamed_state_digest(family.model, source, w, device, model_dtype)
+
+
+def _input_copy(args) -> Path:
+    """Where a sharded tuning of a delta input keeps the input's standalone copy (beside ``--out``,
+    on the file system every rank sees), until the tuned model is written."""
+    return Path(args.out).parent / f".{Path(args.out).name}.input"
 
 
 def _stored_dtype(model_dir):
@@ -589,7 +595,7 @@ def _finish_sharded(family, args, settings) -> None:
         w.rank, args.out, saved["peak_group_bytes"] / 2**20, saved["rss_before_mb"], saved["rss_peak_mb"],
     )  # fmt: skip
     if w.is_main:
-        shutil.rmtree(Path(args.out).parent / f".{Path(args.out).name}.input", ignore_errors=True)
+        shutil.rmtree(_input_copy(args), ignore_errors=True)
     if w.is_main and args.metrics:
         from .families import load_family
 

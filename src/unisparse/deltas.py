@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .io import MANIFEST, IntegrityError, atomic_path, directory_digest, write_manifest
+from .io import MANIFEST, IntegrityError, atomic_path, directory_digest, tensors_digest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,6 @@ def _files(model_dir, layout):
     from .sharding import WeightFiles
 
     return WeightFiles(model_dir, layout)
-
-
-def tensors_digest(tensors) -> str:
-    """sha256 over ``(name, tensor)`` pairs in name order: name, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    for name, t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _row_hashes(t: torch.Tensor) -> list[bytes]:

@@ -308,9 +308,15 @@ def state_digest_of(model, tensors) -> str:
     """``state_digest`` of ``model``'s config with ``tensors`` (``(name, tensor)`` in name order,
     possibly read one at a time from files: a sharded run's input identity, equal to the digest of
     the same model loaded whole)."""
+    return tensors_digest(tensors, hashlib.sha256(json.dumps(_configs(model), sort_keys=True, default=str).encode()))
+
+
+def tensors_digest(tensors, h=None) -> str:
+    """sha256 over ``(name, tensor)`` pairs in the given order: name, dtype, shape and bytes of each
+    (continuing ``h`` where given)."""
     import torch
 
-    h = hashlib.sha256(json.dumps(_configs(model), sort_keys=True, default=str).encode())
+    h = h or hashlib.sha256()
     for name, tensor in tensors:
         t = tensor.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
